@@ -2,7 +2,7 @@
 
 `kernels/` is shipped as the subpackage `drasclr.kernels` (never a top-level `kernels`).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="drasclr",
@@ -11,13 +11,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "drasclr",
-        "drasclr.nn",
-        "drasclr.data",
-        "drasclr.pretrain",
-        "drasclr.kernels",
-    ],
+    packages=find_packages(include=["drasclr", "drasclr.*"]) + ["drasclr.kernels"],
     package_dir={"drasclr.kernels": "kernels"},
     install_requires=[
         # torch is deliberately unpinned so an existing (e.g. CUDA) build is kept;
