@@ -1,0 +1,195 @@
+"""Training configuration: one dataclass, every field documented, YAML/JSON round trip.
+
+Defaults follow SPEC section 7 (MoCo v2 with per-landmark queues: K = 4096, m = 0.999,
+T = 0.2, SGD lr 0.01 / momentum 0.9 / weight decay 1e-4, batch 128, beta = 1, k = 2
+neighbours). Input checks that need no file access live in `TrainConfig.validate`; checks
+against the store and the atlas run in the trainer before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `drasclr.train` needs; see each field's ``metadata["help"]``."""
+
+    store: str | None = _doc("patch store folder (drasclr.data.store.PatchStore)", None)
+    atlas: str | None = _doc("atlas file the store was cut with (drasclr.data.atlas.Atlas)", None)
+    out_dir: str = _doc("folder for checkpoints, metrics.csv, TensorBoard events", "runs/pretrain")
+    epochs: int = _doc("passes over every (subject, landmark) pair", 20)
+    max_steps: int | None = _doc("stop after this many optimiser steps in total (None: no cap)", None)
+    batch_size: int = _doc("patches per step over all processes (SPEC 7: 128)", 128)
+    landmarks_per_batch: int = _doc(
+        "landmarks per batch; batch_size must be a multiple. 1 = the reference's mode", 16
+    )
+    queue_size: int = _doc("negatives per landmark queue, K (SPEC 7: 4096)", 4096)
+    bank_dtype: str = _doc("memory bank storage: float32 or bfloat16", "float32")
+    rep_dim: int = _doc("representation size h (SPEC 6)", 128)
+    moco_dim: int = _doc("projection size z, also the bank's key size (SPEC 6)", 128)
+    num_experts: int = _doc("experts per Loc-CondConv layer (SPEC 5)", 8)
+    conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv")
+    backend: str = _doc("Loc-CondConv backend: auto, loop, grouped, triton", "auto")
+    k_neighbors: int = _doc("neighbour patches per central patch (SPEC 7: 2); 0 disables", 2)
+    beta: float = _doc("weight of the neighbour loss (SPEC 7: 1.0)", 1.0)
+    neighbour_loss: str = _doc(
+        "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum"
+    )
+    temperature: float = _doc("softmax temperature T (SPEC 7: 0.2)", 0.2)
+    momentum: float = _doc("key encoder momentum m (SPEC 7: 0.999)", 0.999)
+    lr: float = _doc("peak learning rate (SPEC 7: 0.01)", 0.01)
+    sgd_momentum: float = _doc("SGD momentum (SPEC 7: 0.9)", 0.9)
+    weight_decay: float = _doc("SGD weight decay (SPEC 7: 1e-4)", 1e-4)
+    warmup_steps: int = _doc("linear warm-up steps before the per-step cosine decay", 0)
+    grad_clip: float | None = _doc("clip the gradient norm to this value (None: no clipping)", None)
+    augment: bool = _doc("random affine, noise and contrast on both views and neighbours", True)
+    shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
+    sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
+    amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
+    seed: int = _doc("seed of initialisation, sampling and augmentation", 0)
+    device: str = _doc("auto (cuda when present), cpu, cuda, cuda:N", "auto")
+    num_workers: int = _doc("DataLoader worker processes reading the store", 0)
+    checkpoint_every: int = _doc("also checkpoint every N steps (0: only at epoch ends)", 500)
+    resume: bool = _doc("continue from out_dir/checkpoint_last.pt when it exists", True)
+    tensorboard: bool = _doc("write TensorBoard events to out_dir/tensorboard", True)
+    progress: bool = _doc("show a tqdm progress bar", True)
+
+    # -- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping; unknown keys and wrong types raise ValueError naming them."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a mapping of field names, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with some fields changed (checked like `from_dict`)."""
+        return type(self).from_dict({**self.to_dict(), **overrides}, source="overrides")
+
+    def with_assignments(self, assignments: list[str]) -> "TrainConfig":
+        """Apply ``key=value`` strings (values parsed as YAML scalars, e.g. ``lr=0.1``)."""
+        overrides = {}
+        for item in assignments:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--set {item!r}: expected key=value")
+            overrides[key.strip()] = yaml.safe_load(text)
+        return self.replace(**overrides)
+
+    def save(self, path: str | Path) -> Path:
+        """Write as YAML (.yaml/.yml) or JSON (.json)."""
+        path = Path(path)
+        text = _dump(self.to_dict(), path)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config {path}: no such file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ValueError(f"config {path}: not valid {path.suffix[1:].upper()}: {error}") from None
+        return cls.from_dict(values or {}, source=f"config {path}")
+
+    # -- checks ------------------------------------------------------------------------
+    def validate(self, world_size: int = 1) -> "TrainConfig":
+        """Check values that need no file access; raise ValueError naming the field."""
+        if not self.store:
+            raise ValueError("store: a patch store folder is required")
+        if not self.atlas:
+            raise ValueError("atlas: the atlas file of the store is required")
+        for name in ("epochs", "batch_size", "landmarks_per_batch", "queue_size", "rep_dim",
+                     "moco_dim", "num_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("k_neighbors", "warmup_steps", "num_workers", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1 or None, got {self.max_steps}")
+        if self.batch_size % self.landmarks_per_batch:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by landmarks_per_batch "
+                f"{self.landmarks_per_batch}"
+            )
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by the {world_size} processes"
+            )
+        per_landmark = self.batch_size // self.landmarks_per_batch
+        if per_landmark > self.queue_size:
+            raise ValueError(
+                f"queue_size {self.queue_size} is smaller than the {per_landmark} keys a landmark "
+                "receives per step; a step would overwrite its own keys"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip: must be > 0 or None, got {self.grad_clip}")
+        choices = {"bank_dtype": ("float32", "bfloat16"), "neighbour_loss": ("sum", "mean"),
+                   "backend": ("auto", "loop", "grouped", "triton")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        return self
+
+
+def describe() -> str:
+    """One line per field: name, default, help (for `drasclr train --help`)."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  {f.name} = {f.default!r}: {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Check ``value`` against the field's type hint; ints are accepted for floats."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ValueError(f"{source}: {name} may not be null")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{source}: {name} must be {names}, got {value!r}")
+
+
+def _dump(values: dict[str, Any], path: Path) -> str:
+    if path.suffix == ".json":
+        return json.dumps(values, indent=2) + "\n"
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_dump(values, sort_keys=False)
+    raise ValueError(f"config {path}: use a .yaml, .yml or .json file name")
