@@ -1,0 +1,277 @@
+"""The landmark patch store: one memory-mappable int16 file per subject plus a manifest.
+
+Layout of a store folder ``root/``:
+
+- ``store.json``: format version, patch size, number of landmarks, the atlas path and a
+  checksum of the atlas corners (a store belongs to exactly one atlas);
+- ``manifest.csv``: one row per subject: ``subject_id, source, status`` (``done`` or
+  ``failed``), ``error``, ``seconds`` and quality columns (e.g. ``dice``, ``lung_volume_ml``);
+- ``patches/<subject_id>.npy``: (L, P, P, P) int16 HU in ``np.save`` format, so that
+  ``np.load(mmap_mode="r")`` maps it without reading it (SPEC section 2: patches are stored
+  as int16 HU and normalised on the fly).
+
+Every file is written atomically (temp file in the same folder, then ``os.replace``); the
+patch file lands before its manifest row, so a row saying ``done`` always has its patches.
+Manifest updates hold a lock file, so shards of one run may share a store folder.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from drasclr.data.atlas import Atlas, atomic_write_bytes
+
+STORE_FORMAT = "drasclr-patch-store"
+STORE_VERSION = 1
+DONE, FAILED = "done", "failed"
+#: Manifest columns always present, in this order; quality columns follow.
+BASE_COLUMNS = ("subject_id", "source", "status", "error", "seconds")
+_TEXT_COLUMNS = ("subject_id", "source", "status", "error")
+
+
+def atlas_checksum(atlas: Atlas) -> str:
+    """SHA-256 of the atlas corners (int64, little endian) and patch size."""
+    digest = hashlib.sha256(np.ascontiguousarray(atlas.corners, dtype="<i8").tobytes())
+    digest.update(str(atlas.patch_size).encode())
+    return digest.hexdigest()
+
+
+def create_store(root: str | Path, atlas: Atlas, atlas_path: str | Path) -> None:
+    """Create the store folder for ``atlas``; a no-op when it already exists for that atlas.
+
+    Raises:
+        ValueError: ``root`` holds a store made for a different atlas, or a foreign store.json.
+    """
+    root = Path(root)
+    config = {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "patch_size": atlas.patch_size,
+        "num_landmarks": atlas.num_landmarks,
+        "atlas": str(Path(atlas_path).resolve()),
+        "atlas_checksum": atlas_checksum(atlas),
+    }
+    if (root / "store.json").exists():
+        existing = read_store_config(root)
+        if existing["atlas_checksum"] != config["atlas_checksum"]:
+            raise ValueError(
+                f"{root}: this store was made for another atlas ({existing['atlas']}, "
+                f"{existing['num_landmarks']} landmarks); use a new --out folder"
+            )
+    (root / "patches").mkdir(parents=True, exist_ok=True)
+    if not (root / "store.json").exists():
+        atomic_write_bytes(root / "store.json", json.dumps(config, indent=2).encode())
+    with _manifest_lock(root):
+        if not (root / "manifest.csv").exists():
+            _write_manifest_rows(root, [])
+
+
+def read_store_config(root: str | Path) -> dict:
+    """The contents of ``root/store.json``, checked; clear errors when missing or foreign."""
+    root = Path(root)
+    path = root / "store.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such patch store folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: not a patch store (no store.json; run `drasclr preprocess`)")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: garbled store.json ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != STORE_FORMAT:
+        raise ValueError(f"{path}: not a drasclr patch store file")
+    if config.get("version") != STORE_VERSION:
+        raise ValueError(f"{path}: store version {config.get('version')!r}, expected {STORE_VERSION}")
+    return config
+
+
+def write_subject(
+    root: str | Path,
+    subject_id: str,
+    source: str,
+    patches: np.ndarray | None = None,
+    quality: Mapping[str, float] | None = None,
+    error: str | None = None,
+    seconds: float | None = None,
+) -> None:
+    """Record one subject: its patch file (atomic) first, then its manifest row (atomic).
+
+    With ``patches`` the row is ``done``; with ``patches=None`` and an ``error`` it is
+    ``failed`` (a stale patch file of an earlier run is removed so it cannot be mistaken for
+    this run's). Writing a subject again replaces its row.
+    """
+    root = Path(root)
+    config = read_store_config(root)
+    _check_subject_id(subject_id)
+    if (patches is None) == (error is None):
+        raise ValueError(f"{subject_id}: give either patches (done) or error (failed), not both or neither")
+    path = patch_path(root, subject_id)
+    if patches is not None:
+        expected = (config["num_landmarks"],) + (config["patch_size"],) * 3
+        if patches.shape != expected or patches.dtype != np.int16:
+            raise ValueError(
+                f"{subject_id}: patches must be int16 of shape {expected}, got "
+                f"{patches.dtype} {patches.shape}"
+            )
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(patches))
+        atomic_write_bytes(path, buffer.getvalue())
+    row = {
+        "subject_id": subject_id,
+        "source": str(source),
+        "status": DONE if patches is not None else FAILED,
+        "error": "" if error is None else " ".join(str(error).split()),  # one line per row
+        "seconds": "" if seconds is None else f"{seconds:.2f}",
+    }
+    row.update({name: f"{float(value):.6g}" for name, value in (quality or {}).items()})
+    with _manifest_lock(root):
+        rows = {r["subject_id"]: r for r in _read_manifest_rows(root)}
+        rows[subject_id] = row
+        _write_manifest_rows(root, list(rows.values()))
+    if patches is None:
+        path.unlink(missing_ok=True)
+
+
+def patch_path(root: str | Path, subject_id: str) -> Path:
+    return Path(root) / "patches" / f"{subject_id}.npy"
+
+
+def check_patch_file(path: Path, num_landmarks: int, patch_size: int) -> np.ndarray:
+    """Memory-map a subject's patch file, checking its shape and dtype.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: it is not an .npy file of int16 (L, P, P, P) or is shorter than its header says.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: patch file missing")
+    try:
+        patches = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as error:  # a truncated file fails when mapped
+        raise ValueError(f"{path}: unreadable or truncated patch file ({error})") from error
+    expected = (num_landmarks,) + (patch_size,) * 3
+    if patches.shape != expected or patches.dtype != np.int16:
+        raise ValueError(
+            f"{path}: expected int16 patches of shape {expected}, got {patches.dtype} {patches.shape}"
+        )
+    return patches
+
+
+class PatchStore:
+    """Read access to a patch store: the manifest and (subject, landmark) patches.
+
+    Subjects are the manifest's ``done`` rows, in manifest order; subject index ``i`` refers
+    to ``subject_ids[i]``. Patch files are memory-mapped on first use and kept open.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.config = read_store_config(self.root)
+        self.manifest: list[dict] = _parse_rows(self.root / "manifest.csv", _read_manifest_rows(self.root))
+        self.subject_ids: list[str] = [r["subject_id"] for r in self.manifest if r["status"] == DONE]
+        self._patches: dict[int, np.ndarray] = {}
+
+    @property
+    def num_subjects(self) -> int:
+        return len(self.subject_ids)
+
+    @property
+    def num_landmarks(self) -> int:
+        return int(self.config["num_landmarks"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config["patch_size"])
+
+    def subject_patches(self, index: int) -> np.ndarray:
+        """(L, P, P, P) int16 read-only memory map of subject ``index``'s patches."""
+        if not 0 <= index < self.num_subjects:
+            raise IndexError(f"subject index {index} out of range for {self.num_subjects} subjects")
+        if index not in self._patches:
+            path = patch_path(self.root, self.subject_ids[index])
+            self._patches[index] = check_patch_file(path, self.num_landmarks, self.patch_size)
+        return self._patches[index]
+
+    def gather(self, subject_index, landmark_index) -> np.ndarray:
+        """(N, P, P, P) int16 patches for N (subject, landmark) index pairs.
+
+        One fancy-indexed read per distinct subject, not one per patch.
+        """
+        subjects, landmarks = np.broadcast_arrays(
+            np.asarray(subject_index, dtype=np.int64), np.asarray(landmark_index, dtype=np.int64)
+        )
+        subjects, landmarks = subjects.ravel(), landmarks.ravel()
+        if landmarks.size and (landmarks.min() < 0 or landmarks.max() >= self.num_landmarks):
+            raise IndexError(f"landmark index out of range 0..{self.num_landmarks - 1}")
+        out = np.empty((subjects.size,) + (self.patch_size,) * 3, dtype=np.int16)
+        order = np.argsort(subjects, kind="stable")
+        unique, starts = np.unique(subjects[order], return_index=True)
+        for subject, rows in zip(unique, np.split(order, starts[1:])):
+            out[rows] = self.subject_patches(int(subject))[landmarks[rows]]
+        return out
+
+
+def _check_subject_id(subject_id: str) -> None:
+    if not subject_id or subject_id.startswith(".") or any(c in subject_id for c in '/\\\n,"'):
+        raise ValueError(f"subject id {subject_id!r}: must be a non-empty file name without / \\ , \" or newline")
+
+
+@contextmanager
+def _manifest_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock on the manifest across processes (and machines sharing the folder)."""
+    with open(root / ".manifest.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_manifest_rows(root: Path) -> list[dict]:
+    path = root / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest missing (was the store made by `drasclr preprocess`?)")
+    try:
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            if reader.fieldnames is None or tuple(reader.fieldnames[:3]) != BASE_COLUMNS[:3]:
+                raise ValueError(f"header {reader.fieldnames} does not start with {BASE_COLUMNS[:3]}")
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: garbled manifest ({error})") from error
+    for number, row in enumerate(rows, start=2):
+        if None in row or row["status"] not in (DONE, FAILED):
+            raise ValueError(f"{path}: garbled manifest at line {number}")
+    return rows
+
+
+def _write_manifest_rows(root: Path, rows: list[dict]) -> None:
+    columns = list(BASE_COLUMNS)
+    for row in rows:
+        columns += [name for name in row if name not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(root / "manifest.csv", buffer.getvalue().encode())
+
+
+def _parse_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Text columns stay strings; the others become floats (None where empty)."""
+    try:
+        return [
+            {name: value if name in _TEXT_COLUMNS else (float(value) if value else None)
+             for name, value in row.items()}
+            for row in rows
+        ]
+    except ValueError as error:
+        raise ValueError(f"{path}: garbled manifest, a numeric column holds text ({error})") from error

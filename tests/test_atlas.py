@@ -1,0 +1,139 @@
+"""The landmark atlas (SPEC section 3): grid rule, threshold raising, coords, neighbours, file."""
+from itertools import product
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from drasclr.cli import main as cli_main
+from drasclr.data.atlas import Atlas, build_atlas
+
+PATCH, STEP = 8, 6
+
+
+def write_mask(path, array, affine=None):
+    affine = np.diag([-1.5, 1.0, 2.0, 1.0]) if affine is None else affine
+    affine[:3, 3] = (10.0, -20.0, 30.0)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+@pytest.fixture
+def random_mask(tmp_path):
+    """Two random blobby 'lungs' labelled 50 and 100 in a 41 x 37 x 30 volume."""
+    rng = np.random.default_rng(7)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in (41, 37, 30)], indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.9, 0.8, 0.9])[:, None, None, None]) ** 2).sum(0))
+    lung = radius + 0.3 * rng.random(radius.shape) < 0.95
+    labels = np.where(lung, np.where(grid[0] < 0, 50, 100), 0).astype(np.int16)
+    return write_mask(tmp_path / "mask.nii.gz", labels), labels
+
+
+def reference_landmarks(labels, patch, step, threshold):
+    """Triple loop over the grid, as the reference script does."""
+    corners = []
+    for i, j, k in product(*[range(0, n - patch, step) for n in labels.shape]):
+        if (labels[i:i + patch, j:j + patch, k:k + patch] > 0).mean() > threshold:
+            corners.append((i, j, k))
+    return np.array(corners)
+
+
+def test_landmarks_match_the_triple_loop_rule(random_mask):
+    path, labels = random_mask
+    atlas = build_atlas(path, patch_size=PATCH, step=STEP)
+    expected = reference_landmarks(labels, PATCH, STEP, 0.1)
+    assert 10 < len(expected) < 1000
+    np.testing.assert_array_equal(atlas.corners, expected)
+    assert atlas.corners.dtype == np.int64 and atlas.min_lung_fraction == 0.1
+    np.testing.assert_array_equal(atlas.mask, labels.astype(np.uint8))
+
+
+def test_threshold_rises_by_tenths_until_fewer_than_max(random_mask):
+    path, labels = random_mask
+    counts = {t: len(reference_landmarks(labels, PATCH, STEP, t)) for t in (0.1, 0.2, 0.3, 0.4, 0.5)}
+    limit = counts[0.3] + 1  # 0.1 and 0.2 keep too many, 0.3 is the first that fits
+    assert counts[0.2] >= limit > counts[0.3]
+    atlas = build_atlas(path, patch_size=PATCH, step=STEP, max_landmarks=limit)
+    assert atlas.min_lung_fraction == pytest.approx(0.3)
+    np.testing.assert_array_equal(atlas.corners, reference_landmarks(labels, PATCH, STEP, 0.3))
+
+
+def test_coords_neighbours_and_centres(random_mask):
+    path, _ = random_mask
+    atlas = build_atlas(path, patch_size=PATCH, step=STEP, k_max=5)
+    corners = atlas.corners.astype(np.float64)
+    np.testing.assert_allclose(atlas.coords, corners / corners.max(0) * 2 - 1, atol=1e-6)
+    assert atlas.coords.dtype == np.float32
+
+    distance = np.linalg.norm(corners[:, None] - corners[None], axis=-1)
+    for landmark in range(atlas.num_landmarks):
+        others = [j for j in range(atlas.num_landmarks) if j != landmark]
+        nearest = sorted(others, key=lambda j: (distance[landmark, j], j))[:5]
+        assert atlas.neighbors[landmark].tolist() == nearest
+    np.testing.assert_array_equal(atlas.neighbor_table(2), atlas.neighbors[:, :2])
+    with pytest.raises(ValueError, match="k: expected 0..5"):
+        atlas.neighbor_table(6)
+
+    centre = atlas.corners[3] + (PATCH - 1) / 2
+    np.testing.assert_allclose(atlas.centres_voxel()[3], centre)
+    affine = nib.load(str(path)).affine
+    np.testing.assert_allclose(atlas.centres_world()[3], (affine @ np.append(centre, 1))[:3])
+
+
+def test_axis_with_single_grid_position_maps_to_minus_one(tmp_path):
+    labels = np.ones((12, 30, 30), np.uint8)  # one corner position along axis 0
+    atlas = build_atlas(write_mask(tmp_path / "flat.nii", labels), patch_size=PATCH, step=STEP)
+    assert np.all(atlas.corners[:, 0] == 0)
+    assert np.all(atlas.coords[:, 0] == -1) and np.isfinite(atlas.coords).all()
+
+
+def test_save_load_round_trip_is_atomic(random_mask, tmp_path):
+    path, _ = random_mask
+    atlas = build_atlas(path, patch_size=PATCH, step=STEP)
+    out = tmp_path / "sub" / "atlas.npz"
+    atlas.save(out)
+    assert [p.name for p in out.parent.iterdir()] == ["atlas.npz"]
+    loaded = Atlas.load(out)
+    for name in ("corners", "coords", "neighbors", "mask", "affine"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(atlas, name))
+    assert (loaded.patch_size, loaded.step, loaded.min_lung_fraction, loaded.source) == (
+        PATCH, STEP, 0.1, str(path))
+
+
+def test_bad_files_and_arguments_are_clear_errors(random_mask, tmp_path):
+    path, _ = random_mask
+    with pytest.raises(FileNotFoundError, match="no atlas file"):
+        Atlas.load(tmp_path / "missing.npz")
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, corners=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="not a drasclr atlas"):
+        Atlas.load(foreign)
+    with pytest.raises(FileNotFoundError, match="no such mask"):
+        build_atlas(tmp_path / "nope.nii.gz")
+    with pytest.raises(ValueError, match="expected a 3D lung mask"):
+        build_atlas(write_mask(tmp_path / "flat2d.nii", np.ones((20, 20), np.uint8)))
+    with pytest.raises(ValueError, match="no lung voxels"):
+        build_atlas(write_mask(tmp_path / "air.nii", np.zeros((20, 20, 20), np.uint8)), patch_size=PATCH)
+    with pytest.raises(ValueError, match="step"):
+        build_atlas(path, step=0)
+    image = write_mask(tmp_path / "image.nii", np.zeros((10, 10, 10), np.float32))
+    with pytest.raises(ValueError, match="does not match the mask"):
+        build_atlas(path, patch_size=PATCH, step=STEP, image_path=image)
+
+
+def test_cli_builds_and_saves(random_mask, tmp_path, capsys):
+    path, _ = random_mask
+    out = tmp_path / "atlas.npz"
+    args = ["atlas", "--mask", str(path), "--out", str(out), "--patch-size", "8", "--step", "6"]
+    assert cli_main(args) == 0
+    assert Atlas.load(out).num_landmarks == build_atlas(path, patch_size=8, step=6).num_landmarks
+    assert "landmarks" in capsys.readouterr().out
+    assert cli_main(["atlas", "--mask", str(tmp_path / "nope.nii"), "--out", str(out)]) == 2
+    assert "no such mask file" in capsys.readouterr().err
+
+
+def test_real_atlas_mask_gives_575_landmarks(atlas_mask_path):
+    atlas = build_atlas(atlas_mask_path)
+    assert atlas.num_landmarks == 575
+    assert atlas.min_lung_fraction == 0.1
+    assert atlas.mask.max() == 100 and atlas.mask.dtype == np.uint8
