@@ -1,0 +1,11 @@
+"""MoCo pretraining of the DrasCLR encoder (SPEC section 7): `train`, `TrainConfig`, `load_encoder`.
+
+    import drasclr
+    result = drasclr.train(store="store/", atlas="atlas.npz", out_dir="runs/a", epochs=20)
+    encoder = drasclr.pretrain.load_encoder(result.checkpoint)
+"""
+from drasclr.pretrain.checkpoints import load_encoder
+from drasclr.pretrain.config import TrainConfig
+from drasclr.pretrain.trainer import TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "load_encoder", "train"]

@@ -1,0 +1,77 @@
+"""Training checkpoints: atomic writes, and loading the query encoder for feature extraction.
+
+A checkpoint is a ``torch.save`` dict that ``torch.load(weights_only=True)`` can read:
+
+- ``encoder_q``: the query encoder's state dict (with its projection head) and
+  ``encoder_config``: the keyword arguments that rebuild it (``Encoder(**encoder_config)``);
+- ``model``: the whole DrasCLR module (both encoders, ``bank.keys``, ``bank.pointers``);
+- ``optimizer``, ``scheduler``, ``rng`` (torch CPU/CUDA generator states), ``config``;
+- ``position``: ``step`` (optimiser steps done), ``epoch`` and ``batch`` (the next batch of
+  that epoch), so a resumed run continues with the batch an uninterrupted run would train next.
+
+``checkpoint_last.pt`` holds everything; ``encoder_epoch_NNNN.pt`` (written at each epoch's
+end) holds only ``encoder_q`` and ``encoder_config``, small enough to keep them all.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "drasclr-pretrain"
+CHECKPOINT_VERSION = 1
+LAST = "checkpoint_last.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: a temp file in the same folder, then a rename.
+
+    Streams to disk (the bank can be a gigabyte), so an interrupted write leaves the previous
+    checkpoint untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`; ValueError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, pickle errors: all mean "not a checkpoint"
+        raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a drasclr pretraining checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    return state
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu"):
+    """The trained query encoder of a checkpoint, as a `drasclr.nn.Encoder` in eval mode.
+
+    Use ``encoder(x, loc)`` for the representation h (SPEC section 8); the projection head is
+    loaded too but downstream tasks do not use it.
+    """
+    from drasclr.nn import Encoder
+
+    state = load_checkpoint(path, map_location=device)
+    encoder = Encoder(**state["encoder_config"])
+    encoder.load_state_dict(state["encoder_q"])
+    return encoder.to(device).eval()

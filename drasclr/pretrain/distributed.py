@@ -1,0 +1,56 @@
+"""Multi-process training: process-group set-up from torchrun, and MoCo's collectives.
+
+Launch one process per GPU with torchrun (NCCL on GPUs, Gloo on CPU, chosen automatically):
+
+    # one node, 4 GPUs
+    torchrun --nproc_per_node=4 -m drasclr.cli train --config run.yaml
+    # two nodes, 4 GPUs each (run on every node, with its --node_rank)
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \
+        --nproc_per_node=4 -m drasclr.cli train --config run.yaml
+
+``batch_size`` in the config is the global batch; each process trains on its share.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(use_cuda: bool) -> ProcessInfo:
+    """Join the process group torchrun describes in the environment (no-op when alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return ProcessInfo()
+    info = ProcessInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, in rank order (no gradient)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

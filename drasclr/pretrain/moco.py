@@ -1,0 +1,143 @@
+"""The DrasCLR model: query encoder, momentum key encoder, per-landmark memory bank.
+
+SPEC section 7 (MoCo v2 with a conditional memory bank). One ``forward`` is one training
+step's computation: encode both views and the neighbours, update the key encoder, compute the
+local and neighbour losses against the landmarks' queues, enqueue the keys of all processes.
+Keys go through the key encoder with the same landmark grouping as the queries; under DDP
+with ``shuffle_bn`` the keys are encoded on a batch shuffled across processes (MoCo's shuffled
+BatchNorm) and un-shuffled afterwards.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from drasclr.nn.grouping import LandmarkGroups
+from drasclr.pretrain.distributed import concat_all_gather, world_size
+from drasclr.pretrain.losses import LossOutput, drasclr_loss
+from drasclr.pretrain.memory_bank import LandmarkMemoryBank
+
+
+class DrasCLR(nn.Module):
+    """Query/key encoders and the memory bank.
+
+    Args:
+        encoder: the query encoder (a `drasclr.nn.Encoder`); the key encoder is its copy.
+        num_landmarks: L, one queue per landmark.
+        queue_size: K (SPEC 7: 4096).
+        temperature: T (0.2).
+        momentum: m of the key encoder update (0.999).
+        beta: weight of the neighbour loss (1.0).
+        neighbour_mode: "sum" (reference) or "mean".
+        bank_dtype: float32 or bfloat16 storage.
+        shuffle_bn: shuffle keys across processes for BatchNorm under DDP.
+        generator: random source of the bank's initial keys.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_landmarks: int,
+        queue_size: int = 4096,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        beta: float = 1.0,
+        neighbour_mode: str = "sum",
+        bank_dtype: torch.dtype = torch.float32,
+        shuffle_bn: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.temperature, self.momentum, self.beta = temperature, momentum, beta
+        self.neighbour_mode, self.shuffle_bn = neighbour_mode, shuffle_bn
+        self.encoder_q = encoder
+        self.encoder_k = copy.deepcopy(encoder)
+        for param in self.encoder_k.parameters():
+            param.requires_grad_(False)
+        self.bank = LandmarkMemoryBank(
+            num_landmarks, queue_size, encoder.config["moco_dim"], bank_dtype, generator
+        )
+
+    def embed(self, encoder: nn.Module, x: Tensor, groups: LandmarkGroups) -> Tensor:
+        """Unit projection z / |z| of patches ``x`` (N, 1, P, P, P), in float32."""
+        return F.normalize(encoder.head(encoder(x, groups)).float(), dim=1)
+
+    def forward(
+        self,
+        view_q: Tensor,
+        view_k: Tensor,
+        neighbours: Tensor,
+        loc: Tensor,
+        neighbour_loc: Tensor,
+        landmark: Tensor,
+        shuffle_generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """One step's losses; updates the key encoder and enqueues the keys.
+
+        Args:
+            view_q, view_k: (B, 1, P, P, P) two augmented views of the central patches.
+            neighbours: (B, k, 1, P, P, P) augmented neighbour patches (k may be 0).
+            loc: (B, 3) and neighbour_loc (B, k, 3): normalised atlas coordinates.
+            landmark: (B,) landmark indices of the central patches.
+            shuffle_generator: the same-seeded generator on every process (shuffled BN).
+        """
+        batch, k = neighbours.shape[:2]
+        groups = LandmarkGroups.from_loc(loc, batch)
+        query = self.embed(self.encoder_q, view_q, groups)
+        neighbour_query = None
+        if k:
+            flat_loc = neighbour_loc.reshape(-1, 3)
+            neighbour_groups = LandmarkGroups.from_loc(flat_loc, len(flat_loc))
+            neighbour_query = self.embed(
+                self.encoder_q, neighbours.flatten(0, 1), neighbour_groups
+            ).view(batch, k, -1)
+
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            key, all_keys, all_landmarks = self._encode_keys(view_k, loc, landmark, groups, shuffle_generator)
+
+        out = drasclr_loss(
+            query, key, neighbour_query, self.bank, landmark, groups,
+            self.temperature, self.beta, self.neighbour_mode,
+        )
+        self._dequeue_and_enqueue(all_keys, all_landmarks)
+        return out
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """encoder_k <- m * encoder_k + (1 - m) * encoder_q, all parameters in one fused op."""
+        params_k = [p for p in self.encoder_k.parameters()]
+        params_q = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_lerp_(params_k, params_q, 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _encode_keys(
+        self, view_k: Tensor, loc: Tensor, landmark: Tensor, groups: LandmarkGroups,
+        shuffle_generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """This process's keys, and the keys and landmarks of all processes (rank order)."""
+        processes = world_size()
+        if processes == 1:
+            key = self.embed(self.encoder_k, view_k, groups)
+            return key, key, landmark
+        all_landmarks = concat_all_gather(landmark)
+        if not self.shuffle_bn:
+            key = self.embed(self.encoder_k, view_k, groups)
+            return key, concat_all_gather(key), all_landmarks
+        rank, batch = torch.distributed.get_rank(), len(view_k)
+        all_views, all_loc = concat_all_gather(view_k), concat_all_gather(loc)
+        # every process draws the same permutation from its identically seeded generator
+        shuffle = torch.randperm(len(all_views), generator=shuffle_generator, device=view_k.device)
+        mine = shuffle.view(processes, batch)[rank]
+        shuffled_key = self.embed(
+            self.encoder_k, all_views[mine], LandmarkGroups.from_loc(all_loc[mine], batch)
+        )
+        all_keys = concat_all_gather(shuffled_key)[torch.argsort(shuffle)]
+        return all_keys.view(processes, batch, -1)[rank], all_keys, all_landmarks
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: Tensor, landmark: Tensor) -> None:
+        self.bank.enqueue(keys, landmark)
