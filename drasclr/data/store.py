@@ -141,6 +141,15 @@ def write_subject(
         path.unlink(missing_ok=True)
 
 
+def sort_manifest(root: str | Path) -> None:
+    """Order the manifest's rows by subject id, so that subject indices do not depend on the
+    order in which parallel workers finished."""
+    root = Path(root)
+    with _manifest_lock(root):
+        rows = _read_manifest_rows(root)
+        _write_manifest_rows(root, sorted(rows, key=lambda row: row["subject_id"]))
+
+
 def patch_path(root: str | Path, subject_id: str) -> Path:
     return Path(root) / "patches" / f"{subject_id}.npy"
 

@@ -1,0 +1,314 @@
+"""The preprocessing pipeline: a cohort of CT files -> a landmark patch store, in parallel.
+
+For every subject, ``drasclr.data.subject.process_subject`` reads, resamples, segments,
+registers to the atlas and cuts one patch per landmark (SPEC sections 2-4); this module runs
+it over a cohort and records the results with ``drasclr.data.store``:
+
+- ``workers`` processes, each loading the atlas once; each writes its own subject's patch
+  file and manifest row (the manifest is locked), so no patch array travels between processes;
+- ``shard=(i, n)`` keeps every n-th subject (0-based i) of the cohort sorted by subject id, so
+  n machines or job-array tasks split one cohort without talking to each other;
+- a re-run skips subjects whose row is ``done`` and whose patch file is intact; failed
+  subjects are tried again;
+- any exception of one subject becomes a ``failed`` row with its reason; the others go on;
+- every file is written atomically, so an interrupted run (Ctrl-C, a killed job) leaves only
+  complete files and resumes where it stopped.
+
+``drasclr preprocess --images DIR|CSV --atlas ATLAS --out STORE [--workers N] [--shard i/n]``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from drasclr.data.atlas import Atlas
+from drasclr.data.store import (
+    DONE,
+    FAILED,
+    PatchStore,
+    check_patch_file,
+    create_store,
+    patch_path,
+    sort_manifest,
+    write_subject,
+)
+
+#: Image files found in an ``images`` folder; every other (non-hidden) subfolder is a DICOM series.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class SubjectSource:
+    """One subject of a cohort: its id (the patch file's name) and the file or folder to read."""
+
+    subject_id: str
+    source: str
+
+
+@dataclass(frozen=True)
+class PreprocessSummary:
+    """What one run did. ``skipped`` were already done; ``total`` is the shard's size."""
+
+    store: Path
+    total: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+
+
+def preprocess(
+    images: str | Path,
+    atlas_path: str | Path,
+    out: str | Path,
+    workers: int = 1,
+    shard: str | tuple[int, int] | None = None,
+    schedule: str = "fast",
+    segmentation: str = "classical",
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Turn a cohort of CT files into a patch store at ``out`` (created or resumed).
+
+    Args:
+        images: a folder (every .nii/.nii.gz/.nrrd/.mha/.mhd file, every subfolder a DICOM
+            series) or a CSV file with columns ``subject_id, path`` (relative paths are taken
+            from the CSV's folder).
+        atlas_path: an atlas file written by ``drasclr atlas`` / :meth:`Atlas.save`.
+        out: the store folder.
+        workers: processes; 1 runs in this process. Each worker gives ITK one thread.
+        shard: ``"i/n"`` or ``(i, n)``: process only shard i (0-based) of n.
+        schedule: the registration schedule, ``"fast"`` or ``"reference"`` (SPEC section 4).
+        segmentation: ``"classical"`` or ``"lungmask"``.
+        progress: show a tqdm bar with done, failed and time left.
+
+    Raises:
+        ValueError / OSError: bad arguments, an unreadable cohort list or atlas, or a store made
+            for another atlas. Problems of single subjects never raise: they become failed rows.
+    """
+    if int(workers) != workers or workers < 1:
+        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    atlas = Atlas.load(atlas_path)
+    subjects = select_shard(find_subjects(images), shard)
+    root = Path(out)
+    create_store(root, atlas, atlas_path)
+    finished = finished_subjects(root)
+    todo = [s for s in subjects if s.subject_id not in finished]
+
+    start = time.perf_counter()
+    counts = {DONE: 0, FAILED: 0}
+    task = functools.partial(
+        process_and_record, root, str(Path(atlas_path).resolve()), schedule=schedule,
+        segmentation=segmentation,
+    )
+    with tqdm(total=len(todo), unit="subject", disable=not progress, dynamic_ncols=True) as bar:
+        bar.set_postfix(done=0, failed=0, skipped=len(subjects) - len(todo))
+
+        def record(status: str) -> None:
+            counts[status] += 1
+            bar.set_postfix(done=counts[DONE], failed=counts[FAILED], skipped=len(subjects) - len(todo))
+            bar.update()
+
+        if workers == 1:
+            for subject in todo:
+                record(task(subject))
+        else:
+            _run_in_pool(task, todo, root, workers, record)
+    sort_manifest(root)
+    return PreprocessSummary(
+        store=root, total=len(subjects), skipped=len(subjects) - len(todo), done=counts[DONE],
+        failed=counts[FAILED], seconds=time.perf_counter() - start,
+    )
+
+
+def process_and_record(
+    root: Path, atlas_path: str, subject: SubjectSource, *, schedule: str, segmentation: str
+) -> str:
+    """Process one subject and write its patches and manifest row; returns the status.
+
+    Runs in a worker process. Every ``Exception`` becomes a failed row with its reason;
+    ``KeyboardInterrupt`` is let through (nothing half-written is left: writes are atomic).
+    """
+    from drasclr.data import subject as subject_module  # heavy (ANTs); workers import it once
+
+    start = time.perf_counter()
+    try:
+        result = subject_module.process_subject(
+            subject.source, _load_atlas(atlas_path), schedule=schedule,
+            segmentation=segmentation, transforms_dir=root / "transforms" / subject.subject_id,
+        )
+        write_subject(root, subject.subject_id, subject.source, result.patches, quality=result.quality,
+                      seconds=time.perf_counter() - start)
+        return DONE
+    except Exception as error:  # one bad subject must never stop the cohort
+        write_subject(root, subject.subject_id, subject.source, error=failure_reason(error),
+                      seconds=time.perf_counter() - start)
+        return FAILED
+
+
+def failure_reason(error: BaseException) -> str:
+    """The manifest's error text: ValueErrors (bad input) carry their own message; other
+    exceptions (bugs, crashes) are named by type as well."""
+    message = str(error).strip()
+    if isinstance(error, ValueError) and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+@functools.lru_cache(maxsize=1)
+def _load_atlas(atlas_path: str) -> Atlas:
+    """The atlas, loaded once per process."""
+    return Atlas.load(atlas_path)
+
+
+def _init_worker() -> None:
+    # One ITK thread per worker: the workers already use every core, and one thread makes the
+    # registration repeatable. ITK reads this when it first runs, which is after this point.
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+
+
+def _run_in_pool(task, todo: list[SubjectSource], root: Path, workers: int, record) -> None:
+    """Run ``task`` over ``todo`` in ``workers`` fresh (spawned) processes."""
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
+    try:
+        futures: dict[Future, SubjectSource] = {executor.submit(task, s): s for s in todo}
+        for future in as_completed(futures):
+            subject = futures[future]
+            try:
+                status = future.result()
+            except BrokenProcessPool as error:  # a worker died (killed, out of memory)
+                reason = f"worker process died ({error}); re-run to retry"
+                write_subject(root, subject.subject_id, subject.source, error=reason)
+                status = FAILED
+            except Exception as error:  # the task could not even record its failure
+                write_subject(root, subject.subject_id, subject.source, error=failure_reason(error))
+                status = FAILED
+            record(status)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def finished_subjects(root: Path) -> set[str]:
+    """Subjects whose manifest row is ``done`` and whose patch file is intact."""
+    store = PatchStore(root)
+    finished = set()
+    for subject_id in store.subject_ids:
+        try:
+            check_patch_file(patch_path(root, subject_id), store.num_landmarks, store.patch_size)
+        except (OSError, ValueError):
+            continue
+        finished.add(subject_id)
+    return finished
+
+
+def find_subjects(images: str | Path) -> list[SubjectSource]:
+    """The cohort, sorted by subject id: a folder of images / DICOM series, or a CSV list.
+
+    Raises:
+        FileNotFoundError: ``images`` does not exist.
+        ValueError: a CSV without ``subject_id`` and ``path`` columns, an empty cohort, or two
+            subjects with the same id.
+    """
+    images = Path(images)
+    if not images.exists():
+        raise FileNotFoundError(f"{images}: no such folder or CSV file")
+    if images.is_dir():
+        subjects = [
+            SubjectSource(_subject_id_of(path), str(path))
+            for path in images.iterdir()
+            if not path.name.startswith(".")
+            and (path.is_dir() or path.name.lower().endswith(IMAGE_SUFFIXES))
+        ]
+    else:
+        subjects = _read_cohort_csv(images)
+    if not subjects:
+        raise ValueError(f"{images}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files, "
+                         "DICOM series folders, or a CSV with subject_id,path)")
+    ids = [s.subject_id for s in subjects]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{images}: subject ids occur more than once: {', '.join(duplicates[:5])}")
+    return sorted(subjects, key=lambda s: s.subject_id)
+
+
+def _subject_id_of(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_cohort_csv(path: Path) -> list[SubjectSource]:
+    try:
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            missing = {"subject_id", "path"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: cohort CSV lacks the column(s) {', '.join(sorted(missing))}")
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: unreadable cohort CSV ({error})") from error
+    subjects = []
+    for number, row in enumerate(rows, start=2):
+        subject_id, source = (row["subject_id"] or "").strip(), (row["path"] or "").strip()
+        if not subject_id or not source:
+            raise ValueError(f"{path}: line {number} has an empty subject_id or path")
+        subjects.append(SubjectSource(subject_id, str(path.parent / Path(source).expanduser())))
+    return subjects
+
+
+def parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
+    """``"i/n"`` or ``(i, n)`` -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in shard.split("/")) if isinstance(shard, str) else shard
+    except (ValueError, TypeError):
+        raise ValueError(f"shard: expected 'i/n' such as '0/4', got {shard!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard: expected 0 <= i < n, got {index}/{count}")
+    return index, count
+
+
+def select_shard(subjects: list[SubjectSource], shard) -> list[SubjectSource]:
+    """Every n-th subject, starting at i, of the subjects sorted by id (None: all)."""
+    if shard is None:
+        return subjects
+    index, count = parse_shard(shard)
+    return sorted(subjects, key=lambda s: s.subject_id)[index::count]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True,
+                        help="folder of CT files / DICOM series folders, or a CSV with subject_id,path")
+    parser.add_argument("--atlas", required=True, help="atlas file from `drasclr atlas`")
+    parser.add_argument("--out", required=True, help="patch store folder (created or resumed)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--shard", help="i/n: process only shard i (0-based) of n")
+    parser.add_argument("--schedule", choices=("fast", "reference"), default="fast",
+                        help="registration schedule (SPEC section 4)")
+    parser.add_argument("--segmentation", choices=("classical", "lungmask"), default="classical")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = preprocess(
+        args.images, args.atlas, args.out, workers=args.workers, shard=args.shard,
+        schedule=args.schedule, segmentation=args.segmentation, progress=not args.no_progress,
+    )
+    print(
+        f"{summary.store}: {summary.done} done, {summary.failed} failed, {summary.skipped} already "
+        f"done, of {summary.total} in {summary.seconds:.1f} s"
+        + (f"; reasons in {summary.store / 'manifest.csv'}" if summary.failed else "")
+    )
+    return 0
