@@ -143,7 +143,7 @@ def process_and_record(
     start = time.perf_counter()
     try:
         result = subject_module.process_subject(
-            subject.source, _load_atlas(atlas_path), schedule=schedule,
+            subject.source, _load_atlas(atlas_path, os.stat(atlas_path).st_mtime_ns), schedule=schedule,
             segmentation=segmentation, transforms_dir=root / "transforms" / subject.subject_id,
         )
         write_subject(root, subject.subject_id, subject.source, result.patches, quality=result.quality,
@@ -165,8 +165,8 @@ def failure_reason(error: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_atlas(atlas_path: str) -> Atlas:
-    """The atlas, loaded once per process."""
+def _load_atlas(atlas_path: str, modified_ns: int) -> Atlas:
+    """The atlas, loaded once per process (again only if the file was rewritten since)."""
     return Atlas.load(atlas_path)
 
 
