@@ -1,0 +1,301 @@
+"""A cohort on disk: per-subject planning, rendering and files, over a process pool.
+
+Subject ``i`` of a cohort draws everything from its own generator seeded by (seed, i, kind),
+so a subject does not depend on the cohort size or on the order workers finish in, a resumed
+run reproduces the missing subjects exactly, and the same seed gives byte-identical files.
+A subject is complete when its ``truth/<id>.json`` exists, which is written after its images;
+the cohort-wide tables and ``cohort.json`` (written last) are rebuilt from the truth records.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from drasclr.data.synthetic.anatomy import SIZES, size_spec, template_anatomy
+from drasclr.data.synthetic.clinical import covid_grade, sample_copd_subject, sample_covid_subject
+from drasclr.data.synthetic.disease import (
+    CENTRILOBULAR, COPD_LABELS, COVID_LABELS, PARASEPTAL, paint_covid, paint_emphysema,
+)
+from drasclr.data.synthetic.files import write_csv, write_json, write_nifti
+from drasclr.data.synthetic.scanner import (
+    Scanner, acquire, field_of_view, random_scanner, sample_template,
+)
+from drasclr.data.synthetic.transform import SubjectTransform, random_deformation, random_pose
+
+GENERATOR_VERSION = "1.0"
+KINDS = ("copd", "covid")
+FOLDERS = ("images", "masks", "lesions", "truth", "template")
+#: Side of the annotation boxes (the paper's clicked 32 mm boxes).
+BOX_MM = 32.0
+#: At most this many annotation boxes per subject and label.
+BOXES_PER_LABEL = 12
+
+COPD_COLUMNS = [
+    "subject_id", "age", "sex", "race", "smoking_status", "pack_years", "fev1pp", "fev1_fvc",
+    "gold", "prism", "cle_score", "paraseptal_score", "exacerbation", "survival_time", "death",
+    "severity", "laa950_true", "emphysema_true", "centrilobular_true", "paraseptal_true",
+    "panlobular_true",
+]
+COVID_COLUMNS = ["subject_id", "age", "sex", "covid_grade", "involvement_true",
+                 "ground_glass_true", "consolidation_true"]
+ANNOTATION_COLUMNS = ["subject_id", "label", "x_mm", "y_mm", "z_mm", "i", "j", "k", "box_mm"]
+
+
+def subject_id(index: int) -> str:
+    return f"sub{index:04d}"
+
+
+def subject_rng(seed: int, index: int, kind: str) -> np.random.Generator:
+    return np.random.default_rng([seed, index, KINDS.index(kind)])
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """Every random choice of one subject that needs no rendering."""
+
+    index: int
+    kind: str
+    size: str
+    seed: int
+    clinical: dict
+    disease: dict
+    scanner: Scanner
+    transform: SubjectTransform
+    rng: np.random.Generator  # continues into rendering (lesions, noise)
+
+
+def sample_clinical(seed: int, index: int, kind: str = "copd") -> dict:
+    """Subject ``index``'s clinical row and disease plan, without pose or rendering.
+
+    These are the first draws of the subject's generator, so they equal the cohort's values.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    return _draw_clinical(subject_rng(seed, index, kind), kind)
+
+
+def _draw_clinical(rng: np.random.Generator, kind: str) -> dict:
+    return (sample_copd_subject if kind == "copd" else sample_covid_subject)(rng)
+
+
+def plan_subject(seed: int, index: int, kind: str, size: str) -> SubjectPlan:
+    """Draw a subject's clinical data, disease plan, pose, deformation and scanner."""
+    rng = subject_rng(seed, index, kind)
+    sample = _draw_clinical(rng, kind)
+    spec = size_spec(size)
+    pose = random_pose(rng)
+    scale = float(np.max(np.linalg.norm(pose[:3, :3], axis=0)))
+    scanner = random_scanner(rng, spec, scale)
+    transform = random_deformation(rng, pose, field_of_view(scanner), spec.deformation_rms_mm)
+    disease = {k: v for k, v in sample.items() if k != "clinical"}
+    return SubjectPlan(index, kind, size, seed, sample["clinical"], disease, scanner, transform,
+                       rng)
+
+
+def render_subject(plan: SubjectPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(image int16 HU, lung labels uint8, lesion labels uint8, truth record) of a subject."""
+    template = template_anatomy(plan.size)
+    rng = plan.rng
+    if plan.kind == "copd":
+        lesions = paint_emphysema(template, plan.disease["emphysema_shares"], rng)
+        realised = lesions.fractions(template.lung, COPD_LABELS)
+    else:
+        lesions = paint_covid(template, plan.disease["involvement"], rng)
+        realised = lesions.fractions(template.lung, COVID_LABELS)
+    in_lung = template.lung > 0
+    laa950_true = float(np.mean(lesions.hu[in_lung] < -950))
+
+    # Lung (2 bits) and lesion labels travel through one nearest-neighbour sampling.
+    packed = template.lung | (lesions.labels << 2)
+    hu, labels = sample_template(plan.scanner, plan.transform, template.affine, lesions.hu, packed)
+    del lesions.hu, packed
+    image = acquire(hu, plan.scanner, rng)
+    lung, lesion = labels & 3, labels >> 2
+
+    clinical = {"subject_id": subject_id(plan.index), **plan.clinical}
+    if plan.kind == "copd":
+        clinical.update({"laa950_true": round(100 * laa950_true, 4),
+                         "emphysema_true": round(100 * sum(realised.values()), 4)})
+        clinical.update({f"{name}_true": round(100 * v, 4) for name, v in realised.items()})
+    else:
+        involved = sum(realised.values())
+        clinical.update({"covid_grade": covid_grade(involved),
+                         "involvement_true": round(100 * involved, 4)})
+        clinical.update({f"{name}_true": round(100 * v, 4) for name, v in realised.items()})
+    truth = {
+        "subject_id": subject_id(plan.index), "generator_version": GENERATOR_VERSION,
+        "kind": plan.kind, "size": plan.size, "seed": plan.seed, "index": plan.index,
+        **plan.transform.to_dict(),
+        "image_affine": plan.scanner.affine.tolist(),
+        "scanner": plan.scanner.to_dict(),
+        "disease": {**plan.disease, "realised_shares": realised, "laa950_true": laa950_true},
+        "lesion_labels": COPD_LABELS if plan.kind == "copd" else COVID_LABELS,
+        "clinical": clinical,
+        "annotations": _annotations(plan, template, lesions.centres, realised),
+    }
+    return image, lung, lesion, truth
+
+
+def _annotations(plan: SubjectPlan, template, centres, realised) -> list[dict]:
+    """32 mm boxes on emphysema clusters, or on random lung points of emphysema-free subjects.
+
+    Only boxes that lie wholly inside the image are kept.
+    """
+    rng = plan.rng
+    picked: list[tuple[str, np.ndarray]] = []
+    if plan.kind == "copd" and sum(realised.values()) == 0:
+        depth_ok = np.flatnonzero(template.pleura_distance.ravel() >= 8.0 * template.size.scale)
+        chosen = rng.choice(depth_ok, size=min(BOXES_PER_LABEL, len(depth_ok)), replace=False)
+        voxels = np.stack(np.unravel_index(chosen, template.lung.shape), 1)
+        picked = [("healthy", v + template.affine[:3, 3]) for v in voxels.astype(float)]
+    else:
+        for label in (CENTRILOBULAR, PARASEPTAL) if plan.kind == "copd" else ():
+            points = [c for lab, c in centres if lab == label]
+            if points:
+                keep = rng.choice(len(points), size=min(BOXES_PER_LABEL, len(points)),
+                                  replace=False)
+                picked += [(COPD_LABELS[label], points[i]) for i in sorted(keep)]
+    if not picked:
+        return []
+    subject_mm = plan.transform.template_to_subject(np.array([p for _, p in picked]))
+    affine = plan.scanner.affine
+    voxel = (subject_mm - affine[:3, 3]) / np.diag(affine)[:3]
+    low, high = field_of_view(plan.scanner)
+    inside = np.all((subject_mm - BOX_MM / 2 >= low) & (subject_mm + BOX_MM / 2 <= high), axis=1)
+    return [
+        {"subject_id": subject_id(plan.index), "label": label,
+         **{f"{a}_mm": round(float(v), 3) for a, v in zip("xyz", point)},
+         **{a: int(round(float(v))) for a, v in zip("ijk", index)}, "box_mm": BOX_MM}
+        for (label, _), point, index, ok in zip(picked, subject_mm, voxel, inside) if ok
+    ]
+
+
+def _generate_subject(out_dir: Path, seed: int, index: int, kind: str, size: str) -> str:
+    """Render and write one subject; the truth record goes last (it marks completion)."""
+    image, lung, lesion, truth = render_subject(plan_subject(seed, index, kind, size))
+    affine = np.asarray(truth["image_affine"])
+    name = subject_id(index)
+    write_nifti(out_dir / "images" / f"{name}.nii.gz", image, affine)
+    write_nifti(out_dir / "masks" / f"{name}.nii.gz", lung, affine)
+    write_nifti(out_dir / "lesions" / f"{name}.nii.gz", lesion, affine)
+    write_json(out_dir / "truth" / f"{name}.json", truth)
+    return name
+
+
+def _is_complete(out_dir: Path, name: str, seed: int, kind: str, size: str) -> bool:
+    """True when the subject's files exist from the same generator, seed, kind and size."""
+    truth_path = out_dir / "truth" / f"{name}.json"
+    if not truth_path.exists():
+        return False
+    try:
+        truth = json.loads(truth_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    found = (truth.get("generator_version"), truth.get("seed"), truth.get("kind"),
+             truth.get("size"))
+    if found != (GENERATOR_VERSION, seed, kind, size):
+        raise ValueError(
+            f"{out_dir}: already holds a cohort (version, seed, kind, size) = {found}, not "
+            f"{(GENERATOR_VERSION, seed, kind, size)}; use another --out folder"
+        )
+    return all((out_dir / folder / f"{name}.nii.gz").exists()
+               for folder in ("images", "masks", "lesions"))
+
+
+def _check_arguments(out_dir, subjects, seed, kind, size, workers) -> Path:
+    if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
+        raise ValueError(f"subjects must be a positive integer, got {subjects!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    out_dir = Path(out_dir)
+    try:
+        for folder in FOLDERS:
+            (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "truth" / ".write-check.json", {})
+        (out_dir / "truth" / ".write-check.json").unlink()
+    except OSError as error:
+        raise ValueError(f"{out_dir}: cannot write the cohort there "
+                         f"({error.strerror or error})") from error
+    return out_dir
+
+
+def generate_cohort(
+    out_dir: str | os.PathLike,
+    subjects: int,
+    seed: int = 0,
+    kind: str = "copd",
+    size: str = "full",
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic cohort (layout in the package docstring); resumes an interrupted run.
+
+    Args:
+        out_dir: destination folder (created).
+        subjects: number of subjects, ids ``sub0000`` ... .
+        seed: cohort seed; the same seed, kind and size give byte-identical files.
+        kind: ``"copd"`` (emphysema subtypes, spirometry, survival) or ``"covid"``.
+        size: ``"full"`` (about 370 x 260 x 270 voxels of 0.65-0.8 x 0.8-1.25 mm) or
+            ``"small"`` (a half-size chest, about 115 x 90 x 105 voxels of 1.2-1.6 mm).
+        workers: processes; None uses all cores.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ValueError: bad arguments, an unwritable folder, or a folder holding another cohort.
+    """
+    from tqdm import tqdm
+
+    out_dir = _check_arguments(out_dir, subjects, seed, kind, size, workers)
+    template = template_anatomy(size)  # built before forking, so workers inherit it
+    write_nifti(out_dir / "template" / "image.nii.gz",
+                np.rint(template.hu).astype(np.int16), template.affine)
+    write_nifti(out_dir / "template" / "lung_mask.nii.gz", template.lung, template.affine)
+
+    pending = [i for i in range(subjects)
+               if not _is_complete(out_dir, subject_id(i), seed, kind, size)]
+    workers = min(workers or os.cpu_count() or 1, max(len(pending), 1))
+    with tqdm(total=subjects, initial=subjects - len(pending), desc="synth", unit="subject",
+              disable=not progress) as bar:
+        if workers == 1:
+            for index in pending:
+                _generate_subject(out_dir, seed, index, kind, size)
+                bar.update()
+        else:
+            context = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_generate_subject, out_dir, seed, i, kind, size)
+                           for i in pending]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+
+    truths = [json.loads((out_dir / "truth" / f"{subject_id(i)}.json").read_text())
+              for i in range(subjects)]
+    write_csv(out_dir / "clinical.csv", [t["clinical"] for t in truths],
+              COPD_COLUMNS if kind == "copd" else COVID_COLUMNS)
+    write_csv(out_dir / "annotations.csv", [a for t in truths for a in t["annotations"]],
+              ANNOTATION_COLUMNS)
+    write_json(out_dir / "cohort.json", {
+        "generator": "drasclr.data.synthetic", "generator_version": GENERATOR_VERSION,
+        "seed": seed, "kind": kind, "subjects": subjects, "size": size,
+        "subject_ids": [subject_id(i) for i in range(subjects)],
+        "template": {"image": "template/image.nii.gz", "lung_mask": "template/lung_mask.nii.gz",
+                     "spacing_mm": 1.0, "extent_mm": list(size_spec(size).template_extent_mm)},
+    })
+    return out_dir

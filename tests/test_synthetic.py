@@ -1,0 +1,189 @@
+"""The synthetic cohort's promised properties (issue #4 item 7) and its contract with the pipeline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from lifelines.utils import concordance_index
+from scipy import ndimage
+from scipy.stats import spearmanr
+
+from drasclr.cli import main
+from drasclr.data.synthetic import (
+    generate_cohort, map_template_points, plan_subject, render_subject, sample_clinical,
+)
+from drasclr.data.synthetic.anatomy import template_anatomy
+from drasclr.data.synthetic.clinical import gold_stage
+from drasclr.data.synthetic.cohort import subject_id
+from drasclr.data.synthetic.disease import CENTRILOBULAR, PARASEPTAL
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Three small COPD subjects written through the process pool."""
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), 3, seed=SEED, size="small",
+                           workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    """Ten small COPD subjects rendered in memory, chosen to span emphysema severity."""
+    extent = np.array([sum(sample_clinical(SEED, i)["emphysema_shares"].values())
+                       for i in range(60)])
+    order = np.argsort(extent, kind="stable")
+    picked = order[np.linspace(len(order) // 2, len(order) - 1, 10).astype(int)]
+    picked[0] = order[0]  # one emphysema-free subject
+    return [render_subject(plan_subject(SEED, int(i), "copd", "small")) for i in picked]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_same_seed_gives_identical_files_also_after_resume(cohort, tmp_path):
+    again = generate_cohort(tmp_path / "again", 3, seed=SEED, size="small", workers=1,
+                            progress=False)
+    expected = _files(cohort)
+    assert _files(again) == expected
+    # An interrupted run (a subject without its truth record) is completed identically.
+    (again / "truth" / "sub0001.json").unlink()
+    (again / "images" / "sub0001.nii.gz").write_bytes(b"truncated")
+    generate_cohort(again, 3, seed=SEED, size="small", workers=1, progress=False)
+    assert _files(again) == expected
+    other = generate_cohort(tmp_path / "other", 1, seed=SEED + 1, size="small", workers=1,
+                            progress=False)
+    assert _files(other)["images/sub0000.nii.gz"] != expected["images/sub0000.nii.gz"]
+    with pytest.raises(ValueError, match="already holds a cohort"):
+        generate_cohort(again, 3, seed=SEED + 1, size="small", workers=1, progress=False)
+
+
+def test_files_load_with_the_right_geometry(cohort):
+    for name in (subject_id(i) for i in range(3)):
+        truth = json.loads((cohort / "truth" / f"{name}.json").read_text())
+        spacing = truth["scanner"]["spacing_mm"]
+        images = {f: nib.load(cohort / f / f"{name}.nii.gz") for f in ("images", "masks", "lesions")}
+        for folder, image in images.items():
+            assert image.get_data_dtype() == (np.int16 if folder == "images" else np.uint8)
+            assert image.shape == tuple(truth["scanner"]["shape"])
+            np.testing.assert_allclose(image.affine, truth["image_affine"], atol=1e-4)
+            np.testing.assert_allclose(image.header.get_zooms(), spacing, rtol=1e-5)
+            assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        assert all(85 <= n <= 135 for n in images["images"].shape)
+        assert 1.2 <= spacing[0] <= 2.0 and 1.2 <= spacing[2] <= 2.0
+        hu = np.asarray(images["images"].dataobj)
+        lungs = np.asarray(images["masks"].dataobj)
+        assert set(np.unique(lungs)) == {0, 1, 2}
+        assert -950 < np.median(hu[lungs > 0]) < -750 and np.median(hu[lungs == 0]) > -1010
+        # Label 1 is the right lung: larger world x (RAS+).
+        centre_x = [(images["masks"].affine @ [*np.argwhere(lungs == l).mean(0), 1])[0]
+                    for l in (1, 2)]
+        assert centre_x[0] > centre_x[1]
+    template = nib.load(cohort / "template" / "lung_mask.nii.gz")
+    np.testing.assert_allclose(template.header.get_zooms(), 1.0)
+    assert np.allclose(template.affine[:3, :3], np.eye(3))
+    rows = (cohort / "clinical.csv").read_text().splitlines()
+    assert rows[0].startswith("subject_id,age,sex,race,smoking_status,pack_years,fev1pp")
+    assert len(rows) == 4 and json.loads((cohort / "cohort.json").read_text())["subjects"] == 3
+
+
+def test_small_template_gives_a_few_dozen_landmarks():
+    lung = template_anatomy("small").lung > 0
+    corners = np.stack(np.meshgrid(*[np.arange(0, n - 31, 26) for n in lung.shape],
+                                   indexing="ij"), -1).reshape(-1, 3)
+    kept = [c for c in corners if lung[c[0]:c[0] + 32, c[1]:c[1] + 32, c[2]:c[2] + 32].mean() > 0.1]
+    assert 20 <= len(kept) <= 80
+
+
+def test_map_template_points_follows_the_anatomy(cohort):
+    template = template_anatomy("small")
+    rng = np.random.default_rng(0)
+    deep = np.argwhere(template.pleura_distance >= 4)
+    points = deep[rng.choice(len(deep), 300, replace=False)] + template.affine[:3, 3]
+    for name in (subject_id(i) for i in range(3)):
+        truth = json.loads((cohort / "truth" / f"{name}.json").read_text())
+        mapped = map_template_points(truth, points)
+        mask = nib.load(cohort / "masks" / f"{name}.nii.gz")
+        voxels = np.rint(nib.affines.apply_affine(np.linalg.inv(mask.affine), mapped)).astype(int)
+        expected = template.lung[tuple((points - template.affine[:3, 3]).astype(int).T)]
+        found = np.asarray(mask.dataobj)[tuple(voxels.T)]
+        assert np.mean(found == expected) > 0.97
+        # The non-affine part is small: what an affine registration can reach.
+        affine = np.asarray(truth["template_to_subject_affine"])
+        residual = np.linalg.norm(nib.affines.apply_affine(affine, points) - mapped, axis=1)
+        assert 0.1 < np.sqrt(np.mean(residual**2)) < 1.2 and residual.max() < 3.5
+
+
+def test_laa950_tracks_true_emphysema_imperfectly(rendered):
+    laa = np.array([100 * np.mean(image[lung > 0] < -950) for image, lung, _, _ in rendered])
+    true = np.array([t["clinical"]["emphysema_true"] for *_, t in rendered])
+    assert true[0] == 0 and true.max() > 5
+    assert spearmanr(laa, true).statistic > 0.8
+    assert np.max(np.abs(laa - true)) > 0.5  # noise, offset, blur and panlobular change
+
+
+def test_centrilobular_lies_deeper_than_paraseptal(rendered):
+    depths = {CENTRILOBULAR: [], PARASEPTAL: []}
+    for _, lung, lesion, truth in rendered:
+        depth = ndimage.distance_transform_edt(lung > 0, sampling=truth["scanner"]["spacing_mm"])
+        for label in depths:
+            depths[label].append(depth[lesion == label])
+    cle, pse = (np.concatenate(depths[label]) for label in (CENTRILOBULAR, PARASEPTAL))
+    assert len(cle) > 100 and len(pse) > 100
+    assert np.median(cle) > 2 * np.median(pse)
+    assert np.percentile(pse, 95) < 12.0
+
+
+def test_gold_stages_and_survival_of_200_subjects():
+    clinical = [sample_clinical(SEED, i)["clinical"] for i in range(200)]
+    assert clinical[5] == plan_subject(SEED, 5, "copd", "small").clinical
+    gold = np.array([c["gold"] for c in clinical])
+    assert set(gold) == {-1, 0, 1, 2, 3, 4}
+    assert all(gold_stage(c["fev1pp"], c["fev1_fvc"]) == c["gold"] for c in clinical)
+    assert all(c["prism"] == (c["gold"] == -1) for c in clinical)
+    time = [c["survival_time"] for c in clinical]
+    death = [c["death"] for c in clinical]
+    assert 0.2 < np.mean(death) < 0.8
+    assert concordance_index(time, [-c["severity"] for c in clinical], death) > 0.65
+
+
+def test_covid_subject_has_graded_peripheral_lower_opacities():
+    index = next(i for i in range(50)
+                 if 0.3 <= sample_clinical(SEED, i, "covid")["involvement"] <= 0.7)
+    image, lung, lesion, truth = render_subject(plan_subject(SEED, index, "covid", "small"))
+    involved = 100 * np.mean(lesion[lung > 0] > 0)
+    grade = truth["clinical"]["covid_grade"]
+    assert grade == 1 + int(involved // 25) and grade in (2, 3)
+    assert -700 < np.median(image[lesion == 1]) < -300
+    assert -150 < np.median(image[lesion == 2]) < 100
+    z = np.argwhere(lung > 0)[:, 2]
+    lower = z < np.median(z)
+    assert np.mean(lesion[lung > 0][lower] > 0) > np.mean(lesion[lung > 0][~lower] > 0)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"subjects": 0}, "subjects"),
+    ({"kind": "flu"}, "kind"),
+    ({"size": "huge"}, "size"),
+])
+def test_bad_arguments_are_clear_errors(tmp_path, arguments, message, capsys):
+    call = {"subjects": 1, "kind": "copd", "size": "small", **arguments}
+    with pytest.raises(ValueError, match=message):
+        generate_cohort(tmp_path / "c", call["subjects"], kind=call["kind"], size=call["size"])
+    code = main(["synth", "--out", str(tmp_path / "c"), "--subjects", str(call["subjects"]),
+                 "--kind", call["kind"], "--size", call["size"], "--no-progress"])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write the cohort"):
+        generate_cohort(blocker / "cohort", 1, size="small")
+    assert main(["synth", "--out", str(blocker / "cohort"), "--subjects", "1"]) == 2
+    assert "a_file" in capsys.readouterr().err
