@@ -114,33 +114,41 @@ class SubjectTransform:
     ) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield (rows, (3, n, Y, Z) float32 template voxel coordinates) per slab of axis 0.
 
-        Both grids are axis-aligned (diagonal affines), so the subject world coordinate is
-        separable in the voxel index and u is separable too: the lattice is contracted with the
-        y and z design matrices once, then each slab costs one small matrix product.
+        Both grids are axis-aligned (diagonal affines), so the whole map, affine part included,
+        is one separable tensor-product B-spline: cubic B-splines reproduce linear functions
+        exactly when the control values are the function's values at the control points, so
+        the affine part adds to the lattice. The lattice is contracted with the y and z design
+        matrices once; each slab then costs one small matrix product per coordinate.
         """
         axes = [np.arange(n) * subject_affine[a, a] + subject_affine[a, 3]
                 for a, n in enumerate(shape)]
+        t = [(ax[[0, -1]] - self.lattice_origin[a]) / self.lattice_spacing
+             for a, ax in enumerate(axes)]
+        # Exact reproduction needs every point's 4 supporting control points in the lattice.
+        if any(lo < 1 - 1e-6 or hi > n - 3 + 1e-6
+               for (lo, hi), n in zip(t, self.coefficients.shape)):
+            raise ValueError("subject grid reaches beyond the deformation lattice")
+        # Control values of x -> T^-1 (A^-1 y + u(y)) in template voxels.
+        inverse = np.linalg.inv(template_affine) @ np.linalg.inv(self.affine)
+        grid = np.stack(np.meshgrid(*[self.lattice_origin[a] + self.lattice_spacing
+                                      * np.arange(n) for a, n in
+                                      enumerate(self.coefficients.shape[:3])],
+                                    indexing="ij"), -1)
+        control = grid @ inverse[:3, :3].T + inverse[:3, 3]
+        control += self.coefficients @ np.linalg.inv(template_affine)[:3, :3].T
         bx, by, bz = (self._basis(axes[a], a) for a in range(3))
-        # float32 halves the memory traffic; its rounding (~1e-5 mm) is far below a voxel.
-        lattice = np.einsum("abcd,jb,kc->ajkd", self.coefficients, by, bz,
-                            optimize=True).astype(np.float32)
+        # float32 halves the memory traffic; its rounding (~1e-4 voxel) is far below a voxel.
+        lattice = np.einsum("abcd,jb,kc->dajk", control, by, bz, optimize=True)
+        lattice = np.ascontiguousarray(lattice, dtype=np.float32)
         bx = bx.astype(np.float32)
-        inverse = np.linalg.inv(self.affine)
-        to_voxel = np.linalg.inv(template_affine)
-        # Template voxel = T^-1 (A^-1 y + u); T^-1 is diagonal (identity-oriented template).
-        linear = to_voxel[:3, :3] @ inverse[:3, :3]
-        offset = to_voxel[:3, :3] @ inverse[:3, 3] + to_voxel[:3, 3]
-        scale = np.diag(to_voxel)[:3]
-        in_plane = [((linear[d, 1] * axes[1])[:, None] + (linear[d, 2] * axes[2])[None, :])
-                    for d in range(3)]
         for start in range(0, shape[0], slab):
             rows = slice(start, min(start + slab, shape[0]))
             active = np.flatnonzero(bx[rows].any(axis=0))
-            u = np.tensordot(bx[rows, active], lattice[active], axes=1)  # (n, Y, Z, 3)
-            coordinates = np.empty((3, *u.shape[:3]), np.float32)
+            weights = np.ascontiguousarray(bx[rows][:, active])
+            coordinates = np.empty((3, len(weights), shape[1], shape[2]), np.float32)
             for d in range(3):
-                x_part = linear[d, 0] * axes[0][rows] + offset[d]
-                coordinates[d] = x_part[:, None, None] + in_plane[d] + scale[d] * u[..., d]
+                np.dot(weights, lattice[d, active].reshape(len(active), -1),
+                       out=coordinates[d].reshape(len(weights), -1))
             yield rows, coordinates
 
 
