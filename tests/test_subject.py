@@ -1,4 +1,6 @@
 """process_subject end to end on a small chest phantom under a known affine, and its failures."""
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -93,6 +95,31 @@ def test_known_pose_landmarks_recovered_and_patches_cut_there(phantom_case):
     for stage in ("read", "resample", "segment", "register", "cut"):
         assert result.quality[f"seconds_{stage}"] >= 0
     assert sorted(p.name for p in (folder / "tx").iterdir()) == ["atlas_to_subject.mat", "subject_to_atlas.mat"]
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """Four small synthetic COPD subjects with their true template -> subject mappings."""
+    from drasclr.data.synthetic import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), 4, seed=0, kind="copd", size="small",
+                           workers=1, progress=False)
+
+
+def test_landmark_accuracy_on_synthetic_subjects(small_cohort):
+    """Issue item 9: mapped landmarks within 1.5 mm of the truth on average, no subject above 4 mm."""
+    from drasclr.data.synthetic import map_template_points
+
+    atlas = build_atlas(small_cohort / "template" / "lung_mask.nii.gz")
+    errors = []
+    for image in sorted((small_cohort / "images").glob("*.nii.gz")):
+        result = process_subject(image, atlas)
+        truth = json.loads((small_cohort / "truth" / image.name.replace(".nii.gz", ".json")).read_text())
+        true_points = map_template_points(truth, atlas.centres_world())
+        found = nib.affines.apply_affine(result.affine, result.landmark_voxels)
+        errors.append(np.linalg.norm(found - true_points, axis=1).mean())
+    assert len(errors) == 4
+    assert np.mean(errors) < 1.5 and max(errors) < 4.0, errors
 
 
 def test_bad_subjects_fail_with_their_reason(phantom_case, tmp_path):

@@ -112,10 +112,17 @@ def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> L
     hu, affine = block_mean(volume.array, volume.affine, factors)
     air = hu < threshold
 
-    # The slice axis is the array axis closest to world z; air touching the in-plane faces of
-    # the volume is outside the body (the lungs may touch the first or last slice).
+    # The slice axis is the array axis closest to world z. Within each axial slice, air
+    # touching the edge of the slice is outside the body. Slice by slice, because in 3D the
+    # airways can join the lungs to the air above the body (the lungs may also touch the first
+    # or last slice).
     slice_axis = int(np.argmax(np.abs(affine[2, :3])))
-    air_components, _ = ndimage.label(air)
+    in_plane = ndimage.generate_binary_structure(3, 1)
+    for end in (0, 2):
+        neighbour = [1, 1, 1]
+        neighbour[slice_axis] = end
+        in_plane[tuple(neighbour)] = False
+    air_components, _ = ndimage.label(air, structure=in_plane)
     faces = [
         np.take(air_components, end, axis=axis)
         for axis in range(3) if axis != slice_axis for end in (0, -1)
@@ -147,13 +154,7 @@ def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> L
     # Touching lungs are cut along the body's mid-sagittal plane.
     body_x = _world_x(lungs.shape, affine)[~outside_air]
     labels = split_left_right(lungs, affine, midline_x=float(body_x.mean()) if body_x.size else None)
-    # Vessels and airway walls are holes within each axial slice of a lung: fill them with a
-    # structure that connects voxels within a slice only.
-    in_plane = ndimage.generate_binary_structure(3, 1)
-    for end in (0, 2):
-        neighbour = [1, 1, 1]
-        neighbour[slice_axis] = end
-        in_plane[tuple(neighbour)] = False
+    # Vessels and airway walls are holes within each axial slice of a lung.
     for side in (RIGHT, LEFT):
         filled = ndimage.binary_fill_holes(labels == side, structure=in_plane)
         labels[filled & (labels == 0)] = side

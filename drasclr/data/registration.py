@@ -7,7 +7,7 @@ explicit arguments so that both schedules are exactly what they say:
 - ``"reference"``: the authors' ``-t Affine[0.01] -m MI[fixed,moving,1,32,Regular,0.5]
   -c [500x250x100] -s 2x1x0 -f 4x2x1`` on the masks as given (about 10 minutes per scan);
 - ``"fast"`` (default): the same metric on block-averaged masks (lung fractions, so edges stay
-  smooth) coarse enough that the atlas lungs fill about 100,000 voxels (4 mm for an adult
+  smooth) coarse enough that the atlas lungs fill about 50,000 voxels (5 mm for an adult
   atlas), a two-level pyramid and fewer iterations; see benchmarks/RESULTS.md.
 
 ANTs' transform maps points of the FIXED space (atlas) to the MOVING space (subject): that is
@@ -60,7 +60,7 @@ class Schedule:
 
 SCHEDULES = {
     "reference": Schedule(None, 0.01, (500, 250, 100), (4, 2, 1), (2, 1, 0), 0.5),
-    "fast": Schedule(100_000, 0.2, (200, 50), (2, 1), (1, 0), 0.1),
+    "fast": Schedule(50_000, 0.2, (100, 30), (2, 1), (1, 0), 0.1),
 }
 
 
