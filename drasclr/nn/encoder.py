@@ -1,0 +1,139 @@
+"""The DrasCLR encoder: 3D CNN over 32^3 patches, conditioned on the atlas location.
+
+Architecture of SPEC section 6 (the authors' ``models/cnn3d.py``); layer attribute names are
+the reference's so its checkpoints load by a key rename (``drasclr.checkpoint``), with
+``head`` for its projection ``fc``. Every convolution is 3x3x3, padding 1, then BatchNorm3d
+and ELU (after ``bn4`` too):
+
+    conv1 1->8, conv2 8->8 /2                                   32^3 -> 16^3
+    downsample1..3: a->b, b->b, b->b /2 with 8->16, 16->32, 32->64    -> 2^3
+    conv3 64->128, conv4 128->rep_dim /2, flatten: h                  -> 1^3
+    head: Linear(rep, rep), ReLU, Linear(rep, moco_dim): z = head(h)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from drasclr.nn.conditioning import CONDITIONINGS, make_conv3x3
+from drasclr.nn.grouped_conv import interleave
+from drasclr.nn.grouping import as_groups
+from drasclr.nn.loc_cond_conv import Loc, LocCondConv3d, check_backend, per_sample_coords
+
+PATCH_SIZE = 32
+
+
+class ConvBlock(nn.Module):
+    """Three conv-BN-ELU layers, the last with stride 2 (the reference's ``Block``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, conv_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.conv1 = make_conv3x3(in_channels=in_channels, out_channels=out_channels, stride=1,
+                                  **conv_kwargs)
+        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.conv2 = make_conv3x3(in_channels=out_channels, out_channels=out_channels,
+                                  stride=1, **conv_kwargs)
+        self.bn2 = nn.BatchNorm3d(out_channels)
+        self.conv3 = make_conv3x3(in_channels=out_channels, out_channels=out_channels,
+                                  stride=2, **conv_kwargs)
+        self.bn3 = nn.BatchNorm3d(out_channels)
+        self.act = nn.ELU(inplace=True)
+
+    def forward(self, x: Tensor, loc: Optional[Loc]) -> Tensor:
+        x = self.act(self.bn1(self.conv1(x, loc)))
+        x = self.act(self.bn2(self.conv2(x, loc)))
+        return self.act(self.bn3(self.conv3(x, loc)))
+
+
+class Encoder(nn.Module):
+    """DrasCLR encoder (SPEC section 6): ``encoder(x, loc) -> h``, ``encoder.head(h) -> z``.
+
+    Args:
+        rep_dim: size of the representation h (128 in the paper).
+        moco_dim: size of the projection z used by the contrastive loss (128).
+        num_experts: experts per Loc-CondConv layer (8).
+        conditioning: how location enters, one of ``CONDITIONINGS``: "loc_condconv" (the
+            method), "hypernetwork", "concat" (coordinates concatenated to h and fused by
+            Linear(rep+3, rep), ReLU, Linear(rep, rep)), "none" (plain convolutions).
+        backend: Loc-CondConv backend (``drasclr.nn.BACKENDS``), see ``set_backend``.
+
+    ``Encoder(**encoder.config)`` rebuilds the same architecture.
+    """
+
+    def __init__(self, rep_dim: int = 128, moco_dim: int = 128, num_experts: int = 8,
+                 conditioning: str = "loc_condconv", backend: str = "auto") -> None:
+        super().__init__()
+        for name, value in (("rep_dim", rep_dim), ("moco_dim", moco_dim),
+                            ("num_experts", num_experts)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
+        self.rep_dim, self.moco_dim, self.num_experts = rep_dim, moco_dim, num_experts
+        self.conditioning = conditioning
+        self.backend = check_backend(backend)
+
+        conv_kwargs = dict(conditioning=conditioning, num_experts=num_experts, backend=backend)
+        self.conv1 = make_conv3x3(in_channels=1, out_channels=8, stride=1, **conv_kwargs)
+        self.bn1 = nn.BatchNorm3d(8)
+        self.conv2 = make_conv3x3(in_channels=8, out_channels=8, stride=2, **conv_kwargs)
+        self.bn2 = nn.BatchNorm3d(8)
+        self.downsample1 = ConvBlock(8, 16, conv_kwargs)
+        self.downsample2 = ConvBlock(16, 32, conv_kwargs)
+        self.downsample3 = ConvBlock(32, 64, conv_kwargs)
+        self.conv3 = make_conv3x3(in_channels=64, out_channels=128, stride=1, **conv_kwargs)
+        self.bn3 = nn.BatchNorm3d(128)
+        self.conv4 = make_conv3x3(in_channels=128, out_channels=rep_dim, stride=2, **conv_kwargs)
+        self.bn4 = nn.BatchNorm3d(rep_dim)
+        self.act = nn.ELU(inplace=True)
+        self.fuse = (nn.Sequential(nn.Linear(rep_dim + 3, rep_dim), nn.ReLU(),
+                                   nn.Linear(rep_dim, rep_dim))
+                     if conditioning == "concat" else None)
+        self.head = nn.Sequential(nn.Linear(rep_dim, rep_dim), nn.ReLU(),
+                                  nn.Linear(rep_dim, moco_dim))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments: ``Encoder(**encoder.config)`` rebuilds this encoder."""
+        return dict(rep_dim=self.rep_dim, moco_dim=self.moco_dim, num_experts=self.num_experts,
+                    conditioning=self.conditioning, backend=self.backend)
+
+    def set_backend(self, name: str) -> None:
+        """Select the backend of every Loc-CondConv layer (``drasclr.nn.BACKENDS``)."""
+        self.backend = check_backend(name)
+        for module in self.modules():
+            if isinstance(module, LocCondConv3d):
+                module.backend = name
+
+    def forward(self, x: Tensor, loc: Loc) -> Tensor:
+        """h (B, rep_dim) of patches x (B, 1, 32, 32, 32) at locations loc: (B, 3)
+        normalised atlas coordinates, (3,) for the whole batch, or a ``LandmarkGroups``."""
+        if not isinstance(x, Tensor) or x.dim() != 5 or tuple(x.shape[1:]) != (1, *(PATCH_SIZE,) * 3):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected patches of shape (B, 1, {PATCH_SIZE}, {PATCH_SIZE}, "
+                             f"{PATCH_SIZE}), got {shape}")
+        if self.conditioning in ("none", "concat"):
+            coords = per_sample_coords(loc, x.shape[0])  # validated even when unused
+            h = self._features(x, None)
+            if self.fuse is None:
+                return h
+            return self.fuse(torch.cat([h, coords.to(h.dtype)], dim=1))
+
+        # Group the batch by landmark once, and put it in the order in which every layer
+        # convolves its landmark groups without copying activations (see grouped_conv).
+        perm, groups = interleave(as_groups(loc, x.shape[0]))
+        if perm is None:
+            return self._features(x, groups)
+        return self._features(x[perm], groups)[torch.argsort(perm)]
+
+    def _features(self, x: Tensor, loc: Optional[Loc]) -> Tensor:
+        x = self.act(self.bn1(self.conv1(x, loc)))
+        x = self.act(self.bn2(self.conv2(x, loc)))
+        x = self.downsample1(x, loc)
+        x = self.downsample2(x, loc)
+        x = self.downsample3(x, loc)
+        x = self.act(self.bn3(self.conv3(x, loc)))
+        x = self.act(self.bn4(self.conv4(x, loc)))
+        return torch.flatten(x, 1)

@@ -1,0 +1,134 @@
+"""Convolve every sample with the kernel of its landmark, in a few large calls.
+
+Every location-conditioned layer of this package (Loc-CondConv, the hypernetwork ablation)
+ends in the same step: G per-landmark kernels, B samples, sample b convolved with the kernel
+of its landmark. Calling ``F.conv3d`` once per sample (as the reference does, SPEC section 5)
+leaves the hardware idle between tiny calls. Instead, the batch is *interleaved*: groups of
+equal size n form a bucket, laid out sample-major (sample 0 of each group of the bucket, then
+sample 1, ...). A bucket is then a free view
+
+    (n * G_n, C_in, D, H, W) -> (n, G_n * C_in, D, H, W)
+
+and one grouped convolution (``groups = G_n * conv_groups``) applies all G_n kernels at once.
+A batch with uniform groups (the usual sampling) is a single bucket and a single call.
+
+Reordering a large activation costs about as much as the convolution itself on CPU, so an
+encoder interleaves its input ONCE (``interleave``) and passes the ``InterleavedGroups`` to
+every layer, which then needs no copies at all; a lone layer given an ordinary
+``LandmarkGroups`` interleaves and restores its own input and output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drasclr.kernels.support import IntOrTriple
+from drasclr.nn.grouping import LandmarkGroups
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Batch positions ``[start, start + count * len(members))``: ``count`` samples of each
+    of the groups ``members`` ((G_n,) long tensor), sample-major."""
+
+    start: int
+    count: int
+    members: Tensor
+
+
+@dataclass(frozen=True)
+class InterleavedGroups(LandmarkGroups):
+    """The grouping of a batch already in interleaved order (see the module docstring).
+
+    A full ``LandmarkGroups`` (``index``, ``order``, ``offsets`` describe the interleaved
+    batch), so every backend accepts it; ``buckets`` lets ``conv3d_by_group`` skip reordering.
+    """
+
+    buckets: tuple[Bucket, ...]
+
+
+def interleave(groups: LandmarkGroups) -> tuple[Optional[Tensor], InterleavedGroups]:
+    """Permutation to the interleaved batch order and the grouping of the permuted batch.
+
+    Returns:
+        (perm, interleaved): ``x[perm]`` is the interleaved batch (perm is None when the batch
+        already is), described by ``interleaved``.
+    """
+    if isinstance(groups, InterleavedGroups):
+        return None, groups
+    device = groups.order.device
+    if groups.num_groups == 1:  # any order is interleaved
+        bucket = Bucket(0, groups.batch_size, torch.zeros(1, dtype=torch.long, device=device))
+        return None, InterleavedGroups(
+            coords=groups.coords, index=groups.index, order=groups.order,
+            offsets=groups.offsets, counts=groups.counts, buckets=(bucket,))
+    by_count: dict[int, list[int]] = {}
+    for group, count in enumerate(groups.counts):
+        by_count.setdefault(count, []).append(group)
+    buckets, samples, start = [], [], 0
+    for count, member_list in by_count.items():
+        members = torch.tensor(member_list, device=device)
+        first = groups.offsets[members]  # (G_n,) first sorted position of each member group
+        positions = torch.arange(count, device=device)[:, None] + first[None, :]  # (n, G_n)
+        samples.append(groups.order[positions.reshape(-1)])
+        buckets.append(Bucket(start, count, members))
+        start += count * len(member_list)
+    perm = torch.cat(samples)
+    index = groups.index[perm]
+    interleaved = InterleavedGroups(
+        coords=groups.coords, index=index, order=torch.argsort(index, stable=True),
+        offsets=groups.offsets, counts=groups.counts, buckets=tuple(buckets))
+    return perm, interleaved
+
+
+def conv3d_by_group(
+    x: Tensor,
+    kernels: Tensor,
+    bias: Optional[Tensor],
+    groups: LandmarkGroups,
+    stride: IntOrTriple = 1,
+    padding: IntOrTriple = 0,
+    dilation: IntOrTriple = 1,
+    conv_groups: int = 1,
+) -> Tensor:
+    """Sample b convolved with ``kernels[groups.index[b]]`` (plus ``bias``), as ``F.conv3d``.
+
+    Args:
+        x: (B, C_in, D, H, W).
+        kernels: (G, C_out, C_in / conv_groups, kD, kH, kW), one kernel per landmark group.
+        bias: (C_out,) shared by all groups, or None.
+        groups: the batch's landmark grouping; an ``InterleavedGroups`` avoids all copies.
+        stride, padding, dilation, conv_groups: as ``stride``, ``padding``, ``dilation`` and
+            ``groups`` of ``F.conv3d``.
+
+    Returns:
+        (B, C_out, D', H', W') in the order of x.
+    """
+    if kernels.shape[0] != groups.num_groups:
+        raise ValueError(f"kernels: expected {groups.num_groups} per-landmark kernels "
+                         f"(one per group), got {kernels.shape[0]}")
+    if groups.num_groups == 1:
+        return F.conv3d(x, kernels[0], bias, stride, padding, dilation, conv_groups)
+    if not isinstance(groups, InterleavedGroups):
+        perm, interleaved = interleave(groups)
+        y = conv3d_by_group(x[perm], kernels, bias, interleaved, stride, padding, dilation,
+                            conv_groups)
+        return y[torch.argsort(perm)]
+
+    outputs = []
+    for bucket in groups.buckets:
+        num_members = bucket.members.shape[0]
+        bucket_kernels = kernels if num_members == groups.num_groups else kernels[bucket.members]
+        x_bucket = x.narrow(0, bucket.start, bucket.count * num_members)
+        y = F.conv3d(
+            x_bucket.reshape(bucket.count, num_members * x.shape[1], *x.shape[2:]),
+            bucket_kernels.reshape(-1, *kernels.shape[2:]),
+            None if bias is None else bias.repeat(num_members),
+            stride, padding, dilation, num_members * conv_groups,
+        )
+        outputs.append(y.reshape(x_bucket.shape[0], kernels.shape[1], *y.shape[2:]))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

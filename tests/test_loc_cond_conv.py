@@ -1,0 +1,188 @@
+"""LocCondConv3d: every backend against a direct float64 formula of SPEC section 5."""
+import math
+import warnings
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drasclr.nn import LocCondConv3d, as_groups, interleave, loc_cond_conv3d
+from drasclr.nn import loc_cond_conv as lcc
+
+
+def reference(x, loc, weight, routing_weight, routing_bias, bias, stride, padding, dilation,
+              groups):
+    """SPEC section 5 in float64, one sample at a time: r = sigmoid(W_r p + b_r),
+    kernel = sum_e r_e W_e, conv3d with the shared bias."""
+    x, weight, routing_weight, routing_bias = (t.double() for t in (x, weight, routing_weight,
+                                                                    routing_bias))
+    bias = None if bias is None else bias.double()
+    outputs = []
+    for b in range(x.shape[0]):
+        r = torch.sigmoid(routing_weight @ loc[b].double() + routing_bias)
+        kernel = (r[:, None, None, None, None, None] * weight).sum(0)
+        outputs.append(F.conv3d(x[b:b + 1], kernel, bias, stride, padding, dilation, groups))
+    return torch.cat(outputs)
+
+
+def landmark_batch(layout: str, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3) coordinates whose landmark groups follow ``layout``, in shuffled sample order."""
+    group_of_sample = {
+        "single_sample": [0],
+        "all_same": [0] * 5,
+        "all_distinct": list(range(5)),
+        "uneven": [0, 1, 1, 2, 2, 2, 3, 3, 3, 4],  # sizes 1, 2, 3, 3, 1: three buckets
+    }[layout]
+    coords = torch.rand(max(group_of_sample) + 1, 3, generator=generator) * 2 - 1
+    group_of_sample = torch.tensor(group_of_sample)
+    return coords[group_of_sample[torch.randperm(len(group_of_sample), generator=generator)]]
+
+
+CONV_CASES = [  # (C_in, C_out, kernel, stride, padding, dilation, groups)
+    (3, 4, 3, 1, 1, 1, 1),
+    (2, 5, 3, 2, 0, 1, 1),
+    (4, 6, 3, 2, 1, 2, 2),
+    (3, 2, 1, 1, 0, 1, 1),
+    (2, 4, 2, 1, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("layout", ["single_sample", "all_same", "all_distinct", "uneven"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_backends_match_float64_formula(case, layout):
+    c_in, c_out, k, stride, padding, dilation, groups = case
+    generator = torch.Generator().manual_seed(zlib.crc32(repr((case, layout)).encode()))
+    loc = landmark_batch(layout, generator)
+    layer = LocCondConv3d(c_in, c_out, k, stride, padding, dilation, groups, num_experts=3)
+    with torch.no_grad():  # routing spread wide enough that landmarks differ clearly
+        layer.routing.weight.normal_(0, 2, generator=generator)
+    x = torch.randn(loc.shape[0], c_in, 6, 7, 5, generator=generator)
+    expected = reference(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
+                         layer.bias, stride, padding, dilation, groups)
+    for backend in ("loop", "grouped", "auto"):
+        layer.backend = backend
+        torch.testing.assert_close(layer(x, loc).double(), expected, rtol=1e-4, atol=1e-5)
+        layer.double()
+        torch.testing.assert_close(layer(x.double(), loc.double()), expected,
+                                   rtol=1e-10, atol=1e-12)
+        layer.float()
+
+
+def test_loc_forms_agree():
+    """(3,) for the batch, (B, 3), a LandmarkGroups and an interleaved grouping: same output."""
+    generator = torch.Generator().manual_seed(1)
+    layer = LocCondConv3d(2, 3, 3, padding=1, num_experts=4).double()
+    x = torch.randn(4, 2, 5, 5, 5, dtype=torch.double, generator=generator)
+    point = torch.rand(3, dtype=torch.double, generator=generator)
+    expected = reference(x, point.expand(4, 3), layer.weight, layer.routing.weight,
+                         layer.routing.bias, layer.bias, 1, 1, 1, 1)
+    for loc in (point, point.expand(4, 3), as_groups(point, 4)):
+        torch.testing.assert_close(layer(x, loc), expected)
+
+    loc = landmark_batch("uneven", generator).double()
+    x = torch.randn(loc.shape[0], 2, 5, 5, 5, dtype=torch.double, generator=generator)
+    expected = layer(x, loc)
+    perm, interleaved = interleave(as_groups(loc, loc.shape[0]))
+    for backend in ("loop", "grouped"):
+        layer.backend = backend
+        torch.testing.assert_close(layer(x[perm], interleaved), expected[perm])
+
+
+def test_grouping_is_interleaved_by_bucket():
+    """Bucket b holds sample i of every member group at start + i * G_b + j."""
+    loc = landmark_batch("uneven", torch.Generator().manual_seed(2))
+    groups = as_groups(loc, loc.shape[0])
+    perm, interleaved = interleave(groups)
+    assert sorted(perm.tolist()) == list(range(loc.shape[0]))
+    assert sorted(b.count for b in interleaved.buckets) == [1, 2, 3]
+    for bucket in interleaved.buckets:
+        members = bucket.members.tolist()
+        span = interleaved.index[bucket.start:bucket.start + bucket.count * len(members)]
+        assert span.view(bucket.count, len(members)).tolist() == [members] * bucket.count
+    torch.testing.assert_close(interleaved.coords[interleaved.index], loc[perm])
+
+
+@pytest.mark.parametrize("layout", ["all_same", "uneven"])
+def test_gradcheck_float64(layout):
+    generator = torch.Generator().manual_seed(3)
+    loc = landmark_batch(layout, generator).double()
+    x = torch.randn(loc.shape[0], 2, 2, 3, 2, dtype=torch.double, generator=generator)
+    weight = torch.randn(3, 2, 1, 2, 2, 2, dtype=torch.double, generator=generator)
+    routing_weight = torch.randn(3, 3, dtype=torch.double, generator=generator)
+    routing_bias = torch.randn(3, dtype=torch.double, generator=generator)
+    bias = torch.randn(2, dtype=torch.double, generator=generator)
+    inputs = [t.requires_grad_() for t in (x, weight, routing_weight, routing_bias, bias)]
+    for backend in ("grouped", "loop"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, rw, rb, b: loc_cond_conv3d(
+                x, loc, w, rw, rb, b, stride=(1, 2, 1), padding=1, groups=2, backend=backend),
+            inputs, fast_mode=True)
+
+
+def test_experts_and_bias_initialised_like_conv3d():
+    torch.manual_seed(4)
+    conv = torch.nn.Conv3d(6, 5, 3)
+    torch.manual_seed(4)
+    layer = LocCondConv3d(6, 5, 3, num_experts=4)
+    torch.testing.assert_close(layer.weight[0], conv.weight, rtol=0, atol=0)
+    bound = 1 / math.sqrt(6 * 27)  # nn.Conv3d's bound: fan-in of one expert
+    for expert in layer.weight:
+        assert expert.abs().max() <= bound and expert.abs().max() > 0.95 * bound
+        assert abs(expert.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+    assert layer.bias.abs().max() <= bound
+    assert not torch.equal(layer.weight[0], layer.weight[1])
+
+
+def test_triton_falls_back_with_one_warning_per_reason():
+    """groups > 1 is outside the fused kernels: "triton" warns once, then runs "grouped"."""
+    lcc._warn_fallback_once.cache_clear()
+    generator = torch.Generator().manual_seed(5)
+    layer = LocCondConv3d(4, 4, 3, padding=1, groups=2, num_experts=2, backend="triton")
+    loc = landmark_batch("uneven", generator)
+    x = torch.randn(loc.shape[0], 4, 4, 4, 4, generator=generator)
+    with pytest.warns(RuntimeWarning, match="groups=2") as record:
+        out = layer(x, loc)
+        layer(x, loc)
+    assert len(record) == 1
+    layer.backend = "grouped"
+    torch.testing.assert_close(out, layer(x, loc))
+
+
+def test_auto_on_cpu_is_grouped_without_warning():
+    layer = LocCondConv3d(2, 2, 3, groups=2)
+    x, loc = torch.randn(2, 2, 4, 4, 4), torch.rand(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = layer(x, loc)
+    layer.backend = "grouped"
+    torch.testing.assert_close(layer(x, loc), expected)
+
+
+@pytest.mark.parametrize("make_call, message", [
+    (lambda layer, x, loc: layer(x, torch.rand(3, 2)), "loc: expected shape"),
+    (lambda layer, x, loc: layer(x, torch.rand(4, 3)), r"loc: expected shape \(3, 3\)"),
+    (lambda layer, x, loc: layer(x, torch.tensor([0.0, float("nan"), 1.0])), "finite"),
+    (lambda layer, x, loc: layer(x, torch.ones(3, 3, dtype=torch.long)), "floating"),
+    (lambda layer, x, loc: layer(x[:, :1], loc), "x: expected 2 channels"),
+    (lambda layer, x, loc: layer(x[0], loc), "x: expected a 5-D tensor"),
+    (lambda layer, x, loc: layer(x[:2], as_groups(loc, 3)), "grouping is for a batch of 3"),
+    (lambda layer, x, loc: setattr(layer, "backend", "cuda"), "backend: expected one of"),
+    (lambda layer, x, loc: LocCondConv3d(2, 3, 3, groups=2), "groups: 2 must divide"),
+    (lambda layer, x, loc: loc_cond_conv3d(x, loc, layer.weight, layer.routing.weight[:, :2],
+                                           layer.routing.bias), "routing_weight"),
+    (lambda layer, x, loc: loc_cond_conv3d(x, loc, layer.weight, layer.routing.weight,
+                                           layer.routing.bias, backend="fast"), "backend"),
+])
+def test_bad_input_names_argument(make_call, message):
+    layer = LocCondConv3d(2, 4, 3, num_experts=3)
+    x, loc = torch.randn(3, 2, 4, 4, 4), torch.rand(3, 3)
+    with pytest.raises(ValueError, match=message):
+        make_call(layer, x, loc)
+
+
+def test_module_state_dict_names():
+    layer = LocCondConv3d(3, 5, 3, num_experts=8)
+    shapes = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+    assert shapes == {"weight": (8, 5, 3, 3, 3, 3), "bias": (5,),
+                      "routing.weight": (8, 3), "routing.bias": (8,)}
