@@ -1,14 +1,25 @@
 """The preprocessing pipeline: cohort discovery, sharding, failures, resuming, workers, CLI."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
 import numpy as np
 import pytest
 
+from drasclr.cli import main as cli_main
+from drasclr.data.atlas import Atlas, build_atlas
 from drasclr.data.preprocess import (
     SubjectSource,
     failure_reason,
     find_subjects,
     parse_shard,
+    preprocess,
     select_shard,
 )
+from drasclr.data.store import PatchStore
 
 
 def test_find_subjects_in_a_folder(tmp_path):
@@ -73,3 +84,121 @@ def test_failure_reasons_name_the_problem():
     assert failure_reason(ValueError("x.nii: not 3D")) == "x.nii: not 3D"
     assert failure_reason(RuntimeError("ITK exploded")) == "RuntimeError: ITK exploded"
     assert failure_reason(MemoryError()) == "MemoryError"
+
+
+# --- End to end on the synthetic cohort, with the real per-subject processing -----------------
+
+GOOD = ["good0", "good1"]
+BAD = {  # subject id -> what its manifest error must say
+    "bad_2d": "3D",
+    "bad_air": "lung",
+    "bad_missing": "no such file",
+    "bad_nan": "NaN",
+    "bad_truncated": "truncated",
+}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Two small synthetic subjects plus one of each kind of bad input, listed in a CSV."""
+    from drasclr.data.synthetic import generate_cohort
+
+    folder = tmp_path_factory.mktemp("preprocess")
+    generate_cohort(folder / "synthetic", len(GOOD), seed=0, kind="copd", size="small")
+    atlas_path = folder / "atlas.npz"
+    build_atlas(folder / "synthetic" / "template" / "lung_mask.nii.gz").save(atlas_path)
+
+    images = sorted((folder / "synthetic" / "images").glob("*.nii.gz"))
+    bad = folder / "bad"
+    bad.mkdir()
+    raw = images[0].read_bytes()
+    (bad / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    image = nib.load(str(images[0]))
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    with_nan = array.copy()
+    with_nan[::7, 3, :] = np.nan
+    nib.save(nib.Nifti1Image(with_nan, image.affine), str(bad / "nan.nii.gz"))
+    nib.save(nib.Nifti1Image(array[:, :, array.shape[2] // 2], image.affine), str(bad / "flat.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full(array.shape, -1000, np.float32), image.affine), str(bad / "air.nii.gz"))
+
+    sources = {
+        "good0": images[0], "good1": images[1], "bad_2d": bad / "flat.nii.gz",
+        "bad_air": bad / "air.nii.gz", "bad_missing": bad / "missing.nii.gz",
+        "bad_nan": bad / "nan.nii.gz", "bad_truncated": bad / "truncated.nii.gz",
+    }
+    table = folder / "cohort.csv"
+    table.write_text("subject_id,path\n" + "".join(f"{k},{v}\n" for k, v in sources.items()))
+    return table, atlas_path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cohort, tmp_path_factory):
+    table, atlas_path = cohort
+    out = tmp_path_factory.mktemp("store_a")
+    summary = preprocess(table, atlas_path, out, progress=False)
+    return out, summary
+
+
+def manifest_without_timing(root):
+    return [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in PatchStore(root).manifest]
+
+
+def test_bad_subjects_fail_with_reasons_and_good_ones_finish(uninterrupted, cohort):
+    out, summary = uninterrupted
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (7, 2, 5, 0)
+    store = PatchStore(out)
+    assert store.subject_ids == GOOD
+    rows = {row["subject_id"]: row for row in store.manifest}
+    for subject_id, reason in BAD.items():
+        assert rows[subject_id]["status"] == "failed"
+        assert reason.lower() in rows[subject_id]["error"].lower(), rows[subject_id]["error"]
+    atlas = Atlas.load(cohort[1])
+    for index, subject_id in enumerate(GOOD):
+        patches = store.subject_patches(index)
+        assert patches.shape == (atlas.num_landmarks, 32, 32, 32) and patches.dtype == np.int16
+        assert patches.min() >= -1024 and patches.std() > 50  # real CT content, not padding
+        assert rows[subject_id]["dice"] > 0.9 and rows[subject_id]["seconds"] > 0
+        assert any((out / "transforms" / subject_id).iterdir())
+
+
+def test_interrupted_run_resumes_to_the_same_store(uninterrupted, cohort, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while the last subject runs, then a re-run."""
+    table, atlas_path = cohort
+    out = tmp_path / "store"
+    command = [sys.executable, "-m", "drasclr.cli", "preprocess", "--images", str(table),
+               "--atlas", str(atlas_path), "--out", str(out), "--no-progress"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    manifest = out / "manifest.csv"
+    while not (manifest.exists() and "good0" in manifest.read_text()):  # id order: good1 is next
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    assert "interrupted" in run.stderr.read()
+    assert PatchStore(out).subject_ids == ["good0"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    summary = preprocess(table, atlas_path, out, workers=2, progress=False)
+    assert (summary.skipped, summary.done, summary.failed) == (1, 1, 5)  # failed ones are retried
+    reference, _ = uninterrupted
+    assert manifest_without_timing(out) == manifest_without_timing(reference)
+    for index in range(len(GOOD)):
+        np.testing.assert_array_equal(PatchStore(out).subject_patches(index),
+                                      PatchStore(reference).subject_patches(index))
+
+
+def test_cli_runs_one_shard(cohort, tmp_path, capsys):
+    table, atlas_path = cohort
+    bad_only = tmp_path / "bad.csv"
+    bad_only.write_text("".join(line + "\n" for line in table.read_text().splitlines() if "good" not in line))
+    args = ["preprocess", "--images", str(bad_only), "--atlas", str(atlas_path), "--out",
+            str(tmp_path / "store"), "--workers", "2", "--shard", "1/2", "--no-progress"]
+    assert cli_main(args) == 0
+    assert "0 done, 2 failed" in capsys.readouterr().out
+    rows = PatchStore(tmp_path / "store").manifest
+    assert [row["subject_id"] for row in rows] == ["bad_air", "bad_nan"]  # sorted ids 1 and 3 of 5
+
+    args[-3:-1] = ["--shard", "2/2"]
+    assert cli_main(args) == 2
+    assert "shard" in capsys.readouterr().err

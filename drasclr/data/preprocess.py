@@ -4,8 +4,10 @@ For every subject, ``drasclr.data.subject.process_subject`` reads, resamples, se
 registers to the atlas and cuts one patch per landmark (SPEC sections 2-4); this module runs
 it over a cohort and records the results with ``drasclr.data.store``:
 
-- ``workers`` processes, each loading the atlas once; each writes its own subject's patch
-  file and manifest row (the manifest is locked), so no patch array travels between processes;
+- ``workers`` fresh (spawned) processes, each loading the atlas once and giving ITK one
+  thread, which makes the registration repeatable: a store does not depend on the number of
+  workers or on where a run was interrupted. Each worker writes its own subject's patch file
+  and manifest row (the manifest is locked), so no patch array travels between processes;
 - ``shard=(i, n)`` keeps every n-th subject (0-based i) of the cohort sorted by subject id, so
   n machines or job-array tasks split one cohort without talking to each other;
 - a re-run skips subjects whose row is ``done`` and whose patch file is intact; failed
@@ -85,7 +87,7 @@ def preprocess(
             from the CSV's folder).
         atlas_path: an atlas file written by ``drasclr atlas`` / :meth:`Atlas.save`.
         out: the store folder.
-        workers: processes; 1 runs in this process. Each worker gives ITK one thread.
+        workers: worker processes, each with one ITK thread (one core).
         shard: ``"i/n"`` or ``(i, n)``: process only shard i (0-based) of n.
         schedule: the registration schedule, ``"fast"`` or ``"reference"`` (SPEC section 4).
         segmentation: ``"classical"`` or ``"lungmask"``.
@@ -118,11 +120,7 @@ def preprocess(
             bar.set_postfix(done=counts[DONE], failed=counts[FAILED], skipped=len(subjects) - len(todo))
             bar.update()
 
-        if workers == 1:
-            for subject in todo:
-                record(task(subject))
-        else:
-            _run_in_pool(task, todo, root, workers, record)
+        _run_in_pool(task, todo, root, workers, record)
     sort_manifest(root)
     return PreprocessSummary(
         store=root, total=len(subjects), skipped=len(subjects) - len(todo), done=counts[DONE],
@@ -171,15 +169,19 @@ def _load_atlas(atlas_path: str, modified_ns: int) -> Atlas:
 
 
 def _init_worker() -> None:
-    # One ITK thread per worker: the workers already use every core, and one thread makes the
+    # One ITK thread per worker: the workers already share the cores, and one thread makes the
     # registration repeatable. ITK reads this when it first runs, which is after this point.
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
 
 
 def _run_in_pool(task, todo: list[SubjectSource], root: Path, workers: int, record) -> None:
-    """Run ``task`` over ``todo`` in ``workers`` fresh (spawned) processes."""
+    """Run ``task`` over ``todo`` in ``workers`` fresh (spawned) processes.
+
+    Spawned, not forked: a forked child would inherit an ITK already started (with its thread
+    count) by the parent, and forking a process that holds threads is unsafe.
+    """
     executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        max_workers=min(workers, max(len(todo), 1)), mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
     )
     try:
         futures: dict[Future, SubjectSource] = {executor.submit(task, s): s for s in todo}
