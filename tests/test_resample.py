@@ -5,7 +5,15 @@ import pytest
 from scipy import ndimage
 
 from drasclr.data.io import CTVolume
-from drasclr.data.resample import resample_axis, resample_isotropic
+from drasclr.data.resample import bspline_coefficients, resample_axis, resample_isotropic
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 7), (2, 5, 3), (40, 3, 4)])
+def test_bspline_coefficients_match_scipy_float64(shape):
+    array = np.random.default_rng(3).normal(size=shape)
+    for axis in range(3):
+        expected = ndimage.spline_filter1d(array, order=3, axis=axis, mode="mirror")
+        np.testing.assert_allclose(bspline_coefficients(array, axis), expected, atol=2e-6)
 
 
 def test_separable_bspline_matches_scipy_float64():

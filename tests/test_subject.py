@@ -99,10 +99,10 @@ def test_known_pose_landmarks_recovered_and_patches_cut_there(phantom_case):
 
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
-    """Four small synthetic COPD subjects with their true template -> subject mappings."""
+    """Three small synthetic COPD subjects with their true template -> subject mappings."""
     from drasclr.data.synthetic import generate_cohort
 
-    return generate_cohort(tmp_path_factory.mktemp("cohort"), 4, seed=0, kind="copd", size="small",
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), 3, seed=0, kind="copd", size="small",
                            workers=1, progress=False)
 
 
@@ -118,7 +118,7 @@ def test_landmark_accuracy_on_synthetic_subjects(small_cohort):
         true_points = map_template_points(truth, atlas.centres_world())
         found = nib.affines.apply_affine(result.affine, result.landmark_voxels)
         errors.append(np.linalg.norm(found - true_points, axis=1).mean())
-    assert len(errors) == 4
+    assert len(errors) == 3
     assert np.mean(errors) < 1.5 and max(errors) < 4.0, errors
 
 
@@ -149,6 +149,11 @@ def test_bad_subjects_fail_with_their_reason(phantom_case, tmp_path):
         nib.save(nib.Nifti1Image(array.astype(np.float32), image.affine), tmp_path / name)
         fails(tmp_path / name, reason)
     fails(folder / "subject.nii.gz", "registration failed: lung Dice", min_dice=0.9999)
+    # A caller's mistake is a plain ValueError, not the subject's failure.
+    for option in ({"schedule": "slow"}, {"segmentation": "otsu"}):
+        with pytest.raises(ValueError, match=next(iter(option))) as caught:
+            process_subject(folder / "subject.nii.gz", atlas, **option)
+        assert not isinstance(caught.value, SubjectError)
 
 
 def test_cut_patches_matches_padded_loop_reference():

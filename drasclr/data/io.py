@@ -138,7 +138,7 @@ def _read_dicom_series(folder: Path) -> CTVolume:
     slices = []
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
-            dataset = pydicom.dcmread(str(file), stop_before_pixels=False)
+            dataset = pydicom.dcmread(str(file))
         except Exception:  # non-DICOM files (DICOMDIR aside) are simply not slices
             continue
         if "PixelData" in dataset and "ImagePositionPatient" in dataset:

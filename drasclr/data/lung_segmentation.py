@@ -19,6 +19,8 @@ from drasclr.data.io import CTVolume
 
 RIGHT, LEFT = 1, 2
 
+SEGMENTATION_METHODS = ("classical", "lungmask")
+
 
 @dataclass(frozen=True)
 class LungMask:
@@ -55,7 +57,7 @@ def segment_lungs(
         return _segment_classical(volume, threshold, working_spacing, airway_area_mm2)
     if method == "lungmask":
         return _segment_lungmask(volume)
-    raise ValueError(f"segmentation: expected 'classical' or 'lungmask', got {method!r}")
+    raise ValueError(f"segmentation: expected one of {SEGMENTATION_METHODS}, got {method!r}")
 
 
 def block_mean(array: np.ndarray, affine: np.ndarray, factors) -> tuple[np.ndarray, np.ndarray]:

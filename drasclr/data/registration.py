@@ -159,8 +159,8 @@ def _registration_image(mask: np.ndarray, affine: np.ndarray, spacing: float | N
     """Any lung mask as the reference's label image: right lung 50, left lung 100.
 
     ``mask`` may hold any two lung labels (the atlas's 50/100, lungmask's 1/2, ...): the one
-    whose voxels lie at larger RAS x is the right lung. A mask with one label is split at the
-    sagittal plane through its centroid. Each lung is block-averaged to about ``spacing`` mm
+    whose voxels lie at larger RAS x is the right lung. A mask with any other number of labels
+    is taken as one lung region and split at the sagittal plane through its centroid. Each lung is block-averaged to about ``spacing`` mm
     (lung fractions), so that the label image is small and smooth.
     """
     factors = np.ones(3, dtype=int)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from drasclr.data.io import CTVolume, check_ct_intensities, read_ct
-from drasclr.data.lung_segmentation import LungMask, segment_lungs
+from drasclr.data.lung_segmentation import SEGMENTATION_METHODS, LungMask, segment_lungs
 from drasclr.data.patches import cut_patches
-from drasclr.data.registration import register_to_atlas
+from drasclr.data.registration import SCHEDULES, register_to_atlas
 from drasclr.data.resample import resample_isotropic
 
 #: SPEC section 2: HU window applied before patches are stored.
@@ -70,7 +70,13 @@ def process_subject(
         lung_volume_ratio: plausible subject lung volume, as multiples of the atlas's.
     Raises:
         SubjectError: unreadable or implausible input, implausible lungs, poor registration.
+        ValueError: an unknown ``schedule`` or ``segmentation`` (a caller's mistake, not the
+            subject's).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
+    if segmentation not in SEGMENTATION_METHODS:
+        raise ValueError(f"segmentation: expected one of {SEGMENTATION_METHODS}, got {segmentation!r}")
     name = source.source if isinstance(source, CTVolume) else str(source)
     quality: dict[str, float] = {}
     try:
