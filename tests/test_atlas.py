@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from drasclr.cli import main as cli_main
-from drasclr.data.atlas import Atlas, build_atlas
+from drasclr.data.atlas import Atlas, build_atlas, patch_lung_fractions
 
 PATCH, STEP = 8, 6
 
@@ -46,6 +46,12 @@ def test_landmarks_match_the_triple_loop_rule(random_mask):
     np.testing.assert_array_equal(atlas.corners, expected)
     assert atlas.corners.dtype == np.int64 and atlas.min_lung_fraction == 0.1
     np.testing.assert_array_equal(atlas.mask, labels.astype(np.uint8))
+    # The first pass follows the memory layout: C and Fortran order must agree.
+    starts = [np.arange(0, n - PATCH, STEP) for n in labels.shape]
+    np.testing.assert_array_equal(
+        patch_lung_fractions(np.ascontiguousarray(labels > 0), starts, PATCH),
+        patch_lung_fractions(np.asfortranarray(labels > 0), starts, PATCH),
+    )
 
 
 def test_threshold_rises_by_tenths_until_fewer_than_max(random_mask):

@@ -46,6 +46,7 @@ def test_find_subjects_in_a_csv(tmp_path):
     ("subject_id,path\na,x.nii\na,y.nii\n", "more than once: a"),
     ("subject_id,path\n,x.nii\n", "line 2 has an empty"),
     ("subject_id,path\n", "no images found"),
+    ("subject_id,path\n../up,x.nii\n", "subject id '../up'"),
 ])
 def test_bad_cohort_lists_are_clear_errors(tmp_path, text, message):
     cohort = tmp_path / "cohort.csv"
@@ -78,6 +79,16 @@ def test_shards_split_the_sorted_cohort_deterministically():
 def test_bad_shards_are_clear_errors(shard):
     with pytest.raises(ValueError, match="shard"):
         parse_shard(shard)
+
+
+def test_bad_run_arguments_fail_before_any_work(tmp_path):
+    for kwargs, message in (({"workers": 0}, "workers"), ({"schedule": "slow"}, "schedule"),
+                            ({"segmentation": "magic"}, "segmentation")):
+        with pytest.raises(ValueError, match=message):
+            preprocess(tmp_path, tmp_path / "atlas.npz", tmp_path / "store", **kwargs)
+    with pytest.raises(FileNotFoundError, match="no atlas file"):
+        preprocess(tmp_path, tmp_path / "atlas.npz", tmp_path / "store")
+    assert not (tmp_path / "store").exists()
 
 
 def test_failure_reasons_name_the_problem():
@@ -119,7 +130,8 @@ def cohort(tmp_path_factory):
     with_nan[::7, 3, :] = np.nan
     nib.save(nib.Nifti1Image(with_nan, image.affine), str(bad / "nan.nii.gz"))
     nib.save(nib.Nifti1Image(array[:, :, array.shape[2] // 2], image.affine), str(bad / "flat.nii.gz"))
-    nib.save(nib.Nifti1Image(np.full(array.shape, -1000, np.float32), image.affine), str(bad / "air.nii.gz"))
+    air = np.full(array.shape, -1000, np.float32)
+    nib.save(nib.Nifti1Image(air, image.affine), str(bad / "air.nii.gz"))
 
     sources = {
         "good0": images[0], "good1": images[1], "bad_2d": bad / "flat.nii.gz",
@@ -140,7 +152,7 @@ def uninterrupted(cohort, tmp_path_factory):
 
 
 def manifest_without_timing(root):
-    return [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in PatchStore(root).manifest]
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in PatchStore(root).manifest]
 
 
 def test_bad_subjects_fail_with_reasons_and_good_ones_finish(uninterrupted, cohort):
@@ -191,7 +203,8 @@ def test_interrupted_run_resumes_to_the_same_store(uninterrupted, cohort, tmp_pa
 def test_cli_runs_one_shard(cohort, tmp_path, capsys):
     table, atlas_path = cohort
     bad_only = tmp_path / "bad.csv"
-    bad_only.write_text("".join(line + "\n" for line in table.read_text().splitlines() if "good" not in line))
+    lines = [line for line in table.read_text().splitlines() if "good" not in line]
+    bad_only.write_text("\n".join(lines) + "\n")
     args = ["preprocess", "--images", str(bad_only), "--atlas", str(atlas_path), "--out",
             str(tmp_path / "store"), "--workers", "2", "--shard", "1/2", "--no-progress"]
     assert cli_main(args) == 0

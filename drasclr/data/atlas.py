@@ -121,7 +121,8 @@ class Atlas:
         try:
             with np.load(path, allow_pickle=False) as data:
                 metadata = json.loads(str(data["metadata"]))
-                arrays = {name: data[name] for name in ("corners", "coords", "neighbors", "mask", "affine")}
+                names = ("corners", "coords", "neighbors", "mask", "affine")
+                arrays = {name: data[name] for name in names}
         except Exception as error:  # zip, key and JSON errors all mean "not an atlas file"
             raise ValueError(f"{path}: not a drasclr atlas file ({error})") from error
         if metadata.get("format") != ATLAS_FORMAT or metadata.get("version") != ATLAS_VERSION:
@@ -207,16 +208,25 @@ def build_atlas(
 def patch_lung_fractions(lung: np.ndarray, starts: list[np.ndarray], patch_size: int) -> np.ndarray:
     """Lung fraction of every patch on the grid ``starts[0] x starts[1] x starts[2]``.
 
-    Box sums are separable: a cumulative sum along one axis, differenced at the patch starts,
-    shrinks that axis to the grid before the next axis is summed, so only the first pass
-    touches the full volume.
+    Box sums are separable: summing one axis over the windows shrinks it to the grid before
+    the next axis is summed, so only the first pass reads the full volume. That pass runs
+    along the axis of largest stride, where each window edge cuts the volume into contiguous
+    slabs.
     """
-    sums = lung.astype(np.int32)
-    for axis, axis_starts in enumerate(starts):
-        cumulative = np.cumsum(sums, axis=axis, dtype=np.int32)
-        padded = np.concatenate([np.zeros_like(cumulative.take([0], axis=axis)), cumulative], axis=axis)
-        sums = padded.take(axis_starts + patch_size, axis=axis) - padded.take(axis_starts, axis=axis)
+    sums = lung
+    for axis in np.argsort(lung.strides)[::-1]:
+        sums = _window_sums(sums, starts[axis], patch_size, int(axis))
     return sums / float(patch_size**3)
+
+
+def _window_sums(values: np.ndarray, starts: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Sums of ``values`` over ``[s, s + size)`` along ``axis`` for every start s."""
+    edges = np.unique(np.concatenate([[0], starts, starts + size]))
+    moved = np.moveaxis(values, axis, 0)
+    between_edges = [moved[lo:hi].sum(axis=0, dtype=np.int64) for lo, hi in zip(edges[:-1], edges[1:])]
+    prefix = np.cumsum([np.zeros_like(between_edges[0])] + between_edges, axis=0)  # sums before edges
+    window = prefix[np.searchsorted(edges, starts + size)] - prefix[np.searchsorted(edges, starts)]
+    return np.moveaxis(window, 0, axis)
 
 
 def normalised_coords(corners: np.ndarray) -> np.ndarray:
@@ -263,7 +273,10 @@ def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     array = array.reshape(array.shape[:3]) if array.ndim > 3 and set(array.shape[3:]) == {1} else array
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3D lung mask, got shape {array.shape}")
-    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255 or np.any(array % 1):
+    integral = np.issubdtype(array.dtype, np.integer) or (
+        np.all(np.isfinite(array)) and not np.any(array % 1)
+    )
+    if not integral or array.min() < 0 or array.max() > 255:
         raise ValueError(f"{path}: expected integer lung labels in 0..255 (0 outside the lungs)")
     if not np.any(array):
         raise ValueError(f"{path}: the mask holds no lung voxels")

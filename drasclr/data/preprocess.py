@@ -34,11 +34,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from drasclr.data.atlas import Atlas
+from drasclr.data.registration import SCHEDULES
 from drasclr.data.store import (
     DONE,
     FAILED,
     PatchStore,
     check_patch_file,
+    check_subject_id,
     create_store,
     patch_path,
     sort_manifest,
@@ -47,6 +49,8 @@ from drasclr.data.store import (
 
 #: Image files found in an ``images`` folder; every other (non-hidden) subfolder is a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+#: Lung segmentation methods of ``drasclr.data.lung_segmentation.segment_lungs``.
+SEGMENTATIONS = ("classical", "lungmask")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ def preprocess(
     """
     if int(workers) != workers or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
+    if segmentation not in SEGMENTATIONS:
+        raise ValueError(f"segmentation: expected one of {list(SEGMENTATIONS)}, got {segmentation!r}")
     atlas = Atlas.load(atlas_path)
     subjects = select_shard(find_subjects(images), shard)
     root = Path(out)
@@ -138,13 +146,16 @@ def process_and_record(
     """
     from drasclr.data import subject as subject_module  # heavy (ANTs); workers import it once
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = subject_module.process_subject(
-            subject.source, _load_atlas(atlas_path, os.stat(atlas_path).st_mtime_ns), schedule=schedule,
-            segmentation=segmentation, transforms_dir=root / "transforms" / subject.subject_id,
+            subject.source, _load_atlas(atlas_path, os.stat(atlas_path).st_mtime_ns),
+            schedule=schedule, segmentation=segmentation,
+            transforms_dir=root / "transforms" / subject.subject_id,
         )
-        write_subject(root, subject.subject_id, subject.source, result.patches, quality=result.quality,
+        # CPU seconds: the cost per core even on a busy machine (the worker has one ITK thread).
+        quality = {**result.quality, "cpu_seconds": time.process_time() - cpu_start}
+        write_subject(root, subject.subject_id, subject.source, result.patches, quality=quality,
                       seconds=time.perf_counter() - start)
         return DONE
     except Exception as error:  # one bad subject must never stop the cohort
@@ -181,7 +192,9 @@ def _run_in_pool(task, todo: list[SubjectSource], root: Path, workers: int, reco
     count) by the parent, and forking a process that holds threads is unsafe.
     """
     executor = ProcessPoolExecutor(
-        max_workers=min(workers, max(len(todo), 1)), mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        max_workers=min(workers, max(len(todo), 1)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
     )
     try:
         futures: dict[Future, SubjectSource] = {executor.submit(task, s): s for s in todo}
@@ -238,6 +251,8 @@ def find_subjects(images: str | Path) -> list[SubjectSource]:
         raise ValueError(f"{images}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files, "
                          "DICOM series folders, or a CSV with subject_id,path)")
     ids = [s.subject_id for s in subjects]
+    for subject_id in ids:
+        check_subject_id(subject_id)
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"{images}: subject ids occur more than once: {', '.join(duplicates[:5])}")
@@ -297,9 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="patch store folder (created or resumed)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--shard", help="i/n: process only shard i (0-based) of n")
-    parser.add_argument("--schedule", choices=("fast", "reference"), default="fast",
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="fast",
                         help="registration schedule (SPEC section 4)")
-    parser.add_argument("--segmentation", choices=("classical", "lungmask"), default="classical")
+    parser.add_argument("--segmentation", choices=SEGMENTATIONS, default="classical")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

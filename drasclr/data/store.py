@@ -111,9 +111,11 @@ def write_subject(
     """
     root = Path(root)
     config = read_store_config(root)
-    _check_subject_id(subject_id)
+    check_subject_id(subject_id)
     if (patches is None) == (error is None):
-        raise ValueError(f"{subject_id}: give either patches (done) or error (failed), not both or neither")
+        raise ValueError(
+            f"{subject_id}: give either patches (done) or error (failed), not both or neither"
+        )
     path = patch_path(root, subject_id)
     if patches is not None:
         expected = (config["num_landmarks"],) + (config["patch_size"],) * 3
@@ -185,7 +187,8 @@ class PatchStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.config = read_store_config(self.root)
-        self.manifest: list[dict] = _parse_rows(self.root / "manifest.csv", _read_manifest_rows(self.root))
+        rows = _read_manifest_rows(self.root)
+        self.manifest: list[dict] = _parse_rows(self.root / "manifest.csv", rows)
         self.subject_ids: list[str] = [r["subject_id"] for r in self.manifest if r["status"] == DONE]
         self._patches: dict[int, np.ndarray] = {}
 
@@ -229,9 +232,12 @@ class PatchStore:
         return out
 
 
-def _check_subject_id(subject_id: str) -> None:
+def check_subject_id(subject_id: str) -> None:
+    """Subject ids name patch files: no path separators, no CSV-breaking characters."""
     if not subject_id or subject_id.startswith(".") or any(c in subject_id for c in '/\\\n,"'):
-        raise ValueError(f"subject id {subject_id!r}: must be a non-empty file name without / \\ , \" or newline")
+        raise ValueError(
+            f"subject id {subject_id!r}: must be a non-empty file name without / \\ , \" or newline"
+        )
 
 
 @contextmanager
@@ -248,7 +254,9 @@ def _manifest_lock(root: Path) -> Iterator[None]:
 def _read_manifest_rows(root: Path) -> list[dict]:
     path = root / "manifest.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest missing (was the store made by `drasclr preprocess`?)")
+        raise FileNotFoundError(
+            f"{path}: manifest missing (was the store made by `drasclr preprocess`?)"
+        )
     try:
         with open(path, newline="") as file:
             reader = csv.DictReader(file)
