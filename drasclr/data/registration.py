@@ -5,7 +5,8 @@ lungs labelled 50 (right) and 100 (left) as in the reference. ``antsRegistration
 explicit arguments so that both schedules are exactly what they say:
 
 - ``"reference"``: the authors' ``-t Affine[0.01] -m MI[fixed,moving,1,32,Regular,0.5]
-  -c [500x250x100] -s 2x1x0 -f 4x2x1`` on the masks as given (about 10 minutes per scan);
+  -c [500x250x100] -s 2x1x0 -f 4x2x1`` on the masks as given: the atlas on its own grid, the
+  subject on the segmentation's 2 mm grid (minutes per scan);
 - ``"fast"`` (default): the same metric on block-averaged masks (lung fractions, so edges stay
   smooth) coarse enough that the atlas lungs fill about 50,000 voxels (5 mm for an adult
   atlas), a two-level pyramid and fewer iterations; see benchmarks/RESULTS.md.

@@ -107,8 +107,9 @@ def process_subject(
             world = registration.map_points(atlas.centres_world())
             to_voxel = np.linalg.inv(volume.affine)
             landmark_voxels = world @ to_voxel[:3, :3].T + to_voxel[:3, 3]
-            windowed = np.rint(np.clip(volume.array, *HU_WINDOW)).astype(np.int16)
-            patches = cut_patches(windowed, landmark_voxels, atlas.patch_size)
+            # Window the patches, not the whole volume: a fraction of the voxels.
+            patches = cut_patches(volume.array, landmark_voxels, atlas.patch_size)
+            patches = np.rint(np.clip(patches, *HU_WINDOW)).astype(np.int16)
     except SubjectError:
         raise
     except (ValueError, OSError) as error:
