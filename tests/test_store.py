@@ -69,6 +69,24 @@ def test_write_and_read_back(store):
         reader.gather([3], [0])
 
 
+def test_open_files_are_bounded(store):
+    rng = np.random.default_rng(6)
+    written = [random_patches(rng) for _ in range(4)]
+    for number, patches in enumerate(written):
+        write_subject(store, f"s{number}", "x.nii", patches)
+    reader = PatchStore(store, max_open=2)
+    first = reader.subject_patches(0)
+    reader.subject_patches(1)
+    assert reader.subject_patches(0) is first  # still open, now the most recent
+    reader.subject_patches(2)  # closes subject 1, the least recently used
+    assert reader.subject_patches(0) is first and len(reader._open) == 2
+    batch = reader.gather(np.arange(4).repeat(L), np.tile(np.arange(L), 4))
+    np.testing.assert_array_equal(batch, np.concatenate(written))
+    assert len(reader._open) == 2
+    with pytest.raises(ValueError, match="max_open"):
+        PatchStore(store, max_open=0)
+
+
 def test_rewrite_replaces_the_row_and_failure_removes_stale_patches(store):
     rng = np.random.default_rng(2)
     write_subject(store, "a", "a.nii", random_patches(rng), quality={"dice": 0.5})

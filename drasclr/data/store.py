@@ -21,7 +21,7 @@ import fcntl
 import hashlib
 import io
 import json
-import os
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -181,16 +181,21 @@ class PatchStore:
     """Read access to a patch store: the manifest and (subject, landmark) patches.
 
     Subjects are the manifest's ``done`` rows, in manifest order; subject index ``i`` refers
-    to ``subject_ids[i]``. Patch files are memory-mapped on first use and kept open.
+    to ``subject_ids[i]``. Patch files are memory-mapped on first use and kept open, the
+    ``max_open`` most recently used of them: each map holds a file descriptor, and a cohort
+    of thousands of subjects would exhaust the process's limit.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, max_open: int = 512) -> None:
+        if int(max_open) != max_open or max_open < 1:
+            raise ValueError(f"max_open: expected a positive integer, got {max_open!r}")
         self.root = Path(root)
         self.config = read_store_config(self.root)
         rows = _read_manifest_rows(self.root)
         self.manifest: list[dict] = _parse_rows(self.root / "manifest.csv", rows)
         self.subject_ids: list[str] = [r["subject_id"] for r in self.manifest if r["status"] == DONE]
-        self._patches: dict[int, np.ndarray] = {}
+        self.max_open = int(max_open)
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
 
     @property
     def num_subjects(self) -> int:
@@ -208,10 +213,14 @@ class PatchStore:
         """(L, P, P, P) int16 read-only memory map of subject ``index``'s patches."""
         if not 0 <= index < self.num_subjects:
             raise IndexError(f"subject index {index} out of range for {self.num_subjects} subjects")
-        if index not in self._patches:
+        if index in self._open:
+            self._open.move_to_end(index)
+        else:
             path = patch_path(self.root, self.subject_ids[index])
-            self._patches[index] = check_patch_file(path, self.num_landmarks, self.patch_size)
-        return self._patches[index]
+            self._open[index] = check_patch_file(path, self.num_landmarks, self.patch_size)
+            if len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return self._open[index]
 
     def gather(self, subject_index, landmark_index) -> np.ndarray:
         """(N, P, P, P) int16 patches for N (subject, landmark) index pairs.
