@@ -22,7 +22,7 @@ from drasclr.data.preprocess import (
 from drasclr.data.store import PatchStore
 
 
-def test_find_subjects_in_a_folder(tmp_path):
+def test_find_subjects_in_a_folder(tmp_path, monkeypatch):
     for name in ("b.nii.gz", "a.nii", "c.NRRD", "d.mha", "e.mhd", "e.raw", "notes.txt", ".hidden.nii"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "f_dicom").mkdir()
@@ -31,6 +31,8 @@ def test_find_subjects_in_a_folder(tmp_path):
     assert [s.subject_id for s in subjects] == ["a", "b", "c", "d", "e", "f_dicom"]
     assert subjects[1].source == str(tmp_path / "b.nii.gz")
     assert subjects[5].source == str(tmp_path / "f_dicom")
+    monkeypatch.chdir(tmp_path.parent)
+    assert find_subjects(tmp_path.name) == subjects  # relative input, absolute sources
 
 
 def test_find_subjects_in_a_csv(tmp_path):

@@ -235,7 +235,7 @@ def find_subjects(images: str | Path) -> list[SubjectSource]:
         ValueError: a CSV without ``subject_id`` and ``path`` columns, an empty cohort, or two
             subjects with the same id.
     """
-    images = Path(images)
+    images = Path(images).expanduser().absolute()  # the manifest's sources work from any folder
     if not images.exists():
         raise FileNotFoundError(f"{images}: no such folder or CSV file")
     if images.is_dir():
