@@ -10,7 +10,12 @@ writes::
                           covid 1 ground glass, 2 consolidation
     truth/<id>.json       template_to_subject_affine, deformation, scanner, disease, clinical
     template/image.nii.gz, template/lung_mask.nii.gz   healthy template at 1 mm: the atlas
-    clinical.csv, annotations.csv, cohort.json
+    clinical.csv          one row per subject (columns below)
+    annotations.csv       subject_id, label (centrilobular | paraseptal | healthy), x_mm, y_mm,
+                          z_mm (subject world), i, j, k (voxel), box_mm (32): boxes centred on
+                          emphysema cluster seeds, or on random lung points of emphysema-free
+                          subjects; only boxes wholly inside the image
+    cohort.json           generator version, seed, kind, size, subject ids (written last)
 
 ``sample_clinical(seed, index, kind)`` draws a subject's clinical row without rendering it;
 ``plan_subject`` and ``render_subject`` produce one subject in memory.
@@ -40,6 +45,13 @@ Anatomy, pose and scanner: ``anatomy.py``, ``transform.py``, ``scanner.py``; les
 - covid: age ~ U(20, 85), sex; grade 0-4 w.p. 0.2/0.3/0.25/0.15/0.1 sets a planned involved
   fraction inside its band; covid_grade is recomputed from the rendered involvement (0 none,
   1 < 25 %, 2 25-50 %, 3 50-75 %, 4 > 75 %).
+
+clinical.csv columns, copd: subject_id, age, sex (1 male), race (1 African American),
+smoking_status (0 never, 1 former, 2 current), pack_years, fev1pp, fev1_fvc, gold (-1 PRISm),
+prism, cle_score, paraseptal_score, exacerbation, survival_time (years), death, severity,
+laa950_true, emphysema_true, centrilobular_true, paraseptal_true, panlobular_true (percent);
+covid: subject_id, age, sex, covid_grade, involvement_true, ground_glass_true,
+consolidation_true (percent).
 
 LAA-950 measured on an image tracks emphysema_true, but not perfectly: scanner noise and HU
 offset move it, small holes blur above -950 HU and panlobular change is only partly below it.

@@ -114,7 +114,6 @@ def render_subject(plan: SubjectPlan) -> tuple[np.ndarray, np.ndarray, np.ndarra
     # Lung (2 bits) and lesion labels travel through one nearest-neighbour sampling.
     packed = template.lung | (lesions.labels << 2)
     hu, labels = sample_template(plan.scanner, plan.transform, template.affine, lesions.hu, packed)
-    del lesions.hu, packed
     image = acquire(hu, plan.scanner, rng)
     lung, lesion = labels & 3, labels >> 2
 

@@ -2,34 +2,42 @@
 
 Every file is written to a temporary file in its destination folder and moved into place with
 ``os.replace``, so an interrupted run never leaves a truncated file under a final name. NIfTI
-files are gzipped here rather than by nibabel so that the gzip header's timestamp is fixed
-(mtime 0) and the compression level is low (fast; CT noise compresses poorly anyway).
+files go through ``nibabel.save``, whose gzip writer (nibabel >= 4) is deterministic (no file
+name, mtime 0 in the header) and uses compression level 1 by default: the fastest level (CT
+noise compresses poorly anyway; ``benchmarks/bench_synthetic.py`` measured it 1.4-1.6x faster
+than gzipping ``to_bytes()`` ourselves).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
-import gzip
 import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-GZIP_LEVEL = 1
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix, for writers that read it); moved on success."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
+        yield Path(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; data files are shared read-only
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_path(path, ".tmp") as temporary:
+        temporary.write_bytes(data)
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -40,7 +48,8 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     image.header.set_xyzt_units("mm")
     image.set_sform(affine, code="scanner")
     image.set_qform(affine, code="scanner")
-    atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0))
+    with _atomic_path(path, ".nii.gz") as temporary:
+        nib.save(image, temporary)
 
 
 def write_json(path: Path, record: dict) -> None:

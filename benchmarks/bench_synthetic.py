@@ -1,0 +1,83 @@
+"""Synthetic cohort speed (issue #4 item 8): one subject per size, and the two choices that set it.
+
+Run: ``.venv/bin/python -m pytest benchmarks/bench_synthetic.py --benchmark-only
+--benchmark-columns=min,median,rounds`` (``taskset -c 0`` to hold it to one core).
+
+- render: plan + disease + sampling + scanner effects of one subject (no files), small and full.
+- sampling: the separable per-slab template -> subject sampling (``scanner.sample_template``)
+  against the reference: every voxel's template position by the pointwise float64 map
+  (``SubjectTransform.subject_to_template``), then the same two ``map_coordinates`` calls.
+- writing: the three NIfTI files of a full-size subject through ``files.write_nifti`` (atomic
+  ``nibabel.save``, deterministic gzip level 1) against gzipping ``to_bytes()`` at level 1 with
+  ``gzip.compress`` (mtime 0), the first design.
+"""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from drasclr.data.synthetic.anatomy import HU_AIR, template_anatomy
+from drasclr.data.synthetic.cohort import plan_subject, render_subject
+from drasclr.data.synthetic.files import write_nifti
+from drasclr.data.synthetic.scanner import sample_template
+
+
+@pytest.mark.parametrize("size, rounds", [("small", 5), ("full", 2)])
+def test_render_subject(benchmark, size, rounds):
+    template_anatomy(size)  # built once per process, not part of a subject's cost
+    benchmark.group = "synthetic: one subject"
+    image, *_ = benchmark.pedantic(lambda: render_subject(plan_subject(0, 1, "copd", size)),
+                                   rounds=rounds, iterations=1)
+    assert image.dtype == np.int16
+
+
+def _pointwise_sample(plan, template, hu, labels):
+    shape = plan.scanner.shape
+    voxels = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = voxels.reshape(-1, 3) * plan.scanner.spacing_mm + plan.scanner.affine[:3, 3]
+    coordinates = (plan.transform.subject_to_template(world) - template.affine[:3, 3]).T
+    coordinates = coordinates.reshape(3, *shape)
+    return (ndimage.map_coordinates(hu, coordinates, order=1, mode="constant", cval=HU_AIR),
+            ndimage.map_coordinates(labels, coordinates, order=0, mode="constant", cval=0))
+
+
+@pytest.mark.parametrize("method", ["separable_slabs", "pointwise_reference"])
+def test_sampling(benchmark, method):
+    template = template_anatomy("small")
+    plan = plan_subject(0, 1, "copd", "small")
+    hu, labels = template.hu.copy(), template.lung.copy()
+    benchmark.group = "synthetic: template -> subject sampling (small)"
+    if method == "separable_slabs":
+        run = lambda: sample_template(plan.scanner, plan.transform, template.affine, hu, labels)  # noqa: E731
+    else:
+        run = lambda: _pointwise_sample(plan, template, hu, labels)  # noqa: E731
+    out_hu, out_labels = benchmark.pedantic(run, rounds=1 if method == "pointwise_reference" else 3,
+                                           iterations=1)
+    reference_hu, reference_labels = _pointwise_sample(plan, template, hu, labels)
+    np.testing.assert_allclose(out_hu, reference_hu, atol=0.5)
+    assert np.mean(out_labels == reference_labels) > 0.999
+
+
+@pytest.mark.parametrize("writer", ["write_nifti", "gzip_compress_to_bytes"])
+def test_write_full_subject(benchmark, writer, tmp_path):
+    import nibabel as nib
+
+    template_anatomy("full")
+    image, lung, lesion, truth = render_subject(plan_subject(0, 1, "copd", "full"))
+    affine = np.asarray(truth["image_affine"])
+    benchmark.group = "synthetic: write a full-size subject (3 files)"
+
+    def write():
+        for name, array in (("image", image), ("lung", lung), ("lesion", lesion)):
+            path = tmp_path / f"{name}.nii.gz"
+            if writer == "write_nifti":
+                write_nifti(path, array, affine)
+            else:
+                data = nib.Nifti1Image(array, affine).to_bytes()
+                path.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
+
+    benchmark.pedantic(write, rounds=2, iterations=1)
+    assert nib.load(tmp_path / "image.nii.gz").shape == image.shape
