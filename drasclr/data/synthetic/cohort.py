@@ -67,7 +67,7 @@ class SubjectPlan:
     disease: dict
     scanner: Scanner
     transform: SubjectTransform
-    rng: np.random.Generator  # continues into rendering (lesions, noise)
+    rng: np.random.Generator  # continues into rendering (lesions, noise): render a plan once
 
 
 def sample_clinical(seed: int, index: int, kind: str = "copd") -> dict:

@@ -35,7 +35,7 @@ PARASEPTAL_MAX_DEPTH_MM = 10.0
 ROUNDS = 6
 
 
-@dataclass
+@dataclass(frozen=True)
 class Lesions:
     """A subject's disease in template space."""
 
@@ -123,7 +123,9 @@ def paint_emphysema(template: TemplateAnatomy, shares: dict[str, float],
     painter = _Painter(template, rng)
     total = len(painter.lung_index)
     k = template.size.scale
-    holes = lambda n: rng.uniform(-1000, -960, n).astype(np.float32)  # noqa: E731
+
+    def holes(count: int) -> np.ndarray:
+        return rng.uniform(-1000, -960, count).astype(np.float32)
 
     cle_depth = CLE_MIN_DEPTH_MM * k + 3.0
     cle_weight = painter.zone**2 * (painter.depth >= cle_depth)
@@ -176,8 +178,11 @@ def paint_covid(template: TemplateAnatomy, involvement: float,
         # Consolidation fills the blob cores, more of them in more extensive disease.
         solid = (field > 0.92 - 0.1 * involvement) & lung
         texture = painter.hu - HU_PARENCHYMA
+        # Ground glass fades in over the blob's edge; vessels inside stay visible (max).
+        weight = np.clip((field[glass] - 0.4) / 0.25, 0.0, 1.0)
+        opacity = rng.uniform(-650, -400) + 0.5 * texture[glass]
         painter.hu[glass] = np.maximum(painter.hu[glass],
-                                       rng.uniform(-650, -400) + 0.5 * texture[glass])
+                                       painter.hu[glass] + weight * (opacity - painter.hu[glass]))
         painter.hu[solid] = rng.uniform(-60, 40) + 0.5 * texture[solid]
         painter.labels[glass] = GROUND_GLASS
         painter.labels[solid] = CONSOLIDATION
