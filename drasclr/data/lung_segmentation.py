@@ -5,6 +5,13 @@ run time; the default here needs no weights. Segmentation only feeds the registr
 works on masks of 4 mm or coarser, so it runs on a 2 mm block-averaged copy of the volume:
 eight times fewer voxels and sharp enough for a 4 mm registration.
 
+The classical method: air below -400 HU; air touching the edge of its axial slice is outside
+the body; superior slices holding only a little air (the trachea above the apices) are dropped;
+the largest component, and the second when lung-sized, are the lungs; touching lungs are cut at
+the body's mid-sagittal plane; holes within each slice (vessels) are filled. The trachea and
+main bronchi inside the chest stay in the mask where they touch the lungs: a few percent of the
+volume, of little weight in a registration at 4-6 mm.
+
 Labels follow lungmask: 1 = right lung, 2 = left lung (the registration maps them to the
 reference's 50/100). Right is the side of larger RAS x.
 """

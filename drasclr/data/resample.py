@@ -33,7 +33,7 @@ def resample_isotropic(volume: CTVolume, spacing: float = 1.0) -> CTVolume:
     for axis in np.argsort(sizes / np.asarray(array.shape)):
         array = resample_axis(array, int(axis), np.arange(sizes[axis]) * steps[axis])
     affine = volume.affine @ np.diag([*steps, 1.0])
-    return CTVolume(array, affine, volume.source)
+    return CTVolume(np.ascontiguousarray(array), affine, volume.source)
 
 
 def resample_axis(array: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
@@ -47,20 +47,18 @@ def resample_axis(array: np.ndarray, axis: int, positions: np.ndarray) -> np.nda
     Returns:
         ``array`` with that axis replaced by the N samples, float32.
     """
-    length = array.shape[axis]
-    coefficients = bspline_coefficients(array, axis)
+    # Work with the axis first and contiguous: every step below then reads whole slices.
+    samples = np.ascontiguousarray(np.moveaxis(np.asarray(array), axis, 0), dtype=np.float32)
+    coefficients = bspline_coefficients(samples, 0)
     floor = np.floor(positions)
     weights = cubic_bspline_weights(positions - floor)  # (N, 4)
-    taps = floor.astype(np.int64)[:, None] + np.arange(-1, 3)  # (N, 4)
-    taps = _mirror_index(taps, length)
-    shape = [1] * array.ndim
-    shape[axis] = len(positions)
-    result = np.zeros(
-        array.shape[:axis] + (len(positions),) + array.shape[axis + 1:], dtype=np.float32
-    )
-    for tap in range(4):  # four whole-volume gathers, not a per-voxel loop
-        result += np.take(coefficients, taps[:, tap], axis=axis) * weights[:, tap].reshape(shape)
-    return result
+    taps = _mirror_index(floor.astype(np.int64)[:, None] + np.arange(-1, 3), len(samples))
+    result = np.empty((len(positions),) + samples.shape[1:], dtype=np.float32)
+    for out, (index, weight) in enumerate(zip(taps, weights)):  # one output slice at a time
+        np.multiply(coefficients[index[0]], weight[0], out=result[out])
+        for tap in range(1, 4):
+            result[out] += weight[tap] * coefficients[index[tap]]
+    return np.moveaxis(result, 0, axis)
 
 
 #: The pole of the cubic B-spline's inverse filter (Unser, IEEE Signal Processing Magazine 1999).
