@@ -53,8 +53,8 @@ def per_patch_ms(request):
         print("\n".join(lines))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["none", "grouped", "loop"])
+@pytest.mark.parametrize("layout", LAYOUTS)  # backends of one layout run back to back
 def test_encoder_forward_backward(benchmark, per_patch_ms, backend, layout):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -138,7 +138,7 @@ def test_conversion_keeps_only_the_query_encoder():
 
 def test_own_checkpoint_round_trip(tmp_path):
     torch.manual_seed(2)
-    encoder = Encoder(rep_dim=16, moco_dim=8, num_experts=2, conditioning="hypernetwork")
+    encoder = Encoder(rep_dim=16, moco_dim=8, num_experts=2)
     encoder(torch.randn(2, 1, 32, 32, 32), torch.rand(2, 3))  # move the BN statistics
     path = tmp_path / "encoder.pt"
     torch.save({"config": encoder.config, "state_dict": encoder.state_dict()}, path)

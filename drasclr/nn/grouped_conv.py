@@ -119,11 +119,12 @@ def conv3d_by_group(
                             conv_groups)
         return y[torch.argsort(perm)]
 
+    # split, not one narrow per bucket: a narrow's backward fills a zero gradient of all of x
+    x_buckets = x.split([bucket.count * bucket.members.shape[0] for bucket in groups.buckets])
     outputs = []
-    for bucket in groups.buckets:
+    for bucket, x_bucket in zip(groups.buckets, x_buckets):
         num_members = bucket.members.shape[0]
         bucket_kernels = kernels if num_members == groups.num_groups else kernels[bucket.members]
-        x_bucket = x.narrow(0, bucket.start, bucket.count * num_members)
         y = F.conv3d(
             x_bucket.reshape(bucket.count, num_members * x.shape[1], *x.shape[2:]),
             bucket_kernels.reshape(-1, *kernels.shape[2:]),
