@@ -18,7 +18,7 @@ layers (2^3 or 1^3 outputs per sample) then still fill whole tiles.
 Layout: the reduction index runs tap-major (``kk = tap * C + c``) so that channels-last
 inputs are read contiguously. All kernels take element strides, so contiguous,
 channels-last-3d and broadcast (stride 0) tensors need no copy. Accumulation is float32;
-bfloat16/float16 operands go to ``tl.dot`` as they are.
+bfloat16/float16 operands go to ``tl.dot`` as they are (see ``_dot`` for the interpreter).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.testing import do_bench
 
 from drasclr.nn.grouping import LandmarkGroups
 
@@ -52,6 +53,9 @@ def _gemm_configs() -> list[triton.Config]:
             (32, 64, 64, 4, 2),
             (16, 64, 64, 4, 2),
             (16, 128, 128, 4, 2),
+            (64, 16, 32, 4, 3),  # small layers: few channels, or few voxels per landmark
+            (32, 32, 32, 4, 2),
+            (16, 16, 32, 2, 2),
         ]
     ]
 
@@ -69,7 +73,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 def _short_bench(kernel_call, quantiles):
     """Short timing runs per candidate, so tuning a new shape costs well under a second."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 def _autotune(**extra):
