@@ -32,11 +32,11 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rendered():
-    """Ten small COPD subjects rendered in memory, chosen to span emphysema severity."""
+    """Eight small COPD subjects rendered in memory, chosen to span emphysema severity."""
     extent = np.array([sum(sample_clinical(SEED, i)["emphysema_shares"].values())
                        for i in range(60)])
     order = np.argsort(extent, kind="stable")
-    picked = order[np.linspace(len(order) // 2, len(order) - 1, 10).astype(int)]
+    picked = order[np.linspace(len(order) // 2, len(order) - 1, 8).astype(int)]
     picked[0] = order[0]  # one emphysema-free subject
     return [render_subject(plan_subject(SEED, int(i), "copd", "small")) for i in picked]
 

@@ -4,13 +4,14 @@ All lesions are drawn in template space, inside the lungs, before the subject is
 they follow the subject's pose and deformation and their masks are exact. Each subtype is
 painted until its planned share of the lung volume is reached (issue #4 item 3):
 
-- centrilobular (label 1): clusters of small holes (-1000 to -960 HU, radius 1.5-3 mm), centres
+- centrilobular (label 1): clusters of small holes (-1000 to -985 HU, radius 2-3.5 mm), centres
   weighted to the upper zones and at least ``CLE_MIN_DEPTH_MM`` (times the size scale, plus
   3 mm) from the pleura; painted only away from the pleura;
 - paraseptal (label 2): subpleural holes and occasional bullae whose voxels stay within
   ``PARASEPTAL_MAX_DEPTH_MM`` of the pleural surface;
 - panlobular (label 3): smooth diffuse density loss in the lower zones: HU moves towards air by
-  a subject-specific fraction (50-80%), so many panlobular voxels stay above -950 HU;
+  a subject-specific fraction (60-90%, reached over the blob's edge), so many panlobular voxels
+  stay above -950 HU;
 - COVID (labels 1 ground-glass, 2 consolidation): patchy smooth blobs, peripheral and lower-zone
   predominant; ground glass at -650 to -400 HU, consolidation at -60 to 40 HU in the blob cores.
 
@@ -125,14 +126,14 @@ def paint_emphysema(template: TemplateAnatomy, shares: dict[str, float],
     k = template.size.scale
 
     def holes(count: int) -> np.ndarray:
-        return rng.uniform(-1000, -960, count).astype(np.float32)
+        return rng.uniform(-1000, -985, count).astype(np.float32)
 
     cle_depth = CLE_MIN_DEPTH_MM * k + 3.0
     cle_weight = painter.zone**2 * (painter.depth >= cle_depth)
     pse_weight = (0.5 + painter.zone) * (painter.depth >= 1.0) * (painter.depth <= 4.0)
     for label, weight, spheres, spread, radius, depth_range in (
-        (CENTRILOBULAR, cle_weight, (4, 10), 3.0, (1.5, 3.0), (cle_depth / 2, np.inf)),
-        (PARASEPTAL, pse_weight, (1, 4), 2.5, (2.0, 5.0), (0.0, PARASEPTAL_MAX_DEPTH_MM)),
+        (CENTRILOBULAR, cle_weight, (4, 10), 3.0, (2.0, 3.5), (cle_depth / 2, np.inf)),
+        (PARASEPTAL, pse_weight, (1, 4), 2.5, (2.5, 5.0), (0.0, PARASEPTAL_MAX_DEPTH_MM)),
     ):
         target = shares[COPD_LABELS[label]] * total
         painted = 0
@@ -158,8 +159,9 @@ def paint_emphysema(template: TemplateAnatomy, shares: dict[str, float],
         weight = (1.0 - painter.zone) ** 3 * (painter.depth >= 2.0)
         field = _grow_blobs(painter, weight, (8.0 * k, 16.0 * k), 0.5, target, free)
         mask = (field > 0.5) & free
-        loss = rng.uniform(0.5, 0.8)
-        painter.hu[mask] = HU_AIR + (painter.hu[mask] - HU_AIR) * (1 - loss * field[mask])
+        # Density loss ramps up over the blob's edge to a subject-specific depth.
+        loss = rng.uniform(0.6, 0.9) * np.clip((field[mask] - 0.5) / 0.2, 0.0, 1.0)
+        painter.hu[mask] = HU_AIR + (painter.hu[mask] - HU_AIR) * (1 - loss)
         painter.labels[mask] = PANLOBULAR
     return Lesions(painter.hu, painter.labels, painter.centres)
 

@@ -4,8 +4,8 @@ Every file is written to a temporary file in its destination folder and moved in
 ``os.replace``, so an interrupted run never leaves a truncated file under a final name. NIfTI
 files go through ``nibabel.save``, whose gzip writer (nibabel >= 4) is deterministic (no file
 name, mtime 0 in the header) and uses compression level 1 by default: the fastest level (CT
-noise compresses poorly anyway; ``benchmarks/bench_synthetic.py`` measured it 1.4-1.6x faster
-than gzipping ``to_bytes()`` ourselves).
+noise compresses poorly anyway). It costs the same CPU time as gzipping ``to_bytes()`` ourselves
+(``benchmarks/bench_synthetic.py``) without holding the whole file in memory twice.
 """
 from __future__ import annotations
 
