@@ -121,6 +121,8 @@ def test_write_subject_rejects_bad_arguments(store):
         write_subject(store, "a", "a.nii", random_patches(rng).astype(np.float32))
     with pytest.raises(ValueError, match="int16 of shape"):
         write_subject(store, "a", "a.nii", random_patches(rng)[:3])
+    with pytest.raises(ValueError, match="clash"):
+        write_subject(store, "a", "a.nii", random_patches(rng), quality={"status": 1.0})
     with pytest.raises(ValueError, match="either patches"):
         write_subject(store, "a", "a.nii")
     with pytest.raises(ValueError, match="subject id"):

@@ -116,6 +116,9 @@ def write_subject(
         raise ValueError(
             f"{subject_id}: give either patches (done) or error (failed), not both or neither"
         )
+    clashing = set(quality or ()) & set(BASE_COLUMNS)
+    if clashing:
+        raise ValueError(f"{subject_id}: quality names {sorted(clashing)} clash with manifest columns")
     path = patch_path(root, subject_id)
     if patches is not None:
         expected = (config["num_landmarks"],) + (config["patch_size"],) * 3
