@@ -157,6 +157,22 @@ def test_centrilobular_lies_deeper_than_paraseptal(rendered):
     assert np.percentile(pse, 95) < 12.0
 
 
+def test_annotation_boxes_sit_on_lesions_of_their_subtype(rendered):
+    names = {"centrilobular": CENTRILOBULAR, "paraseptal": PARASEPTAL, "healthy": 0}
+    hits = {name: [] for name in names}
+    for image, lung, lesion, truth in rendered:
+        for box in truth["annotations"]:
+            i, j, k = box["i"], box["j"], box["k"]
+            world = np.asarray(truth["image_affine"]) @ [i, j, k, 1]
+            assert np.allclose(world[:3], [box["x_mm"], box["y_mm"], box["z_mm"]], atol=1.0)
+            near = lesion[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2]
+            if box["label"] == "healthy":
+                hits["healthy"].append(lung[i, j, k] > 0 and not near.any())
+            else:
+                hits[box["label"]].append(np.any(near == names[box["label"]]))
+    assert all(len(found) >= 5 and np.mean(found) > 0.8 for found in hits.values())
+
+
 def test_gold_stages_and_survival_of_200_subjects():
     clinical = [sample_clinical(SEED, i)["clinical"] for i in range(200)]
     assert clinical[5] == plan_subject(SEED, 5, "copd", "small").clinical
