@@ -39,7 +39,7 @@ class LungMask:
     @property
     def volume_ml(self) -> float:
         voxel_ml = abs(np.linalg.det(self.affine[:3, :3])) / 1000.0
-        return float(np.count_nonzero(self.labels)) * voxel_ml
+        return float(np.count_nonzero(self.labels) * voxel_ml)
 
 
 def segment_lungs(

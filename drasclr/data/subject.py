@@ -121,7 +121,7 @@ def process_subject(
 
 
 def _check_lung_volume(lungs: LungMask, atlas, ratio: tuple[float, float]) -> None:
-    atlas_ml = np.count_nonzero(atlas.mask) * abs(np.linalg.det(atlas.affine[:3, :3])) / 1000.0
+    atlas_ml = LungMask(atlas.mask, atlas.affine).volume_ml
     low, high = ratio[0] * atlas_ml, ratio[1] * atlas_ml
     if not low <= lungs.volume_ml <= high:
         raise ValueError(
