@@ -8,9 +8,9 @@ its own disease (``disease.py``).
 
 Built, in painting order: body (skin, subcutaneous fat, muscle), ribs and sternum, spine with
 discs, heart and aorta, two lungs (curved apices, dome-shaped diaphragm, cardiac notch,
-posterior recesses), trachea and main bronchi (air with walls), a space-filling pulmonary vessel
-tree (``vessels.py``) and parenchymal texture (filtered noise, denser posteriorly as in a supine
-scan). Lengths scale with ``SizeSpec.scale``: the small size is a physically half-size chest,
+posterior recesses), parenchymal texture (filtered noise, denser posteriorly as in a supine
+scan), fissures, a space-filling pulmonary vessel tree (``vessels.py``), trachea and main
+bronchi (air with walls). Lengths scale with ``SizeSpec.scale``: the small size is a physically half-size chest,
 so that tests and the demo get few landmarks (SPEC section 3) and small volumes.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ HU_TRABECULAR = 250.0
 HU_CORTICAL = 700.0
 HU_RIB = 600.0
 HU_DISC = 70.0
+HU_FISSURE = -700.0
 
 #: Fixed seed of the template: every cohort of one size shares one atlas.
 TEMPLATE_SEED = 20230401
@@ -174,6 +175,7 @@ def template_anatomy(size: str = "full") -> TemplateAnatomy:
     texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.0)
     texture *= 18.0 / texture.std()
     hu[in_lung] = HU_PARENCHYMA + gradient[in_lung] + texture[in_lung]
+    _draw_fissures(hu, lung, x, y, z, k)
 
     # Vessels inside the lungs, blended by their partial-volume fraction.
     fraction = np.zeros(shape, np.float32)
@@ -204,6 +206,19 @@ def template_anatomy(size: str = "full") -> TemplateAnatomy:
         array.setflags(write=False)
     return TemplateAnatomy(hu, lung, pleura_distance, affine,
                            (float(lung_z.min()), float(lung_z.max())), spec)
+
+
+def _draw_fissures(hu, lung, x, y, z, k) -> None:
+    """Thin pleural planes, as a 1 mm partial-volume line: both oblique fissures (running from
+    posterior-superior to anterior-inferior) and the right horizontal fissure, which exists
+    only anterior to the right oblique fissure."""
+    oblique = z - (-20 * k + 1.1 * (-y - 5 * k))  # signed height above the oblique plane
+    horizontal = z - 10 * k
+    right = (lung == RIGHT_LUNG) & (oblique > 0) & (y > -10 * k)
+    for distance, inside in ((np.abs(oblique) / np.hypot(1.0, 1.1), lung > 0),
+                             (np.abs(horizontal), right)):
+        fraction = np.clip(1.0 - distance, 0.0, 1.0) * inside
+        hu += fraction * (HU_FISSURE - hu)
 
 
 def _lungs(x, y, z, k, shape, heart_q, spine_radius, aorta, inner) -> np.ndarray:

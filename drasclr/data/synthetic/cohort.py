@@ -247,7 +247,7 @@ def generate_cohort(
         seed: cohort seed; the same seed, kind and size give byte-identical files.
         kind: ``"copd"`` (emphysema subtypes, spirometry, survival) or ``"covid"``.
         size: ``"full"`` (about 370 x 260 x 270 voxels of 0.65-0.8 x 0.8-1.25 mm) or
-            ``"small"`` (a half-size chest, about 115 x 90 x 105 voxels of 1.2-1.6 mm).
+            ``"small"`` (a half-size chest, about 115 x 105 x 105 voxels of 1.2-1.6 mm).
         workers: processes; None uses all cores.
         progress: show a tqdm progress bar.
 
