@@ -11,8 +11,9 @@ free-form deformation (Rueckert et al., IEEE TMI 1999) with control points on a 
 subject world mm and displacements in template mm. The large variation lives in A; u is kept
 to about 1 mm RMS (3 mm at most) so an affine registration recovers landmarks to ~1 mm.
 
-Sampling an image therefore needs u only on the subject grid, where the B-spline is separable
-(three small matrix products, no per-voxel search). The forward direction, template -> subject,
+Sampling an image therefore evaluates the map only on the subject grid, where it is one
+separable tensor-product B-spline (the pose folds into the lattice exactly): a few small matrix
+products, no per-voxel search or iteration. The forward direction, template -> subject,
 solves y = A (x - u(y)) by fixed-point iteration, which contracts because |A| |grad u| << 1;
 that is :func:`map_template_points`, used to place landmarks and lesions in subjects.
 """
