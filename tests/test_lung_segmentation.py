@@ -38,6 +38,17 @@ def test_segmentation_finds_each_lung(template):
     true_ml = np.count_nonzero(template.lung) / 1000
     assert abs(mask.volume_ml - true_ml) < 0.1 * true_ml
 
+    # The trachea and main bronchi (air inside the body that is not lung) are left out, but
+    # for the ends of the bronchi within the lungs.
+    in_plane = ndimage.generate_binary_structure(3, 1)
+    in_plane[1, 1, [0, 2]] = False
+    air, _ = ndimage.label(template.hu < -900, structure=in_plane)
+    edge = np.unique(np.concatenate([air[[0, -1]].ravel(), air[:, [0, -1]].ravel()]))
+    airway = (template.lung == 0) & (air > 0) & ~np.isin(air, edge)
+    airway = _truth_on_grid(airway.astype(np.uint8), template.affine, mask) > 0
+    assert airway.sum() > 200
+    assert (airway & (mask.labels > 0)).sum() < 0.3 * airway.sum()
+
 
 def test_touching_lungs_are_split_at_the_midline(template):
     hu = template.hu.copy()

@@ -2,15 +2,15 @@
 
 The paper segments with the lungmask U-net (SPEC section 4), whose weights are downloaded at
 run time; the default here needs no weights. Segmentation only feeds the registration, which
-works on masks of 4 mm or coarser, so it runs on a 2 mm block-averaged copy of the volume:
-eight times fewer voxels and sharp enough for a 4 mm registration.
+works on coarse masks (about 5 mm for an adult), so it runs on a 2 mm block-averaged copy of
+the volume: eight times fewer voxels.
 
 The classical method: air below -400 HU; air touching the edge of its axial slice is outside
-the body; superior slices holding only a little air (the trachea above the apices) are dropped;
-the largest component, and the second when lung-sized, are the lungs; touching lungs are cut at
-the body's mid-sagittal plane; holes within each slice (vessels) are filled. The trachea and
-main bronchi inside the chest stay in the mask where they touch the lungs: a few percent of the
-volume, of little weight in a registration at 4-6 mm.
+the body; the trachea and main bronchi are followed down from the top slice as thin air regions
+until they enter a lung, and removed; the largest component, and the second when lung-sized,
+are the lungs; touching lungs are cut at the body's mid-sagittal plane; holes within each slice
+(vessels) are filled. A scan that starts below the trachea, within the lungs, loses the thin
+tips of the apices instead (a few slices).
 
 Labels follow lungmask: 1 = right lung, 2 = left lung (the registration maps them to the
 reference's 50/100). Right is the side of larger RAS x.
@@ -57,8 +57,8 @@ def segment_lungs(
         method: ``"classical"`` or ``"lungmask"`` (needs the lungmask package and its weights).
         threshold: HU below which a voxel is air (classical).
         working_spacing: mm; the classical method runs on block averages of about this size.
-        airway_area_mm2: superior axial slices whose air area inside the body stays below this
-            are trachea above the lung apices and are dropped (classical).
+        airway_area_mm2: air regions of an axial slice smaller than this, followed down from
+            the top slice, are the trachea and main bronchi (classical).
     """
     if method == "classical":
         return _segment_classical(volume, threshold, working_spacing, airway_area_mm2)
@@ -139,17 +139,7 @@ def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> L
     outside_air = air & np.isin(air_components, np.concatenate([f.ravel() for f in faces]))
     inside = air & ~outside_air
 
-    # Trachea above the apices: superior slices with little air inside the body.
-    voxel_area = np.prod(np.linalg.norm(affine[:3, :3], axis=0)) / np.linalg.norm(affine[:3, slice_axis])
-    area = inside.sum(axis=tuple(a for a in range(3) if a != slice_axis)) * voxel_area
-    superior_first = np.arange(inside.shape[slice_axis])
-    if affine[2, slice_axis] > 0:
-        superior_first = superior_first[::-1]
-    large = np.flatnonzero(area[superior_first] >= airway_area_mm2)
-    airway_slices = superior_first[: large[0]] if len(large) else superior_first
-    index = [slice(None)] * 3
-    index[slice_axis] = airway_slices
-    inside[tuple(index)] = False
+    inside &= ~_airways(air_components, inside, affine, slice_axis, airway_area_mm2)
 
     # Keep the lung components: the largest, and the second when it is lung-sized too.
     components, count = ndimage.label(inside)
@@ -168,6 +158,43 @@ def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> L
         filled = ndimage.binary_fill_holes(labels == side, structure=in_plane)
         labels[filled & (labels == 0)] = side
     return LungMask(labels, affine)
+
+
+def _airways(
+    components: np.ndarray, inside: np.ndarray, affine: np.ndarray, slice_axis: int, max_area_mm2: float
+) -> np.ndarray:
+    """The trachea and main bronchi: air followed down from the top slice while it stays thin.
+
+    ``components`` labels the air of each axial slice separately. Starting from the most
+    superior slice holding air inside the body (if that air is thin: above the lung apices, it
+    is the trachea), each next slice's air regions that overlap the airway of the slice above
+    and are smaller than ``max_area_mm2`` are airway; the tracking of a bronchus stops where it
+    enters a lung, whose cross-section is large. One step per slice, each a whole-slice
+    operation.
+    """
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    voxel_area = float(np.prod(np.delete(spacing, slice_axis)))
+    thin = np.bincount(components.ravel()) * voxel_area < max_area_mm2
+    thin[0] = False
+    slices = np.arange(inside.shape[slice_axis])
+    if affine[2, slice_axis] > 0:  # superior first
+        slices = slices[::-1]
+    occupied = np.flatnonzero(np.take(inside, slices, axis=slice_axis).any(
+        axis=tuple(a for a in range(3) if a != slice_axis)))
+    airway_labels: list[np.ndarray] = []
+    previous = None
+    for k in slices[occupied[0]:] if len(occupied) else []:
+        labels = np.take(components, k, axis=slice_axis)
+        air_here = np.take(inside, k, axis=slice_axis)
+        candidates = np.unique(labels[air_here if previous is None else air_here & previous])
+        candidates = candidates[thin[candidates]]
+        if len(candidates) == 0:
+            break
+        airway_labels.append(candidates)
+        previous = np.isin(labels, candidates)
+    if not airway_labels:
+        return np.zeros(inside.shape, dtype=bool)
+    return np.isin(components, np.concatenate(airway_labels))
 
 
 def _segment_lungmask(volume: CTVolume) -> LungMask:
