@@ -51,10 +51,12 @@ def test_sampling(benchmark, method):
     plan = plan_subject(0, 1, "copd", "small")
     hu, labels = template.hu.copy(), template.lung.copy()
     benchmark.group = "synthetic: template -> subject sampling (small)"
-    if method == "separable_slabs":
-        run = lambda: sample_template(plan.scanner, plan.transform, template.affine, hu, labels)  # noqa: E731
-    else:
-        run = lambda: _pointwise_sample(plan, template, hu, labels)  # noqa: E731
+
+    def run():
+        if method == "separable_slabs":
+            return sample_template(plan.scanner, plan.transform, template.affine, hu, labels)
+        return _pointwise_sample(plan, template, hu, labels)
+
     # The reference takes minutes: one round. tests/test_synthetic.py checks the coordinates.
     out_hu, _ = benchmark.pedantic(run, rounds=1 if method == "pointwise_reference" else 3,
                                    iterations=1)
