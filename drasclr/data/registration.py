@@ -120,19 +120,20 @@ def register_to_atlas(
         ants.image_write(fixed, fixed_path)
         ants.image_write(moving, moving_path)
         prefix = f"{folder}/atlas_"
-        ants.registration(  # a list of arguments runs antsRegistration with exactly those
-            fixed=[
-                "--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
-                "--output", prefix, "--random-seed", str(seed),
-                "--initial-moving-transform", f"[{fixed_path},{moving_path},1]",
-                "--transform", f"Affine[{schedule.gradient_step}]",
-                "--metric", f"MI[{fixed_path},{moving_path},1,32,Regular,{schedule.sampling_rate}]",
-                "--convergence", f"[{'x'.join(map(str, schedule.iterations))},1e-6,10]",
-                "--shrink-factors", "x".join(map(str, schedule.shrink_factors)),
-                "--smoothing-sigmas", "x".join(map(str, schedule.smoothing_sigmas)) + "vox",
-            ],
-            moving=None,
-        )
+        arguments = [
+            "--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
+            "--output", prefix, "--random-seed", str(seed),
+            "--initial-moving-transform", f"[{fixed_path},{moving_path},1]",
+            "--transform", f"Affine[{schedule.gradient_step}]",
+            "--metric", f"MI[{fixed_path},{moving_path},1,32,Regular,{schedule.sampling_rate}]",
+            "--convergence", f"[{'x'.join(map(str, schedule.iterations))},1e-6,10]",
+            "--shrink-factors", "x".join(map(str, schedule.shrink_factors)),
+            "--smoothing-sigmas", "x".join(map(str, schedule.smoothing_sigmas)) + "vox",
+        ]
+        try:  # a list of arguments runs antsRegistration with exactly those
+            ants.registration(fixed=arguments, moving=None)
+        except RuntimeError as error:  # ITK failures, e.g. masks that do not overlap at all
+            raise ValueError(f"registration failed: antsRegistration stopped ({error})") from error
         transform_path = prefix + "0GenericAffine.mat"
         transform = ants.read_transform(transform_path)
         dice = _warped_dice(fixed, moving, transform_path)
