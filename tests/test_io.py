@@ -66,7 +66,9 @@ def test_nifti_and_ants_formats_agree_in_any_orientation(tmp_path):
         np.testing.assert_allclose(_values_at_same_world_points(reference, other), array, atol=1e-3)
 
 
-def _write_dicom_series(folder, hu: np.ndarray, spacing, origin_lps, rng) -> None:
+def _write_dicom_series(folder, hu: np.ndarray, spacing, origin_lps, rng, rotation=np.eye(3)) -> None:
+    """Slices of ``hu`` (column, row, slice) as DICOM files in shuffled order; the rows and
+    columns run along ``rotation``'s first two columns, slices along their cross product."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -87,8 +89,9 @@ def _write_dicom_series(folder, hu: np.ndarray, spacing, origin_lps, rng) -> Non
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelSpacing = [spacing[1], spacing[0]]  # between rows, between columns
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = list(np.asarray(origin_lps) + [0, 0, k * spacing[2]])
+        ds.ImageOrientationPatient = list(rotation[:, 0]) + list(rotation[:, 1])
+        normal = np.cross(rotation[:, 0], rotation[:, 1])
+        ds.ImagePositionPatient = list(np.asarray(origin_lps) + k * spacing[2] * normal)
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
@@ -107,6 +110,24 @@ def test_dicom_series_matches_nifti_geometry(tmp_path):
     # The same volume written as NIfTI reads back with the same world geometry.
     nib.save(nib.Nifti1Image(hu, expected), tmp_path / "same.nii.gz")
     np.testing.assert_array_equal(_values_at_same_world_points(volume, read_ct(tmp_path / "same.nii.gz")), hu)
+
+
+def test_oblique_dicom_series_agrees_with_itk(tmp_path):
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(5)
+    hu = np.rint(_random_ct(rng, (9, 7, 6)))
+    rotation = Rotation.from_euler("xyz", [10, -20, 30], degrees=True).as_matrix()
+    _write_dicom_series(tmp_path / "series", hu, (0.6, 0.7, 1.25), (10.0, -20.0, 30.0), rng, rotation)
+    volume = read_ct(tmp_path / "series")
+    np.testing.assert_array_equal(volume.array, hu)
+    # ITK (through ANTs) reads one slice: its in-plane geometry and origin must be ours.
+    first = min(tmp_path.joinpath("series").glob("*.dcm"), key=lambda p: int(p.stem[5:]))
+    itk = ants.image_read(str(first))
+    np.testing.assert_array_equal(itk.numpy()[:, :, 0], hu[:, :, 0])
+    itk_affine = ras_affine_from_lps(itk.origin, itk.spacing, itk.direction)
+    np.testing.assert_allclose(volume.affine[:, [0, 1, 3]], itk_affine[:, [0, 1, 3]], atol=1e-6)
+    np.testing.assert_allclose(volume.affine[:3, 2], 1.25 * itk_affine[:3, 2], atol=1e-6)
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
