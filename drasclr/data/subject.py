@@ -55,7 +55,7 @@ def process_subject(
     segmentation: str = "classical",
     transforms_dir: str | Path | None = None,
     min_dice: float = 0.8,
-    lung_volume_ratio: tuple[float, float] = (0.25, 4.0),
+    lung_volume_ratio: tuple[float, float] = (0.2, 4.0),
 ) -> ProcessedSubject:
     """Turn one CT scan into its landmark patches.
 
