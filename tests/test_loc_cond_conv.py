@@ -200,3 +200,26 @@ def test_backends_on_device(device, backend):
     out = layer.to(device)(x.to(device), loc.to(device))
     assert out.device.type == device.type
     torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["all_distinct", "uneven"])
+def test_tiny_outputs_batched_matmul_path(layout):
+    """Groups whose output is at most GEMM_MAX_COLUMNS columns (here 1 sample x 2^3 voxels)
+    take the batched-matmul path; values and gradients still follow the formula."""
+    generator = torch.Generator().manual_seed(7)
+    loc = landmark_batch(layout, generator).double()
+    x = torch.randn(loc.shape[0], 3, 3, 4, 3, dtype=torch.double, generator=generator)
+    weight = torch.randn(2, 4, 3, 3, 3, 3, dtype=torch.double, generator=generator)
+    routing_weight = torch.randn(2, 3, dtype=torch.double, generator=generator)
+    routing_bias = torch.randn(2, dtype=torch.double, generator=generator)
+    bias = torch.randn(4, dtype=torch.double, generator=generator)
+    expected = reference(x, loc, weight, routing_weight, routing_bias, bias, 2, 1, 1, 1)
+    out = loc_cond_conv3d(x, loc, weight, routing_weight, routing_bias, bias, stride=2,
+                          padding=1, backend="grouped")
+    assert out.shape[2:] == (2, 2, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    inputs = [t.requires_grad_() for t in (x, weight, routing_weight, routing_bias, bias)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, rw, rb, b: loc_cond_conv3d(x, loc, w, rw, rb, b, stride=2, padding=1,
+                                                backend="grouped"),
+        inputs, fast_mode=True)

@@ -11,6 +11,9 @@ sample 1, ...). A bucket is then a free view
 
 and one grouped convolution (``groups = G_n * conv_groups``) applies all G_n kernels at once.
 A batch with uniform groups (the usual sampling) is a single bucket and a single call.
+Where a group's output is tiny (few samples x few voxels, the encoder's last layers with many
+landmarks) a batched matmul over unfolded patches replaces the grouped convolution, which
+oneDNN runs slowly there.
 
 Reordering a large activation costs about as much as the convolution itself on CPU, so an
 encoder interleaves its input ONCE (``interleave``) and passes the ``InterleavedGroups`` to
@@ -19,6 +22,7 @@ every layer, which then needs no copies at all; a lone layer given an ordinary
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,8 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drasclr.kernels.support import IntOrTriple
+from drasclr.kernels.support import IntOrTriple, as_triple
 from drasclr.nn.grouping import LandmarkGroups
+
+# Buckets whose per-group output has at most this many columns (samples x output voxels) run
+# as a batched matmul instead of a grouped convolution (measured on CPU, benchmarks/RESULTS.md).
+GEMM_MAX_COLUMNS = 8
 
 
 @dataclass(frozen=True)
@@ -119,17 +127,56 @@ def conv3d_by_group(
                             conv_groups)
         return y[torch.argsort(perm)]
 
+    stride, padding, dilation = (as_triple(v, name) for v, name in (
+        (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    out_voxels = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+        x.shape[2:], kernels.shape[3:], stride, padding, dilation))
     # split, not one narrow per bucket: a narrow's backward fills a zero gradient of all of x
     x_buckets = x.split([bucket.count * bucket.members.shape[0] for bucket in groups.buckets])
     outputs = []
     for bucket, x_bucket in zip(groups.buckets, x_buckets):
         num_members = bucket.members.shape[0]
         bucket_kernels = kernels if num_members == groups.num_groups else kernels[bucket.members]
-        y = F.conv3d(
-            x_bucket.reshape(bucket.count, num_members * x.shape[1], *x.shape[2:]),
-            bucket_kernels.reshape(-1, *kernels.shape[2:]),
-            None if bias is None else bias.repeat(num_members),
-            stride, padding, dilation, num_members * conv_groups,
-        )
-        outputs.append(y.reshape(x_bucket.shape[0], kernels.shape[1], *y.shape[2:]))
+        gemm = (bucket.count * out_voxels <= GEMM_MAX_COLUMNS and conv_groups == 1
+                and dilation == (1, 1, 1))
+        if gemm:
+            y = _bucket_gemm(x_bucket, bucket_kernels, bias, bucket.count, stride, padding)
+        else:
+            y = _bucket_conv(x_bucket, bucket_kernels, bias, bucket.count, stride, padding,
+                             dilation, conv_groups)
+        outputs.append(y)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _bucket_conv(x: Tensor, kernels: Tensor, bias: Optional[Tensor], count: int,
+                 stride: tuple, padding: tuple, dilation: tuple, conv_groups: int) -> Tensor:
+    """One grouped convolution over an interleaved bucket (the groups side by side)."""
+    num_members = kernels.shape[0]
+    y = F.conv3d(
+        x.reshape(count, num_members * x.shape[1], *x.shape[2:]),
+        kernels.reshape(-1, *kernels.shape[2:]),
+        None if bias is None else bias.repeat(num_members),
+        stride, padding, dilation, num_members * conv_groups,
+    )
+    return y.reshape(x.shape[0], kernels.shape[1], *y.shape[2:])
+
+
+def _bucket_gemm(x: Tensor, kernels: Tensor, bias: Optional[Tensor], count: int,
+                 stride: tuple, padding: tuple) -> Tensor:
+    """The same (dilation 1, conv_groups 1) as one batched matmul over unfolded patches,
+    (G_n, C_out, C_in k^3) @ (G_n, C_in k^3, n * voxels). Used where the per-group output
+    (n * voxels columns) is tiny, as in the encoder's last layers: there oneDNN's many-group
+    convolution is several times slower than plain convolution (benchmarks/RESULTS.md)."""
+    num_members, c_out = kernels.shape[:2]
+    kernel_size = kernels.shape[3:]
+    columns = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    for dim, (k, s) in enumerate(zip(kernel_size, stride)):
+        columns = columns.unfold(2 + dim, k, s)  # (N, C, D', H', W', kD, kH, kW)
+    out_size = columns.shape[2:5]
+    columns = columns.reshape(count, num_members, x.shape[1], *out_size, *kernel_size)
+    columns = columns.permute(1, 2, 6, 7, 8, 0, 3, 4, 5).reshape(
+        num_members, -1, count * math.prod(out_size))  # rows (C, kD, kH, kW) as in kernels
+    y = torch.bmm(kernels.reshape(num_members, c_out, -1), columns)
+    y = y.view(num_members, c_out, count, *out_size).permute(2, 0, 1, 3, 4, 5)
+    y = y.reshape(x.shape[0], c_out, *out_size)
+    return y if bias is None else y + bias.view(-1, 1, 1, 1)
