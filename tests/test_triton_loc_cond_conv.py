@@ -17,6 +17,7 @@ from drasclr.kernels import (
     loc_cond_conv3d_triton,
     triton_unsupported_reason,
 )
+from drasclr.kernels.support import interpreter_enabled
 from drasclr.nn.grouping import LandmarkGroups
 
 # Max abs error allowed, as a fraction of the reference's max abs value (float32 accumulation
@@ -34,6 +35,15 @@ NUM_EXPERTS = 3
 def exact_float32_on_cuda(monkeypatch):
     """Compare float32 at full precision: no TF32 in the kernels (they follow cudnn.allow_tf32)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture
+def device(device):
+    """The conftest devices where the kernels can run: CPU only under the interpreter (which
+    conftest sets only when there is no CUDA)."""
+    if device.type != "cuda" and not interpreter_enabled():
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
+    return device
 
 
 def make_groups(labels: list[int], device) -> LandmarkGroups:
@@ -189,10 +199,10 @@ def test_autocast_runs_in_the_autocast_dtype(device):
     ({"kernel_size": 5}, "kernel size"),
     ({"dtype": torch.float64}, "dtype"),
 ])
-def test_unsupported_reason(change, expected):
-    x = torch.zeros(2, 3, 4, 4, 4, dtype=change.get("dtype", torch.float32))
+def test_unsupported_reason(device, change, expected):
+    x = torch.zeros(2, 3, 4, 4, 4, dtype=change.get("dtype", torch.float32), device=device)
     k = change.get("kernel_size", 3)
-    weight = torch.zeros(2, 4, 3, k, k, k)
+    weight = torch.zeros(2, 4, 3, k, k, k, device=device)
     reason = triton_unsupported_reason(x, weight, change.get("stride", 1), change.get("padding", 1),
                                        change.get("dilation", 1), change.get("groups", 1))
     if expected is None:
