@@ -9,15 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
 from drasclr.nn.grouping import LandmarkGroups
-
-HU_MIN, HU_MAX = -1024.0, 240.0
-
-
-def normalise_hu(patches: torch.Tensor) -> torch.Tensor:
-    """HU -> network input: clip to [-1024, 240], then (HU + 1024) / 632 - 1 (SPEC section 2)."""
-    return (patches.float().clamp(HU_MIN, HU_MAX) - HU_MIN) / ((HU_MAX - HU_MIN) / 2) - 1
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ import torch
 
 from drasclr.data.atlas import build_atlas
 from drasclr.data.store import PatchStore, create_store, write_subject
-from drasclr.features import normalise_hu, subject_features
+from drasclr.features import subject_features
+from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
 
 

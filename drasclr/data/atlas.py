@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial.distance import cdist
+
+from drasclr.atomic import atomic_write_bytes
 
 #: Identifies an atlas file written by :meth:`Atlas.save`; bumped when the layout changes.
 ATLAS_FORMAT = "drasclr-atlas"
@@ -244,19 +244,6 @@ def nearest_neighbors(corners: np.ndarray, k: int) -> np.ndarray:
     distance = cdist(corners, corners)
     np.fill_diagonal(distance, np.inf)
     return np.argsort(distance, axis=1, kind="stable")[:, :k].astype(np.int64)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:

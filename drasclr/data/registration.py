@@ -24,13 +24,13 @@ in a process; parallel pipelines set it to 1 per worker.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from drasclr.atomic import atomic_path
 from drasclr.data.io import LPS_FLIP, to_ants
 from drasclr.data.lung_segmentation import LEFT, RIGHT, LungMask, block_mean
 
@@ -214,13 +214,6 @@ def _warped_dice(fixed, moving, transform_path: str) -> float:
 def _write_transform_atomically(transform, path: Path) -> None:
     import ants
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     # ITK picks the file format from the suffix, so the temporary name keeps ".mat".
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".mat", dir=path.parent)
-    os.close(handle)
-    try:
-        ants.write_transform(transform, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".mat") as temporary:
+        ants.write_transform(transform, str(temporary))

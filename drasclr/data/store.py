@@ -28,7 +28,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from drasclr.data.atlas import Atlas, atomic_write_bytes
+from drasclr.atomic import atomic_write_bytes
+from drasclr.data.atlas import Atlas
 
 STORE_FORMAT = "drasclr-patch-store"
 STORE_VERSION = 1

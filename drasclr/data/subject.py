@@ -20,9 +20,9 @@ from drasclr.data.lung_segmentation import SEGMENTATION_METHODS, LungMask, segme
 from drasclr.data.patches import cut_patches
 from drasclr.data.registration import SCHEDULES, register_to_atlas
 from drasclr.data.resample import resample_isotropic
+from drasclr.intensity import HU_WINDOW
 
 #: SPEC section 2: HU window applied before patches are stored.
-HU_WINDOW = (-1024, 240)
 
 
 class SubjectError(ValueError):

@@ -24,8 +24,8 @@ import torch
 from monai.networks.layers import AffineTransform
 from torch import Tensor, nn
 
-HU_WINDOW = (-1024.0, 240.0)  # SPEC section 2
-HALF_WINDOW = (HU_WINDOW[1] - HU_WINDOW[0]) / 2  # 632
+from drasclr.intensity import HALF_WINDOW, HU_WINDOW
+
 ROTATION_RANGE = math.pi / 18
 TRANSLATION_RANGE = 12.0
 SCALE_RANGE = 0.1

@@ -15,11 +15,12 @@ end) holds only ``encoder_q`` and ``encoder_config``, small enough to keep them 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from drasclr.atomic import atomic_path
 
 CHECKPOINT_FORMAT = "drasclr-pretrain"
 CHECKPOINT_VERSION = 1
@@ -33,17 +34,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     checkpoint untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, file)
+        file.flush()
+        os.fsync(file.fileno())
     return path
 
 

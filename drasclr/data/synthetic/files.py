@@ -9,35 +9,14 @@ noise compresses poorly anyway). It costs the same CPU time as gzipping ``to_byt
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-
-@contextlib.contextmanager
-def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix, for writers that read it); moved on success."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; data files are shared read-only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_path(path, ".tmp") as temporary:
-        temporary.write_bytes(data)
+from drasclr.atomic import atomic_path, atomic_write_bytes
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -48,7 +27,7 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     image.header.set_xyzt_units("mm")
     image.set_sform(affine, code="scanner")
     image.set_qform(affine, code="scanner")
-    with _atomic_path(path, ".nii.gz") as temporary:
+    with atomic_path(path, ".nii.gz") as temporary:
         nib.save(image, temporary)
 
 

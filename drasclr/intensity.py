@@ -1,0 +1,19 @@
+"""CT intensity conventions (SPEC section 2): the HU window and the network's input scale.
+
+Patches are stored as int16 HU clipped to the window [-1024, 240]; the network sees
+(HU + 1024) / 632 - 1, i.e. the window mapped onto [-1, 1].
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the preprocessing workers use the window without importing torch
+    from torch import Tensor
+
+HU_WINDOW = (-1024.0, 240.0)
+HALF_WINDOW = (HU_WINDOW[1] - HU_WINDOW[0]) / 2  # 632
+
+
+def normalise_hu(patches: Tensor) -> Tensor:
+    """HU -> network input: clip to the window, then (HU + 1024) / 632 - 1."""
+    return (patches.float().clamp(*HU_WINDOW) - HU_WINDOW[0]) / HALF_WINDOW - 1
