@@ -10,9 +10,11 @@ and tf32, forward and forward+backward:
     loop              LocCondConv3d(backend="loop"), one sample at a time (the reference's way)
     plain             nn.Conv3d of the same shapes (encoder: conditioning="none"), no location
 
-For each it prints a table (times, ratios to triton) and the roofline view: FLOPs and the
+Before timing triton in a setting, its output and input gradient are compared with the grouped
+backend on the same parameters and inputs (relative error in the records and the table's last
+column). For each it prints a table (times, ratios to triton) and the roofline view: FLOPs and the
 minimum bytes a step must move, over the measured peak matmul rate and copy bandwidth of this
-device (``benchmarks/../METHOD``: the larger of the two times is the floor). Results go to the
+device (the larger of the two times is the floor). Results go to the
 JSON file given on the command line, rewritten atomically after every measurement, so a run cut
 short keeps what it measured. Measurements past ``--budget-s`` are recorded as skipped.
 
@@ -22,6 +24,7 @@ short keeps what it measured. Measurements past ``--budget-s`` are recorded as s
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -191,6 +194,27 @@ class PlainLayer(nn.Module):
         return self.conv(x)
 
 
+def errors_against_grouped(module: nn.Module, inputs: tuple, dtype_name: str, device) -> dict:
+    """||triton - grouped|| / ||grouped|| of the output and of the input gradient, same
+    parameters and inputs: a check on this device before its times are trusted (METHOD).
+    Expected: ~1e-2 or less for bf16, ~1e-3 for tf32; NaN never."""
+    reference = copy.deepcopy(module)
+    if isinstance(reference, LocCondConv3d):
+        reference.backend = "grouped"
+    else:
+        reference.set_backend("grouped")
+    results = []
+    with precision(dtype_name, device):
+        for candidate in (module, reference):
+            x = inputs[0].detach().requires_grad_()
+            y = candidate(x, *inputs[1:])
+            grad_x, = torch.autograd.grad(y.float().square().sum(), [x])
+            results.append((y.float(), grad_x.float()))
+    (y, grad_x), (y_ref, grad_x_ref) = results
+    return {"rel_err_out": ((y - y_ref).norm() / y_ref.norm()).item(),
+            "rel_err_grad_x": ((grad_x - grad_x_ref).norm() / grad_x_ref.norm()).item()}
+
+
 def build(backend: str, layer_spec, run: Run) -> nn.Module:
     """The module for one backend: a layer (layer_spec from ENCODER_LAYERS, at the run's
     scale) or, for None, the whole encoder."""
@@ -249,8 +273,15 @@ def measure(run: Run, layer_spec, grouping: str, dtype_name: str, backend: str, 
         module = build(backend, layer_spec, run)
     except Exception as error:  # e.g. the encoder not available: record and go on
         module, build_error = None, f"{type(error).__name__}: {error}"[:300]
+    checks = {}
+    if module is not None and backend == "triton":
+        try:
+            checks = errors_against_grouped(module, (x, loc), dtype_name, run.device)
+        except Exception as error:
+            checks = {"check_error": f"{type(error).__name__}: {error}"[:300]}
+        print(f"{base['name']:>18} {grouping:>12} {dtype_name:>4} check vs grouped: {checks}", flush=True)
     for backward in (False, True):
-        record = dict(base, **{"pass": "fwd+bwd" if backward else "fwd"})
+        record = dict(base, **checks, **{"pass": "fwd+bwd" if backward else "fwd"})
         record.update(roofline(run, layer_spec, grouping, dtype_name, backward))
         try:
             if module is None:
@@ -280,7 +311,7 @@ def table(records: list[dict]) -> str:
         rows.setdefault(key, {})[r["backend"]] = r
     header = (f"{'layer':>18} {'grouping':>12} {'dtype':>5} {'pass':>7} | "
               + " ".join(f"{b[:9]:>9}" for b in BACKENDS)
-              + " | tri/plain grp/tri cmp/tri loop/tri | %flops %bytes floor_ms")
+              + " | tri/plain grp/tri cmp/tri loop/tri | %flops %bytes floor_ms | rel_err")
     lines = [header, "-" * len(header)]
     for (_, name, grouping, dtype_name, pass_name), by_backend in rows.items():
         ms = {b: by_backend.get(b, {}).get("ms") for b in BACKENDS}
@@ -296,7 +327,9 @@ def table(records: list[dict]) -> str:
             + ratio(triton, ms["plain"]) + ratio(ms["grouped"], triton)
             + ratio(ms["compiled_grouped"], triton) + ratio(ms["loop"], triton) + " | "
             + (f"{100 * tri['flops_fraction']:6.1f} {100 * tri['bytes_fraction']:6.1f} "
-               f"{tri['floor_ms']:8.3f}" if "ms" in tri else "     -      -        -"))
+               f"{tri['floor_ms']:8.3f}" if "ms" in tri else "     -      -        -")
+            + (f" | {max(tri['rel_err_out'], tri['rel_err_grad_x']):7.1e}" if "rel_err_out" in tri
+               else " |       -"))
     return "\n".join(lines)
 
 
