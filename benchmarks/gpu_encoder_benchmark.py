@@ -1,6 +1,6 @@
 """Loc-CondConv backends on every encoder layer and the whole encoder (issue 3, item 4).
 
-One unattended run (well under 10 minutes on an H100/H200) times, for a batch of 128 patches
+One unattended run (budgeted to fit one 10-minute device call) times, for a batch of 128 patches
 grouped as 16 landmarks x 8 subjects, 128 distinct landmarks and 1 landmark, in bf16 (autocast)
 and tf32, forward and forward+backward:
 
