@@ -74,7 +74,8 @@ def load_reference_checkpoint(path: str | os.PathLike, map_location="cpu") -> En
     except Exception as error:  # pickle/zip errors come in many types
         raise ValueError(f"{path}: not a readable torch checkpoint ({error})") from None
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        found = (sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping)
+                 else type(checkpoint).__name__)
         raise ValueError(f"{path}: not a DrasCLR reference checkpoint: missing key "
                          f"'state_dict' (found {found})")
     try:

@@ -42,9 +42,10 @@ class ReferenceCondConv(nn.Module):
 class ReferenceBlock(nn.Module):
     def __init__(self, c_in, c_out, num_experts):
         super().__init__()
-        self.conv1, self.bn1 = ReferenceCondConv(c_in, c_out, 1, num_experts), nn.BatchNorm3d(c_out)
-        self.conv2, self.bn2 = ReferenceCondConv(c_out, c_out, 1, num_experts), nn.BatchNorm3d(c_out)
-        self.conv3, self.bn3 = ReferenceCondConv(c_out, c_out, 2, num_experts), nn.BatchNorm3d(c_out)
+        self.conv1 = ReferenceCondConv(c_in, c_out, 1, num_experts)
+        self.conv2 = ReferenceCondConv(c_out, c_out, 1, num_experts)
+        self.conv3 = ReferenceCondConv(c_out, c_out, 2, num_experts)
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm3d(c_out) for _ in range(3))
 
     def forward(self, x, loc):
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
@@ -63,7 +64,8 @@ class ReferenceEncoder(nn.Module):
         self.conv3, self.bn3 = ReferenceCondConv(64, 128, 1, num_experts), nn.BatchNorm3d(128)
         self.conv4 = ReferenceCondConv(128, rep_dim, 2, num_experts)
         self.bn4 = nn.BatchNorm3d(rep_dim)
-        self.fc = nn.Sequential(nn.Linear(rep_dim, rep_dim), nn.ReLU(), nn.Linear(rep_dim, moco_dim))
+        self.fc = nn.Sequential(nn.Linear(rep_dim, rep_dim), nn.ReLU(),
+                                nn.Linear(rep_dim, moco_dim))
 
     def forward(self, x, loc):
         x = F.elu(self.bn1(self.conv1(x, loc)))

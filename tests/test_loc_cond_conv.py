@@ -115,7 +115,7 @@ def test_gradcheck_float64(layout):
     inputs = [t.requires_grad_() for t in (x, weight, routing_weight, routing_bias, bias)]
     for backend in ("grouped", "loop"):
         assert torch.autograd.gradcheck(
-            lambda x, w, rw, rb, b: loc_cond_conv3d(
+            lambda x, w, rw, rb, b, backend=backend: loc_cond_conv3d(
                 x, loc, w, rw, rb, b, stride=(1, 2, 1), padding=1, groups=2, backend=backend),
             inputs, fast_mode=True)
 

@@ -110,7 +110,8 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor, loc: Loc) -> Tensor:
         """h (B, rep_dim) of patches x (B, 1, 32, 32, 32) at locations loc: (B, 3)
         normalised atlas coordinates, (3,) for the whole batch, or a ``LandmarkGroups``."""
-        if not isinstance(x, Tensor) or x.dim() != 5 or tuple(x.shape[1:]) != (1, *(PATCH_SIZE,) * 3):
+        patch_shape = (1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+        if not isinstance(x, Tensor) or x.dim() != 5 or tuple(x.shape[1:]) != patch_shape:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected patches of shape (B, 1, {PATCH_SIZE}, {PATCH_SIZE}, "
                              f"{PATCH_SIZE}), got {shape}")

@@ -194,7 +194,8 @@ def _check_conv_args(x: Tensor, weight: Tensor, routing_weight: Tensor, routing_
         raise ValueError(f"x: expected {c_in_per_group * groups} channels "
                          f"(weight has {c_in_per_group} per group, groups={groups}), "
                          f"got {x.shape[1]}")
-    if tuple(routing_weight.shape) != (num_experts, 3) or tuple(routing_bias.shape) != (num_experts,):
+    if (tuple(routing_weight.shape) != (num_experts, 3)
+            or tuple(routing_bias.shape) != (num_experts,)):
         raise ValueError(f"routing_weight/routing_bias: expected shapes ({num_experts}, 3) and "
                          f"({num_experts},), got {tuple(routing_weight.shape)} and "
                          f"{tuple(routing_bias.shape)}")
