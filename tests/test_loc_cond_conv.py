@@ -189,8 +189,10 @@ def test_module_state_dict_names():
 
 
 @pytest.mark.parametrize("backend", ["auto", "grouped", "loop"])
-def test_backends_on_device(device, backend):
+def test_backends_on_device(device, backend, monkeypatch):
     """On CUDA "auto" is the fused Triton path where it covers the call; same numbers."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 on CUDA
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     generator = torch.Generator().manual_seed(6)
     loc = landmark_batch("uneven", generator)
     layer = LocCondConv3d(3, 4, 3, stride=2, padding=1, num_experts=3, backend=backend)
