@@ -189,10 +189,12 @@ def test_module_state_dict_names():
 
 
 @pytest.mark.parametrize("backend", ["auto", "grouped", "loop"])
-def test_backends_on_device(device, backend, monkeypatch):
+def test_backends_on_device(device, backend, monkeypatch, request):
     """On CUDA "auto" is the fused Triton path where it covers the call; same numbers."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 on CUDA
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
+    torch.set_float32_matmul_precision("highest")
     generator = torch.Generator().manual_seed(6)
     loc = landmark_batch("uneven", generator)
     layer = LocCondConv3d(3, 4, 3, stride=2, padding=1, num_experts=3, backend=backend)
