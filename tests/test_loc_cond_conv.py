@@ -227,3 +227,18 @@ def test_tiny_outputs_batched_matmul_path(layout):
         lambda x, w, rw, rb, b: loc_cond_conv3d(x, loc, w, rw, rb, b, stride=2, padding=1,
                                                 backend="grouped"),
         inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_bfloat16_autocast_matches_float64_formula(backend):
+    """Under autocast the routing comes out in bf16; the mixture must still work and agree."""
+    generator = torch.Generator().manual_seed(11)
+    layer = LocCondConv3d(3, 4, 3, padding=1, num_experts=3, backend=backend)
+    loc = landmark_batch("uneven", generator)
+    x = torch.randn(loc.shape[0], 3, 5, 5, 5, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, loc)
+    expected = reference(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
+                         layer.bias, 1, 1, 1, 1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: fields are tensors
 class LandmarkGroups:
     """Partition of a batch of ``batch_size`` samples into ``G`` landmark groups.
 

@@ -75,7 +75,7 @@ def loc_cond_conv3d(
     triton_fn = None
     if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
         triton_fn, reason = _triton_kernel(x, weight, stride, padding, dilation, groups)
-        if reason is not None and backend == "triton":
+        if reason is not None:  # never silently: "auto" on CUDA warns too
             _warn_fallback_once(reason)
     if triton_fn is not None:
         return triton_fn(x, weight, routing, bias, landmark_groups, stride, padding, dilation)
@@ -211,7 +211,7 @@ def _loop(x: Tensor, loc: Loc, weight: Tensor, routing_weight: Tensor, routing_b
     outputs = []
     for sample, coord in zip(x, coords):
         routing = torch.sigmoid(F.linear(coord, routing_weight, routing_bias))
-        kernel = torch.tensordot(routing, weight, dims=1)
+        kernel = torch.einsum("e,e...->...", routing, weight)  # autocast-aware, as grouped
         outputs.append(F.conv3d(sample[None], kernel, bias, stride, padding, dilation, groups))
     return torch.cat(outputs)
 
@@ -238,6 +238,6 @@ def _triton_kernel(x: Tensor, weight: Tensor, stride: IntOrTriple, padding: IntO
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback_once(reason: str) -> None:
-    """Warn the first time each reason makes "triton" fall back (cached: once per reason)."""
-    warnings.warn(f'LocCondConv3d backend "triton" falls back to "grouped": {reason}',
+    """Warn the first time each reason makes the Triton path fall back (once per reason)."""
+    warnings.warn(f'LocCondConv3d falls back to "grouped" (Triton does not cover this call): {reason}',
                   RuntimeWarning, stacklevel=4)
