@@ -21,6 +21,7 @@ setup(
         "monai>=1.3",
         "antspyx>=0.5",
         "nibabel>=5.0",
+        "isal>=1.6",  # fast deterministic gzip for the synthetic cohort's NIfTI files
         "pydicom>=2.4",
         "numpy>=1.24",
         "scipy>=1.10",
