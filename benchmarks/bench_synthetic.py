@@ -5,9 +5,10 @@ Run: ``taskset -c 0 .venv/bin/python -m pytest benchmarks/bench_synthetic.py --b
 (on a shared machine wall time mostly measures the other jobs).
 
 - render: plan + disease + sampling + scanner effects of one subject (no files), small and full.
-- sampling: the separable per-slab template -> subject sampling (``scanner.sample_template``)
-  against the reference: every voxel's template position by the pointwise float64 map
-  (``SubjectTransform.subject_to_template``), then the same two ``map_coordinates`` calls.
+- sampling: the separable per-slab template -> subject sampling (``scanner.sample_template``:
+  per-slab coordinates, looked up with torch's ``grid_sample``) against the reference: every
+  voxel's template position by the pointwise float64 map
+  (``SubjectTransform.subject_to_template``), then ``ndimage.map_coordinates``.
 - writing: the three NIfTI files of a full-size subject through ``files.write_nifti`` (ISA-L
   gzip level 1, mtime 0) against ``nibabel.save`` (zlib gzip level 1), the previous design.
 """

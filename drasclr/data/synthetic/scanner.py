@@ -80,15 +80,33 @@ def sample_template(
 
     One coordinate computation per slab serves both volumes.
     """
+    import torch
+    import torch.nn.functional as F
+
     shape = scanner.shape
     out_hu = np.empty(shape, np.float32)
     out_labels = np.empty(shape, labels.dtype)
-    for rows, coordinates in transform.template_voxel_slabs(scanner.affine, shape,
-                                                            template_affine, SLAB):
-        ndimage.map_coordinates(hu, coordinates, output=out_hu[rows], order=1,
-                                mode="constant", cval=HU_AIR)
-        ndimage.map_coordinates(labels, coordinates, output=out_labels[rows], order=0,
-                                mode="constant", cval=0)
+    # torch's grid_sample is about twice as fast as ndimage.map_coordinates for these lookups
+    # (two thirds of a subject's render). Its zero padding reads as air once HU is shifted.
+    air_shifted = torch.from_numpy(hu - HU_AIR)[None, None]
+    label_volume = torch.from_numpy(labels.astype(np.float32))[None, None]
+    voxels_to_unit = 2 / (torch.tensor(hu.shape[::-1], dtype=torch.float32) - 1)
+    # One thread: a subject is one core's work (workers run in parallel), and a forked worker
+    # must not enter an OpenMP region its parent may already have used.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows, coordinates in transform.template_voxel_slabs(scanner.affine, shape,
+                                                                template_affine, SLAB):
+            # (3, n, Y, Z) voxel (i, j, k) -> (1, n, Y, Z, 3) grid (x=k, y=j, z=i) in [-1, 1]
+            grid = torch.from_numpy(np.moveaxis(coordinates[::-1], 0, -1).astype(np.float32))
+            grid = (grid * voxels_to_unit - 1)[None]
+            out_hu[rows] = F.grid_sample(air_shifted, grid, mode="bilinear",
+                                         padding_mode="zeros", align_corners=True)[0, 0] + HU_AIR
+            out_labels[rows] = F.grid_sample(label_volume, grid, mode="nearest",
+                                             padding_mode="zeros", align_corners=True)[0, 0]
+    finally:
+        torch.set_num_threads(threads)
     return out_hu, out_labels
 
 
