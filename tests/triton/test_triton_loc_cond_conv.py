@@ -17,7 +17,6 @@ from drasclr.kernels import (
     loc_cond_conv3d_triton,
     triton_unsupported_reason,
 )
-from drasclr.kernels.support import interpreter_enabled
 from drasclr.nn.grouping import LandmarkGroups
 
 # Max abs error allowed, as a fraction of the reference's max abs value (float32 accumulation
@@ -31,19 +30,6 @@ SPATIAL = (4, 5, 6)  # anisotropic, odd and even, to catch axis mix-ups and stri
 NUM_EXPERTS = 3
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_on_cuda(monkeypatch):
-    """Compare float32 at full precision: no TF32 in the kernels (they follow cudnn.allow_tf32)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-@pytest.fixture
-def device(device):
-    """The conftest devices where the kernels can run: CPU only under the interpreter (which
-    conftest sets only when there is no CUDA)."""
-    if device.type != "cuda" and not interpreter_enabled():
-        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
-    return device
 
 
 def make_groups(labels: list[int], device) -> LandmarkGroups:

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-from drasclr.kernels.support import interpreter_enabled
 
 loc_cond_conv = pytest.importorskip("drasclr.nn.loc_cond_conv")
 LocCondConv3d = loc_cond_conv.LocCondConv3d
@@ -15,18 +14,6 @@ LocCondConv3d = loc_cond_conv.LocCondConv3d
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_on_cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-@pytest.fixture
-def device(device):
-    """The conftest devices where the kernels can run: CPU only under the interpreter (which
-    conftest sets only when there is no CUDA)."""
-    if device.type != "cuda" and not interpreter_enabled():
-        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
-    return device
 
 
 def assert_close_scaled(actual, expected, dtype, name):
