@@ -25,6 +25,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from drasclr.atomic import atomic_write_bytes
+from drasclr.file_format import check_header
 
 #: Identifies an atlas file written by :meth:`Atlas.save`; bumped when the layout changes.
 ATLAS_FORMAT = "drasclr-atlas"
@@ -125,11 +126,7 @@ class Atlas:
                 arrays = {name: data[name] for name in names}
         except Exception as error:  # zip, key and JSON errors all mean "not an atlas file"
             raise ValueError(f"{path}: not a drasclr atlas file ({error})") from error
-        if metadata.get("format") != ATLAS_FORMAT or metadata.get("version") != ATLAS_VERSION:
-            raise ValueError(
-                f"{path}: not a drasclr atlas file of version {ATLAS_VERSION} "
-                f"(format {metadata.get('format')!r}, version {metadata.get('version')!r})"
-            )
+        check_header(path, metadata, ATLAS_FORMAT, ATLAS_VERSION, "atlas file")
         return cls(
             **arrays,
             patch_size=int(metadata["patch_size"]),

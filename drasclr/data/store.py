@@ -30,6 +30,7 @@ import numpy as np
 
 from drasclr.atomic import atomic_write_bytes
 from drasclr.data.atlas import Atlas
+from drasclr.file_format import check_header
 
 STORE_FORMAT = "drasclr-patch-store"
 STORE_VERSION = 1
@@ -88,10 +89,7 @@ def read_store_config(root: str | Path) -> dict:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: garbled store.json ({error})") from error
-    if not isinstance(config, dict) or config.get("format") != STORE_FORMAT:
-        raise ValueError(f"{path}: not a drasclr patch store file")
-    if config.get("version") != STORE_VERSION:
-        raise ValueError(f"{path}: store version {config.get('version')!r}, expected {STORE_VERSION}")
+    check_header(path, config, STORE_FORMAT, STORE_VERSION, "patch store file")
     return config
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from drasclr.atomic import atomic_path
+from drasclr.file_format import check_header
 
 CHECKPOINT_FORMAT = "drasclr-pretrain"
 CHECKPOINT_VERSION = 1
@@ -50,10 +51,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, pickle errors: all mean "not a checkpoint"
         raise ValueError(f"{path}: unreadable checkpoint ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a drasclr pretraining checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    check_header(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretraining checkpoint")
     return state
 
 
