@@ -143,3 +143,17 @@ def test_real_atlas_mask_gives_575_landmarks(atlas_mask_path):
     assert atlas.num_landmarks == 575
     assert atlas.min_lung_fraction == 0.1
     assert atlas.mask.max() == 100 and atlas.mask.dtype == np.uint8
+
+
+def test_coords_of_points_continue_the_landmark_convention(random_mask):
+    """At a landmark's centre the point coordinate is the landmark's; elsewhere it is linear in
+    the atlas voxel position (a 1 mm step moves it by 2 / corners.max per axis)."""
+    path, _ = random_mask
+    atlas = build_atlas(path, patch_size=PATCH, step=STEP)
+    np.testing.assert_allclose(atlas.coords_of_points(atlas.centres_world()), atlas.coords, atol=1e-6)
+    rng = np.random.default_rng(4)
+    voxels = rng.uniform(0, 40, size=(20, 3))
+    world = voxels @ atlas.affine[:3, :3].T + atlas.affine[:3, 3]
+    corners = voxels - (PATCH - 1) / 2
+    expected = corners / atlas.corners.max(0).astype(np.float64) * 2 - 1
+    np.testing.assert_allclose(atlas.coords_of_points(world), expected, atol=1e-5)

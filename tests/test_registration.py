@@ -78,3 +78,28 @@ def test_bad_schedule_and_empty_mask():
         register_to_atlas(atlas, atlas, "slow")
     with pytest.raises(ValueError, match="lung mask is empty"):
         register_to_atlas(atlas, atlas, "fast")
+
+
+def test_saved_registration_reads_back_as_the_inverse_mapping(tmp_path):
+    """load_subject_to_atlas reads the inverse file that process_subject saves: composing it with
+    the forward mapping gives the identity; a missing folder names the file and the fix."""
+    import ants
+
+    from drasclr.data.registration import FORWARD_FILE, INVERSE_FILE, load_subject_to_atlas
+
+    rng = np.random.default_rng(2)
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3,
+        matrix=np.eye(3) + rng.normal(0, 0.05, (3, 3)), translation=rng.normal(0, 5, 3),
+        center=rng.normal(0, 10, 3),
+    )
+    ants.write_transform(transform, str(tmp_path / FORWARD_FILE))
+    ants.write_transform(transform.invert(), str(tmp_path / INVERSE_FILE))
+    forward = ras_matrix(transform)
+    np.testing.assert_allclose(load_subject_to_atlas(tmp_path) @ forward, np.eye(4), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="subject_to_atlas.mat: no saved registration"):
+        load_subject_to_atlas(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / INVERSE_FILE).write_text("not a transform")
+    with pytest.raises(ValueError, match="not an affine transform file"):
+        load_subject_to_atlas(tmp_path / "bad")

@@ -84,6 +84,20 @@ class Atlas:
         """(L, 3) float64 patch centres in RAS world mm (the atlas affine applied)."""
         return self.centres_voxel() @ self.affine[:3, :3].T + self.affine[:3, 3]
 
+    def coords_of_points(self, points_world: np.ndarray) -> np.ndarray:
+        """(N, 3) atlas world points (RAS mm) -> (N, 3) float32 Loc-CondConv coordinates.
+
+        The coordinate of the patch centred at each point, in the landmarks' own convention:
+        its corner (centre - (patch_size - 1) / 2, in atlas voxel indices) scaled by the
+        landmarks' largest corner per axis. At a landmark's centre this is exactly that
+        landmark's coordinate; any other point (SPEC section 8: voxel representations) gets
+        the continuous coordinate between its neighbours'.
+        """
+        points = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
+        to_voxel = np.linalg.inv(self.affine)
+        corners = points @ to_voxel[:3, :3].T + to_voxel[:3, 3] - (self.patch_size - 1) / 2.0
+        return scale_corners(corners, self.corners.max(axis=0))
+
     def save(self, path: str | Path) -> None:
         """Write the atlas to one ``.npz`` file, atomically (temp file, then rename)."""
         path = Path(path)
@@ -231,8 +245,13 @@ def normalised_coords(corners: np.ndarray) -> np.ndarray:
 
     An axis whose maximum corner is 0 (a single grid position) maps to -1 instead of 0/0.
     """
-    axis_max = corners.max(axis=0).astype(np.float64)
-    scaled = corners / np.where(axis_max > 0, axis_max, 1.0)
+    return scale_corners(corners, corners.max(axis=0))
+
+
+def scale_corners(corners: np.ndarray, axis_max: np.ndarray) -> np.ndarray:
+    """``corners / axis_max * 2 - 1`` as float32; an axis whose maximum is 0 maps to -1."""
+    axis_max = np.asarray(axis_max, dtype=np.float64)
+    scaled = np.asarray(corners, dtype=np.float64) / np.where(axis_max > 0, axis_max, 1.0)
     return (scaled * 2.0 - 1.0).astype(np.float32)
 
 

@@ -147,6 +147,33 @@ def register_to_atlas(
     return AffineRegistration(atlas_to_subject=ras_matrix(transform), dice=dice)
 
 
+#: File names of a subject's saved registration (``process_subject(transforms_dir=...)``).
+FORWARD_FILE, INVERSE_FILE = "atlas_to_subject.mat", "subject_to_atlas.mat"
+
+
+def load_subject_to_atlas(transforms_dir: str | Path) -> np.ndarray:
+    """(4, 4) RAS matrix mapping a subject's world points into the atlas, from its saved
+    registration folder (the store's ``transforms/<subject_id>/``).
+
+    Raises:
+        FileNotFoundError: no saved registration there (preprocess the subject first).
+        ValueError: the file is not an affine ITK transform.
+    """
+    import ants
+
+    path = Path(transforms_dir) / INVERSE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no saved registration for this subject (run `drasclr preprocess` on it)"
+        )
+    try:
+        transform = ants.read_transform(str(path))
+        matrix = ras_matrix(transform)
+    except Exception as error:  # ITK read errors and odd parameter counts alike
+        raise ValueError(f"{path}: not an affine transform file ({error})") from error
+    return matrix
+
+
 def ras_matrix(transform) -> np.ndarray:
     """An ANTs affine transform (LPS: y = A (x - c) + t + c) as a 4x4 matrix on RAS mm."""
     parameters = np.asarray(transform.parameters, dtype=np.float64)

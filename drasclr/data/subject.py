@@ -18,7 +18,7 @@ import numpy as np
 from drasclr.data.io import CTVolume, check_ct_intensities, read_ct
 from drasclr.data.lung_segmentation import SEGMENTATION_METHODS, LungMask, segment_lungs
 from drasclr.data.patches import cut_patches
-from drasclr.data.registration import SCHEDULES, register_to_atlas
+from drasclr.data.registration import FORWARD_FILE, INVERSE_FILE, SCHEDULES, register_to_atlas
 from drasclr.data.resample import resample_isotropic
 from drasclr.intensity import HU_WINDOW
 
@@ -93,7 +93,7 @@ def process_subject(
             transform_files = None
             if transforms_dir is not None:
                 folder = Path(transforms_dir)
-                transform_files = (folder / "atlas_to_subject.mat", folder / "subject_to_atlas.mat")
+                transform_files = (folder / FORWARD_FILE, folder / INVERSE_FILE)
             registration = register_to_atlas(
                 lungs, LungMask(atlas.mask, atlas.affine), schedule, transform_files=transform_files
             )
