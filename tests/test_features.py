@@ -75,3 +75,29 @@ def test_subject_features_rejects_foreign_coords(tiny_store):
     atlas, store = tiny_store
     with pytest.raises(ValueError, match="landmarks"):
         subject_features(Encoder(num_experts=2), store, atlas.coords[:-1])
+
+
+def test_feature_set_round_trip_and_bad_files(tmp_path):
+    from drasclr.features import FeatureSet
+
+    rng = np.random.default_rng(3)
+    saved = FeatureSet(["b", "a", "c"], rng.normal(size=(3, 5)).astype(np.float32),
+                       {"name": "DrasCLR", "encoder": "checkpoint"})
+    loaded = FeatureSet.load(saved.save(tmp_path / "f.npz"))
+    assert loaded.subject_ids == ["b", "a", "c"] and loaded.name == "DrasCLR"
+    np.testing.assert_array_equal(loaded.features, saved.features)
+    assert loaded.metadata == saved.metadata
+
+    with pytest.raises(FileNotFoundError, match="missing.npz: no such features file"):
+        FeatureSet.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.npz: not a drasclr features file"):
+        FeatureSet.load(tmp_path / "junk.npz")
+    broken = saved.features.copy()
+    broken[1, 2] = np.nan
+    FeatureSet(saved.subject_ids, broken, {}).save(tmp_path / "nan.npz")
+    with pytest.raises(ValueError, match="nan.npz: non-finite features for 1 subject.*: a"):
+        FeatureSet.load(tmp_path / "nan.npz")
+    FeatureSet(["a", "a"], saved.features[:2], {}).save(tmp_path / "dup.npz")
+    with pytest.raises(ValueError, match="more than once"):
+        FeatureSet.load(tmp_path / "dup.npz")
