@@ -1,6 +1,7 @@
 """The `drasclr` command line: one sub-command per module.
 
-Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
+New commands live in this package (``drasclr/cli/<command>.py``), thin layers over the public
+API; the older ones still sit beside their library modules. Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
 module of the command being run is imported, so ``drasclr synth`` does not pay for torch.
 Bad input surfaces as a one-line error naming the problem, never a deep traceback.
 """
@@ -16,6 +17,12 @@ COMMANDS = {
     "atlas": ("drasclr.data.atlas", "build the landmark atlas from an atlas lung mask"),
     "preprocess": ("drasclr.data.preprocess", "turn CT files into a landmark patch store"),
     "train": ("drasclr.pretrain.trainer", "MoCo pretraining of the DrasCLR encoder"),
+    "features": ("drasclr.cli.features", "patch and subject features of an encoder on a patch store"),
+    "evaluate": ("drasclr.cli.evaluate",
+                 "the paper's subject-level evaluation: readout, survival, COVID severity, report"),
+    "detect": ("drasclr.cli.detect", "emphysema subtype detection: linear probe and fine-tuning"),
+    "densemap": ("drasclr.cli.densemap", "voxel-wise probability map of an emphysema subtype"),
+    "ablate": ("drasclr.cli.ablate", "pretrain and evaluate variants that differ in one thing"),
 }
 
 
