@@ -67,3 +67,34 @@ def test_unknown_keys_and_types(tmp_path):
         TrainConfig.load(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match=".yaml, .yml or .json"):
         TrainConfig().save(tmp_path / "run.toml")
+
+
+NUMERIC_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.metadata["valid"] is not None]
+
+
+@pytest.mark.parametrize("field", NUMERIC_FIELDS, ids=lambda f: f.name)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -1, 0, "1", True, [1]],
+                         ids=["nan", "inf", "-inf", "negative", "zero", "text", "bool", "list"])
+def test_every_numeric_field_is_checked_for_meaning(field, bad):
+    """Issue 11: NaN, infinities, out-of-range and wrong-type values are refused before any work,
+    naming the field (a NaN lr once passed `lr <= 0` and trained into a NaN checkpoint)."""
+    valid = field.metadata["valid"]
+    good = TrainConfig(store="s", atlas="a")
+    if not isinstance(bad, (list, str, bool)) and bad == bad and bad in valid:
+        pytest.skip(f"{bad!r} is valid for {field.name} ({valid})")
+    with pytest.raises(ValueError, match=rf"^(overrides: )?{field.name}[: ]"):
+        good.replace(**{field.name: bad}).validate()
+    # the same value given directly to the dataclass (no coercion) is caught by validate
+    with pytest.raises(ValueError, match=rf"^{field.name}: "):
+        dataclasses.replace(good, **{field.name: bad}).validate()
+
+
+def test_ranges_admit_their_defaults_and_bounds():
+    config = TrainConfig(store="s", atlas="a")
+    assert config.validate() is config
+    config.replace(momentum=0.0, sgd_momentum=0.0, k_neighbors=0, warmup_steps=0, seed=0,
+                   weight_decay=0.0, beta=0.0).validate()
+    with pytest.raises(ValueError, match=r"momentum: must be a finite number in \[0, 1\), got 1.0"):
+        config.replace(momentum=1.0).validate()
+    with pytest.raises(ValueError, match="conditioning: expected one of"):
+        config.replace(conditioning="film").validate()

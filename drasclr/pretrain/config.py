@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,37 @@ from typing import Any
 
 import yaml
 
+from drasclr.nn.conditioning import CONDITIONINGS
+from drasclr.nn.loc_cond_conv import BACKENDS
 
-def _doc(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
+
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of a numeric field, e.g. ``Interval(0, 1, high_open=True)`` is [0, 1)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
+
+
+POSITIVE = Interval(0, low_open=True)
+AT_LEAST_ONE = Interval(1)
+NON_NEGATIVE = Interval(0)
+FRACTION = Interval(0, 1, high_open=True)
+
+
+def _doc(text: str, default: Any, valid: Interval | None = None) -> Any:
+    return field(default=default, metadata={"help": text, "valid": valid})
 
 
 @dataclass
@@ -28,39 +57,49 @@ class TrainConfig:
     store: str | None = _doc("patch store folder (drasclr.data.store.PatchStore)", None)
     atlas: str | None = _doc("atlas file the store was cut with (drasclr.data.atlas.Atlas)", None)
     out_dir: str = _doc("folder for checkpoints, metrics.csv, TensorBoard events", "runs/pretrain")
-    epochs: int = _doc("passes over every (subject, landmark) pair", 20)
-    max_steps: int | None = _doc("stop after this many optimiser steps in total (None: no cap)", None)
-    batch_size: int = _doc("patches per step over all processes (SPEC 7: 128)", 128)
+    epochs: int = _doc("passes over every (subject, landmark) pair", 20, AT_LEAST_ONE)
+    max_steps: int | None = _doc(
+        "stop after this many optimiser steps in total (None: no cap)", None, AT_LEAST_ONE
+    )
+    batch_size: int = _doc("patches per step over all processes (SPEC 7: 128)", 128, AT_LEAST_ONE)
     landmarks_per_batch: int = _doc(
         "landmarks per batch; batch_size must be a multiple. 1 = the reference's mode", 16
-    )
-    queue_size: int = _doc("negatives per landmark queue, K (SPEC 7: 4096)", 4096)
+    , AT_LEAST_ONE)
+    queue_size: int = _doc("negatives per landmark queue, K (SPEC 7: 4096)", 4096, AT_LEAST_ONE)
     bank_dtype: str = _doc("memory bank storage: float32 or bfloat16", "float32")
-    rep_dim: int = _doc("representation size h (SPEC 6)", 128)
-    moco_dim: int = _doc("projection size z, also the bank's key size (SPEC 6)", 128)
-    num_experts: int = _doc("experts per Loc-CondConv layer (SPEC 5)", 8)
+    rep_dim: int = _doc("representation size h (SPEC 6)", 128, AT_LEAST_ONE)
+    moco_dim: int = _doc("projection size z, also the bank's key size (SPEC 6)", 128, AT_LEAST_ONE)
+    num_experts: int = _doc("experts per Loc-CondConv layer (SPEC 5)", 8, AT_LEAST_ONE)
     conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv")
     backend: str = _doc("Loc-CondConv backend: auto, loop, grouped, triton", "auto")
-    k_neighbors: int = _doc("neighbour patches per central patch (SPEC 7: 2); 0 disables", 2)
-    beta: float = _doc("weight of the neighbour loss (SPEC 7: 1.0)", 1.0)
+    k_neighbors: int = _doc(
+        "neighbour patches per central patch (SPEC 7: 2); 0 disables", 2, NON_NEGATIVE
+    )
+    beta: float = _doc("weight of the neighbour loss (SPEC 7: 1.0)", 1.0, NON_NEGATIVE)
     neighbour_loss: str = _doc(
         "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum"
     )
-    temperature: float = _doc("softmax temperature T (SPEC 7: 0.2)", 0.2)
-    momentum: float = _doc("key encoder momentum m (SPEC 7: 0.999)", 0.999)
-    lr: float = _doc("peak learning rate (SPEC 7: 0.01)", 0.01)
-    sgd_momentum: float = _doc("SGD momentum (SPEC 7: 0.9)", 0.9)
-    weight_decay: float = _doc("SGD weight decay (SPEC 7: 1e-4)", 1e-4)
-    warmup_steps: int = _doc("linear warm-up steps before the per-step cosine decay", 0)
-    grad_clip: float | None = _doc("clip the gradient norm to this value (None: no clipping)", None)
+    temperature: float = _doc("softmax temperature T (SPEC 7: 0.2)", 0.2, POSITIVE)
+    momentum: float = _doc("key encoder momentum m (SPEC 7: 0.999)", 0.999, FRACTION)
+    lr: float = _doc("peak learning rate (SPEC 7: 0.01)", 0.01, POSITIVE)
+    sgd_momentum: float = _doc("SGD momentum (SPEC 7: 0.9)", 0.9, FRACTION)
+    weight_decay: float = _doc("SGD weight decay (SPEC 7: 1e-4)", 1e-4, NON_NEGATIVE)
+    warmup_steps: int = _doc(
+        "linear warm-up steps before the per-step cosine decay", 0, NON_NEGATIVE
+    )
+    grad_clip: float | None = _doc(
+        "clip the gradient norm to this value (None: no clipping)", None, POSITIVE
+    )
     augment: bool = _doc("random affine, noise and contrast on both views and neighbours", True)
     shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
     amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
-    seed: int = _doc("seed of initialisation, sampling and augmentation", 0)
+    seed: int = _doc("seed of initialisation, sampling and augmentation", 0, NON_NEGATIVE)
     device: str = _doc("auto (cuda when present), cpu, cuda, cuda:N", "auto")
-    num_workers: int = _doc("DataLoader worker processes reading the store", 0)
-    checkpoint_every: int = _doc("also checkpoint every N steps (0: only at epoch ends)", 500)
+    num_workers: int = _doc("DataLoader worker processes reading the store", 0, NON_NEGATIVE)
+    checkpoint_every: int = _doc(
+        "also checkpoint every N steps (0: only at epoch ends)", 500, NON_NEGATIVE
+    )
     resume: bool = _doc("continue from out_dir/checkpoint_last.pt when it exists", True)
     tensorboard: bool = _doc("write TensorBoard events to out_dir/tensorboard", True)
     progress: bool = _doc("show a tqdm progress bar", True)
@@ -121,15 +160,7 @@ class TrainConfig:
             raise ValueError("store: a patch store folder is required")
         if not self.atlas:
             raise ValueError("atlas: the atlas file of the store is required")
-        for name in ("epochs", "batch_size", "landmarks_per_batch", "queue_size", "rep_dim",
-                     "moco_dim", "num_experts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("k_neighbors", "warmup_steps", "num_workers", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1 or None, got {self.max_steps}")
+        self._check_ranges()
         if self.batch_size % self.landmarks_per_batch:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by landmarks_per_batch "
@@ -145,20 +176,24 @@ class TrainConfig:
                 f"queue_size {self.queue_size} is smaller than the {per_landmark} keys a landmark "
                 "receives per step; a step would overwrite its own keys"
             )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip: must be > 0 or None, got {self.grad_clip}")
         choices = {"bank_dtype": ("float32", "bfloat16"), "neighbour_loss": ("sum", "mean"),
-                   "backend": ("auto", "loop", "grouped", "triton")}
+                   "backend": BACKENDS, "conditioning": CONDITIONINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         return self
+
+    def _check_ranges(self) -> None:
+        """Every numeric field is finite and within its declared interval (NaN fails every
+        comparison, so a plain ``lr <= 0`` check would let it through)."""
+        for f in dataclasses.fields(self):
+            valid, value = f.metadata["valid"], getattr(self, f.name)
+            if valid is None or value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{f.name}: expected a number in {valid}, got {value!r}")
+            if value not in valid:
+                raise ValueError(f"{f.name}: must be a finite number in {valid}, got {value!r}")
 
 
 def describe() -> str:
