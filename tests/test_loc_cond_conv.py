@@ -242,3 +242,49 @@ def test_bfloat16_autocast_matches_float64_formula(backend):
                          layer.bias, 1, 1, 1, 1)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("argument,value,message", [
+    ("kernel_size", 0, "kernel_size: expected values >= 1"),
+    ("kernel_size", (3, -1, 3), "kernel_size: expected values >= 1"),
+    ("stride", 0, "stride: expected values >= 1"),
+    ("stride", (1, 1, -2), "stride: expected values >= 1"),
+    ("dilation", 0, "dilation: expected values >= 1"),
+    ("padding", -1, "padding: expected values >= 0"),
+    ("padding", (0, 0, 1.5), "padding: expected an int or 3 ints"),
+    ("stride", True, "stride: expected an int or 3 ints"),
+])
+def test_layers_refuse_bad_geometry_when_built(argument, value, message):
+    """Issue 11: bad geometry is refused at construction with the argument's name, by the
+    layer, the hypernetwork variant and the functional form alike."""
+    from drasclr.nn.conditioning import HyperConv3d
+
+    arguments = {"kernel_size": 3, argument: value}
+    with pytest.raises(ValueError, match=message):
+        LocCondConv3d(2, 4, **arguments)
+    if argument != "dilation":
+        with pytest.raises(ValueError, match=message):
+            HyperConv3d(2, 4, **arguments)
+    if argument != "kernel_size":
+        layer = LocCondConv3d(2, 4, 3)
+        with pytest.raises(ValueError, match=message):
+            loc_cond_conv3d(torch.randn(2, 2, 6, 6, 6), torch.rand(2, 3), layer.weight,
+                            layer.routing.weight, layer.routing.bias, **{argument: value})
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_empty_batch_and_too_small_input(backend):
+    """An empty batch gives an empty output shaped like nn.Conv3d's (and an empty encoder batch
+    an empty representation); an input smaller than the kernel gets a message, not a crash."""
+    from drasclr.nn import Encoder
+
+    layer = LocCondConv3d(2, 4, 3, stride=2, padding=1, backend=backend)
+    reference = torch.nn.Conv3d(2, 4, 3, stride=2, padding=1)
+    empty = torch.randn(0, 2, 7, 6, 5)
+    assert layer(empty, torch.rand(0, 3)).shape == reference(empty).shape == (0, 4, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"spatial size \(1, 6, 6\) \(padded \(3, 8, 8\)\) is "
+                                         r"smaller than the kernel's extent \(5, 5, 5\)"):
+        LocCondConv3d(2, 4, 3, dilation=2, padding=1, backend=backend)(
+            torch.randn(2, 2, 1, 6, 6), torch.rand(2, 3))
+    encoder = Encoder(rep_dim=16, moco_dim=8, backend=backend)
+    assert encoder(torch.randn(0, 1, 32, 32, 32), torch.rand(0, 3)).shape == (0, 16)

@@ -115,6 +115,8 @@ class Encoder(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected patches of shape (B, 1, {PATCH_SIZE}, {PATCH_SIZE}, "
                              f"{PATCH_SIZE}), got {shape}")
+        if x.shape[0] == 0:  # like nn.Conv3d: an empty batch gives an empty output
+            return x.new_empty(0, self.rep_dim)
         if self.conditioning in ("none", "concat"):
             coords = per_sample_coords(loc, x.shape[0])  # validated even when unused
             h = self._features(x, None)

@@ -63,8 +63,11 @@ def loc_cond_conv3d(
         (B, C_out, D', H', W').
     """
     check_backend(backend)
-    _check_conv_args(x, weight, routing_weight, routing_bias, bias, groups)
+    _check_conv_args(x, weight, routing_weight, routing_bias, bias, stride, padding, dilation,
+                     groups)
     batch = x.shape[0]
+    if batch == 0:  # like nn.Conv3d: an empty batch gives an empty output of the right shape
+        return F.conv3d(x, weight[0], bias, stride, padding, dilation, groups)
     if backend == "loop":
         return _loop(x, loc, weight, routing_weight, routing_bias, bias,
                      stride, padding, dilation, groups)
@@ -182,7 +185,8 @@ def per_sample_coords(loc: Loc, batch_size: int) -> Tensor:
 
 
 def _check_conv_args(x: Tensor, weight: Tensor, routing_weight: Tensor, routing_bias: Tensor,
-                     bias: Optional[Tensor], groups: int) -> None:
+                     bias: Optional[Tensor], stride: IntOrTriple, padding: IntOrTriple,
+                     dilation: IntOrTriple, groups: int) -> None:
     if not isinstance(x, Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x: expected a 5-D tensor (B, C, D, H, W), got {shape}")
@@ -201,6 +205,12 @@ def _check_conv_args(x: Tensor, weight: Tensor, routing_weight: Tensor, routing_
                          f"{tuple(routing_bias.shape)}")
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias: expected shape ({c_out},), got {tuple(bias.shape)}")
+    as_triple(stride, "stride")
+    padded = [size + 2 * pad for size, pad in zip(x.shape[2:], as_triple(padding, "padding"))]
+    extent = [d * (k - 1) + 1 for d, k in zip(as_triple(dilation, "dilation"), weight.shape[3:])]
+    if any(p < e for p, e in zip(padded, extent)):
+        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} (padded {tuple(padded)}) is "
+                         f"smaller than the kernel's extent {tuple(extent)}")
 
 
 def _loop(x: Tensor, loc: Loc, weight: Tensor, routing_weight: Tensor, routing_bias: Tensor,
