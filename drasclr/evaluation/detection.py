@@ -1,0 +1,385 @@
+"""Emphysema subtype detection: linear probe and fine-tuning (Yu et al. 2023, Table 5).
+
+Two tasks on the boxes of :mod:`drasclr.evaluation.detection_patches`: centrilobular vs
+healthy and paraseptal vs healthy. Each is scored by F1, precision and recall of the subtype
+(the positive class), mean and SD over ``folds``-fold cross-validation split by subject: no
+subject has boxes in both the training and the test part of a fold. Four methods, the rows of
+the paper's table:
+
+- **Linear probe DrasCLR / random init**: scikit-learn ``StandardScaler`` then
+  ``LogisticRegression`` on the frozen representation h; C is chosen by a subject-grouped
+  inner cross-validation on the training part only, so the test subjects never influence
+  scaling or C.
+- **Fine-tune DrasCLR / scratch**: the encoder plus a linear head trained end to end on
+  augmented patches (``PatchAugment``, as in pretraining), starting from the DrasCLR weights or
+  from a random initialisation, with the same schedule (:class:`FineTuneConfig`).
+
+Both losses weight the classes to balance them (``class_weight="balanced"``, ``pos_weight``):
+healthy boxes usually outnumber one subtype's. A fitted classifier is written as a head file
+(:mod:`drasclr.evaluation.head`) for the dense maps. Runs are deterministic given the seed on
+the CPU; on a GPU, cuDNN's algorithms may differ in the last bits.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from drasclr.evaluation.detection_patches import DetectionPatches
+from drasclr.evaluation.head import SubtypeHead
+from drasclr.evaluation.report import Score, Section, Table
+from drasclr.intensity import normalise_hu
+from drasclr.nn import Encoder
+
+SUBTYPES = ("centrilobular", "paraseptal")
+HEALTHY = "healthy"
+PROBE_DRASCLR, PROBE_RANDOM = "Linear probe DrasCLR", "Linear probe random init"
+FINETUNE_DRASCLR, FINETUNE_SCRATCH = "Fine-tune DrasCLR", "Fine-tune scratch"
+METHODS = (PROBE_DRASCLR, PROBE_RANDOM, FINETUNE_DRASCLR, FINETUNE_SCRATCH)
+#: Inverse regularisation strengths searched by the linear probe.
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """The fine-tuning schedule, shared by DrasCLR and scratch. The defaults are small enough
+    for a CPU run on a synthetic cohort; raise ``epochs`` for a real study."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not self.batch_size >= 2:
+            raise ValueError("batch_size: at least 2 (BatchNorm needs two samples)")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name}: expected a finite {'positive' if name == 'lr' else 'non-negative'} "
+                                 f"number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Cross-validation and probe settings; ``device=None`` uses CUDA when present."""
+
+    folds: int = 5
+    seed: int = 0
+    cs: tuple[float, ...] = DEFAULT_CS
+    inner_folds: int = 3
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    inference_batch: int = 64
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.folds, int) or self.folds < 2:
+            raise ValueError(f"folds: expected an integer of at least 2, got {self.folds!r}")
+        if not self.cs or any(not (c > 0 and np.isfinite(c)) for c in self.cs):
+            raise ValueError(f"cs: expected positive regularisation values, got {self.cs!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass(frozen=True)
+class DetectionScores:
+    """F1, precision and recall of the subtype over folds."""
+
+    f1: Score
+    precision: Score
+    recall: Score
+
+    @classmethod
+    def of(cls, folds: Sequence[dict[str, float]]) -> "DetectionScores":
+        return cls(*(Score.of([fold[name] for fold in folds])
+                     for name in ("f1", "precision", "recall")))
+
+
+def binary_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """F1, precision, recall of the positive class; 0 where undefined (no predicted positive)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, average="binary", zero_division=0)
+    return {"f1": float(f1), "precision": float(precision), "recall": float(recall)}
+
+
+def task_subset(data: DetectionPatches, subtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows of ``data``, y (1 = subtype), subject id per row) of ``subtype`` vs healthy."""
+    if subtype not in SUBTYPES:
+        raise ValueError(f"subtype: expected one of {SUBTYPES}, got {subtype!r}")
+    rows = np.flatnonzero(np.isin(data.labels, (subtype, HEALTHY)))
+    return rows, (data.labels[rows] == subtype).astype(np.int64), data.subject_ids[rows]
+
+
+def subject_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0,
+                  task: str = "task") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds split by subject: (train, test) index arrays, no subject in both.
+
+    Raises:
+        ValueError: fewer subjects of either class than folds, or a fold without both classes.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.asarray(y), np.asarray(groups)
+    positive, negative = (len(np.unique(groups[y == label])) for label in (1, 0))
+    if min(positive, negative) < n_splits:
+        raise ValueError(f"{task}: {n_splits} subject-disjoint folds need at least {n_splits} "
+                         f"subjects with each class, found {positive} with the subtype and "
+                         f"{negative} healthy; use fewer folds or more subjects")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = list(splitter.split(np.zeros(len(y)), y, groups))
+    for number, (train, test) in enumerate(folds):
+        if len(np.unique(y[test])) < 2 or len(np.unique(y[train])) < 2:
+            raise ValueError(f"{task}: fold {number} lacks one class; use fewer folds")
+    return folds
+
+
+def random_encoder(config: dict, seed: int) -> Encoder:
+    """``Encoder(**config)`` with weights drawn under ``torch.manual_seed(seed)`` (the global
+    generator's state is restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Encoder(**config)
+
+
+@torch.no_grad()
+def encode_patches(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray,
+                   batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """(N, rep_dim) float32 frozen representations h of int16 HU patches at their coordinates."""
+    encoder = encoder.eval().to(device)
+    out = []
+    for start in range(0, len(patches), batch_size):
+        x = normalise_hu(torch.from_numpy(np.asarray(patches[start:start + batch_size])).to(device))
+        loc = torch.as_tensor(coords[start:start + batch_size], dtype=torch.float32, device=device)
+        out.append(encoder(x[:, None], loc).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, encoder.rep_dim), np.float32)
+
+
+# -- linear probe --------------------------------------------------------------------------
+
+def fit_linear_probe(h: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                     cs: Sequence[float] = DEFAULT_CS, inner_folds: int = 3, seed: int = 0):
+    """Pipeline(StandardScaler, LogisticRegression) fitted on (h, y), C chosen by log-loss in
+    a subject-grouped inner cross-validation of these rows only (log-loss, not F1: it is
+    smooth, so small inner folds still rank the values of C). With too few subjects for two
+    inner folds, C = 1."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipeline = make_pipeline(StandardScaler(),
+                             LogisticRegression(class_weight="balanced", max_iter=5000))
+    subjects = min(len(np.unique(groups[y == label])) for label in (0, 1))
+    splits = min(inner_folds, subjects)
+    if splits < 2 or len(cs) == 1:
+        pipeline.set_params(logisticregression__C=float(cs[0]) if len(cs) == 1 else 1.0)
+        return pipeline.fit(h, y)
+    search = GridSearchCV(
+        pipeline, {"logisticregression__C": list(cs)}, scoring="neg_log_loss",
+        cv=StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed))
+    return search.fit(h, y, groups=groups).best_estimator_
+
+
+def probe_weights(pipeline) -> tuple[np.ndarray, float]:
+    """(weight (D,), bias) on raw h with the scaler folded in: w.(h - m)/s + b = (w/s).h + b'."""
+    scaler, model = pipeline[0], pipeline[-1]
+    weight = model.coef_[0] / scaler.scale_
+    return weight, float(model.intercept_[0] - np.dot(weight, scaler.mean_))
+
+
+def cross_validate_probe(h: np.ndarray, y: np.ndarray, groups: np.ndarray, folds,
+                         config: DetectionConfig) -> DetectionScores:
+    """Linear probe scores over subject-disjoint folds (scaler and C fitted per training part)."""
+    results = []
+    for train, test in folds:
+        model = fit_linear_probe(h[train], y[train], groups[train], config.cs,
+                                 config.inner_folds, config.seed)
+        results.append(binary_scores(y[test], model.predict(h[test])))
+    return DetectionScores.of(results)
+
+
+# -- fine-tuning ---------------------------------------------------------------------------
+
+def fine_tune(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray, y: np.ndarray,
+              config: FineTuneConfig = FineTuneConfig(), seed: int = 0,
+              device: str | torch.device = "cpu", label: str = "positive"
+              ) -> tuple[nn.Module, SubtypeHead]:
+    """Train a copy of ``encoder`` and a linear head end to end on augmented patches.
+
+    Binary cross-entropy with ``pos_weight`` = negatives / positives, AdamW, mini-batches in a
+    seeded order; the last batch of an epoch is dropped when it has one sample (BatchNorm).
+    Returns the trained encoder and head, both in eval mode; ``encoder`` is left untouched.
+    """
+    from drasclr.pretrain.augment import PatchAugment
+
+    device = torch.device(device)
+    y = np.asarray(y, dtype=np.float32)
+    if len(np.unique(y)) < 2:
+        raise ValueError("fine_tune: the training patches hold only one class")
+    model = copy.deepcopy(encoder).to(device).train()
+    head = SubtypeHead(model.rep_dim, label).to(device).train()
+    optimiser = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()),
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss(
+        pos_weight=torch.tensor((y == 0).sum() / (y == 1).sum(), device=device))
+    augment = PatchAugment(patches.shape[-1], augment=config.augment).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    coords_t = torch.as_tensor(coords, dtype=torch.float32)
+    targets = torch.from_numpy(y)
+    for _ in range(config.epochs):
+        order = order_rng.permutation(len(y))
+        for start in range(0, len(order), config.batch_size):
+            batch = np.sort(order[start:start + config.batch_size])
+            if len(batch) < 2:
+                continue
+            x = augment(torch.from_numpy(np.asarray(patches[batch])).to(device), generator)
+            logits = head.logits(model(x, coords_t[batch].to(device)))
+            loss = loss_fn(logits, targets[batch].to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    return model.eval(), head.eval()
+
+
+@torch.no_grad()
+def predict_proba(encoder: nn.Module, head: SubtypeHead, patches: np.ndarray, coords: np.ndarray,
+                  batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """(N,) probability of the head's subtype for each patch."""
+    h = torch.from_numpy(encode_patches(encoder, patches, coords, batch_size, device))
+    return head.cpu()(h).numpy()
+
+
+def cross_validate_finetune(make_encoder: Callable[[], nn.Module], data: DetectionPatches,
+                            rows: np.ndarray, y: np.ndarray, folds, config: DetectionConfig,
+                            label: str = "positive") -> DetectionScores:
+    """Fine-tuning scores over folds; ``make_encoder()`` gives the starting encoder each time."""
+    results = []
+    for train, test in folds:
+        model, head = fine_tune(make_encoder(), data.patches[rows[train]], data.coords[rows[train]],
+                                y[train], config.finetune, config.seed, config.torch_device, label)
+        p = predict_proba(model, head, data.patches[rows[test]], data.coords[rows[test]],
+                          config.inference_batch, config.torch_device)
+        results.append(binary_scores(y[test], (p > 0.5).astype(np.int64)))
+    return DetectionScores.of(results)
+
+
+# -- the table -----------------------------------------------------------------------------
+
+@dataclass
+class DetectionResult:
+    """Scores per method and subtype, and the data behind them (Yu et al. 2023, Table 5)."""
+
+    scores: dict[str, dict[str, DetectionScores]]
+    counts: dict[str, dict[str, int]]
+    config: DetectionConfig
+
+    def section(self) -> Section:
+        """The paper's table: methods x (F1, precision, recall) per subtype, mean ± SD."""
+        subtypes = [s for s in SUBTYPES if any(s in by for by in self.scores.values())]
+        columns = ["Method"] + [f"{s} {m}" for s in subtypes for m in ("F1", "precision", "recall")]
+        rows = []
+        for method, by_subtype in self.scores.items():
+            row: list = [method]
+            for subtype in subtypes:
+                s = by_subtype.get(subtype)
+                row += [s.f1, s.precision, s.recall] if s else ["", "", ""]
+            rows.append(row)
+        counted = "; ".join(f"{s}: {c['positive']} boxes vs {c['healthy']} healthy from "
+                            f"{c['subjects']} subjects" for s, c in self.counts.items())
+        table = Table("Emphysema subtype detection", columns, rows,
+                      note=f"{self.config.folds}-fold cross-validation split by subject, mean ± "
+                           f"SD over folds; {counted}.")
+        return Section("Emphysema subtype detection",
+                       "Linear probe on frozen representations and end-to-end fine-tuning, each "
+                       "subtype against healthy boxes (Yu et al. 2023, Table 5).", [table])
+
+
+def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
+                       config: DetectionConfig = DetectionConfig(),
+                       subtypes: Sequence[str] = SUBTYPES,
+                       methods: Sequence[str] = METHODS) -> DetectionResult:
+    """All methods on all subtypes; the random-init and scratch encoders are
+    ``random_encoder(encoder.config, config.seed)``, the same architecture as ``encoder``."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"methods: unknown {sorted(unknown)}, expected some of {METHODS}")
+    device = config.torch_device
+    make_random = lambda: random_encoder(encoder.config, config.seed)  # noqa: E731
+    features = {}  # frozen h of all patches, once per encoder, shared by the subtypes
+    if PROBE_DRASCLR in methods:
+        features[PROBE_DRASCLR] = encode_patches(encoder, data.patches, data.coords,
+                                                 config.inference_batch, device)
+    if PROBE_RANDOM in methods:
+        features[PROBE_RANDOM] = encode_patches(make_random(), data.patches, data.coords,
+                                                config.inference_batch, device)
+    scores: dict[str, dict[str, DetectionScores]] = {m: {} for m in methods}
+    counts = {}
+    for subtype in subtypes:
+        rows, y, groups = task_subset(data, subtype)
+        counts[subtype] = {"positive": int(y.sum()), "healthy": int((y == 0).sum()),
+                           "subjects": len(np.unique(groups))}
+        folds = subject_folds(y, groups, config.folds, config.seed, f"{subtype} vs healthy")
+        for method in methods:
+            if method in features:
+                scores[method][subtype] = cross_validate_probe(features[method][rows], y, groups,
+                                                               folds, config)
+            else:
+                start = (lambda: encoder) if method == FINETUNE_DRASCLR else make_random
+                scores[method][subtype] = cross_validate_finetune(start, data, rows, y, folds,
+                                                                  config, subtype)
+    return DetectionResult(scores, counts, config)
+
+
+# -- heads for the dense maps ----------------------------------------------------------------
+
+def save_detection_heads(data: DetectionPatches, encoder: nn.Module, out_dir, source: str,
+                         config: DetectionConfig = DetectionConfig(),
+                         subtypes: Sequence[str] = SUBTYPES,
+                         kinds: Sequence[str] = ("probe", "finetune")) -> list:
+    """Fit each subtype's classifier on all its labelled boxes and write head files
+    ``head_<subtype>_<kind>.pt`` (:mod:`drasclr.evaluation.head`) for ``drasclr densemap``:
+    ``probe`` (linear probe on the frozen ``encoder``, scaler folded into the weights) and
+    ``finetune`` (fine-tuned from ``encoder``, its weights saved in the head file)."""
+    from pathlib import Path
+
+    from drasclr.evaluation.head import save_head
+
+    unknown = set(kinds) - {"probe", "finetune"}
+    if unknown:
+        raise ValueError(f"kinds: unknown {sorted(unknown)}, expected probe and/or finetune")
+    out_dir = Path(out_dir)
+    device = config.torch_device
+    h = (encode_patches(encoder, data.patches, data.coords, config.inference_batch, device)
+         if "probe" in kinds else None)
+    written = []
+    for subtype in subtypes:
+        rows, y, groups = task_subset(data, subtype)
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"{subtype} vs healthy: the annotations need boxes of both classes")
+        if "probe" in kinds:
+            model = fit_linear_probe(h[rows], y, groups, config.cs, config.inner_folds, config.seed)
+            weight, bias = probe_weights(model)
+            written.append(save_head(out_dir / f"head_{subtype}_probe.pt", weight, bias,
+                                     label=subtype, encoder=encoder.config, source=source))
+        if "finetune" in kinds:
+            model, head = fine_tune(encoder, data.patches[rows], data.coords[rows], y,
+                                    config.finetune, config.seed, device, subtype)
+            written.append(save_head(out_dir / f"head_{subtype}_finetune.pt", head.weight,
+                                     head.bias, label=subtype, encoder=model.cpu(),
+                                     include_encoder_weights=True,
+                                     source=f"fine-tuned from {source}"))
+    return written

@@ -1,0 +1,130 @@
+"""Label efficiency of fine-tuning (Yu et al. 2023, the label-efficiency experiment).
+
+Fine-tune from the DrasCLR weights on 10 %, 20 %, ... 100 % of the labelled training boxes of
+each subject-disjoint fold, and from scratch on all of them; report F1 against the fraction
+and the smallest fraction at which DrasCLR matches scratch-with-everything. The subsets are
+drawn inside each training part (never touching the test subjects), per class so that both
+classes stay present, and nested: the 20 % subset contains the 10 % one, so the curve shows
+the effect of more labels rather than of a different draw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+from drasclr.evaluation.detection import (
+    DetectionConfig, DetectionScores, binary_scores, fine_tune, predict_proba, random_encoder,
+    subject_folds, task_subset,
+)
+from drasclr.evaluation.detection_patches import DetectionPatches
+from drasclr.evaluation.report import Figure, Section, Table
+
+DEFAULT_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(1, 11))
+
+
+@dataclass
+class LabelEfficiency:
+    """F1/precision/recall per fraction (DrasCLR) and with all labels from scratch."""
+
+    subtype: str
+    fractions: tuple[float, ...]
+    drasclr: list[DetectionScores]
+    scratch: DetectionScores
+    folds: int
+
+    @property
+    def matching_fraction(self) -> float | None:
+        """Smallest fraction whose mean F1 reaches scratch-with-everything's; None if none."""
+        for fraction, scores in zip(self.fractions, self.drasclr):
+            if scores.f1.mean >= self.scratch.f1.mean:
+                return fraction
+        return None
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG of F1 (mean ± SD over folds) against the fraction, scratch as a line."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from drasclr.atomic import atomic_path
+
+        means = np.array([s.f1.mean for s in self.drasclr])
+        sds = np.array([s.f1.sd for s in self.drasclr])
+        figure, axes = plt.subplots(figsize=(5, 3.5))
+        percent = 100 * np.asarray(self.fractions)
+        axes.errorbar(percent, means, yerr=sds, marker="o", capsize=3, label="Fine-tune DrasCLR")
+        axes.axhline(self.scratch.f1.mean, color="grey", linestyle="--",
+                     label="Fine-tune scratch, 100 %")
+        axes.set_xlabel("labelled training boxes (%)")
+        axes.set_ylabel("F1")
+        axes.set_title(f"{self.subtype} vs healthy")
+        axes.set_ylim(0, 1.02)
+        axes.legend(loc="lower right")
+        figure.tight_layout()
+        path = Path(path)
+        with atomic_path(path, ".png") as temporary:
+            figure.savefig(temporary, dpi=120)
+        plt.close(figure)
+        return path
+
+    def section(self, figure_path: str | Path | None = None) -> Section:
+        rows = [[f"{100 * f:g} %", s.f1, s.precision, s.recall]
+                for f, s in zip(self.fractions, self.drasclr)]
+        rows.append(["scratch, 100 %", self.scratch.f1, self.scratch.precision,
+                     self.scratch.recall])
+        match = self.matching_fraction
+        found = (f"DrasCLR matches scratch-with-everything from {100 * match:g} % of the labels."
+                 if match is not None else
+                 "DrasCLR does not reach scratch-with-everything at any fraction tried.")
+        table = Table(f"Label efficiency, {self.subtype} vs healthy",
+                      ["Training boxes", "F1", "precision", "recall"], rows,
+                      note=f"Fine-tuned from DrasCLR on a fraction of each training fold; "
+                           f"{self.folds} subject-disjoint folds, mean ± SD. {found}")
+        figures = ([Figure(f"Label efficiency, {self.subtype}", Path(figure_path), found)]
+                   if figure_path is not None else [])
+        return Section(f"Label efficiency ({self.subtype})",
+                       "F1 of fine-tuning against the fraction of labelled boxes "
+                       "(Yu et al. 2023).", [table], figures)
+
+
+def nested_subsets(y: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Per fraction, sorted indices of a class-stratified subset of ``y``: ceil(f * n_class)
+    of each class (so at least one), prefixes of one seeded permutation per class (nested)."""
+    rng = np.random.default_rng(seed)
+    orders = {label: rng.permutation(np.flatnonzero(y == label)) for label in np.unique(y)}
+    return [np.sort(np.concatenate([order[:int(np.ceil(f * len(order) - 1e-9))]
+                                    for order in orders.values()])) for f in fractions]
+
+
+def label_efficiency(data: DetectionPatches, encoder: nn.Module, subtype: str,
+                     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                     config: DetectionConfig = DetectionConfig()) -> LabelEfficiency:
+    """Fine-tune ``encoder`` on each fraction of every training fold, and a random-init
+    encoder of the same architecture on all of it; score on the fold's test subjects."""
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(fractions):
+        raise ValueError(f"fractions: expected increasing values in (0, 1], got {fractions}")
+    rows, y, groups = task_subset(data, subtype)
+    folds = subject_folds(y, groups, config.folds, config.seed, f"{subtype} vs healthy")
+    device = config.torch_device
+
+    def score(start: nn.Module, train: np.ndarray, test: np.ndarray) -> dict[str, float]:
+        model, head = fine_tune(start, data.patches[rows[train]], data.coords[rows[train]],
+                                y[train], config.finetune, config.seed, device, subtype)
+        p = predict_proba(model, head, data.patches[rows[test]], data.coords[rows[test]],
+                          config.inference_batch, device)
+        return binary_scores(y[test], (p > 0.5).astype(np.int64))
+
+    per_fraction: list[list[dict[str, float]]] = [[] for _ in fractions]
+    scratch = []
+    for number, (train, test) in enumerate(folds):
+        for k, subset in enumerate(nested_subsets(y[train], fractions, config.seed + number)):
+            per_fraction[k].append(score(encoder, train[subset], test))
+        scratch.append(score(random_encoder(encoder.config, config.seed), train, test))
+    return LabelEfficiency(subtype, fractions, [DetectionScores.of(r) for r in per_fraction],
+                           DetectionScores.of(scratch), config.folds)

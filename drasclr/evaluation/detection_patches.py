@@ -1,0 +1,319 @@
+"""Detection patches: the 32^3 patch and the atlas coordinate of every annotated point.
+
+The emphysema subtype detection of Yu et al. 2023 (Table 5) classifies 32 mm boxes centred on
+annotated points. Here each point of an annotation CSV (``subject_id, x_mm, y_mm, z_mm,
+label``, subject world RAS mm; the synthetic cohort's ``annotations.csv`` is one) becomes:
+
+- its 32^3 patch at 1 mm, cut from the subject's scan resampled as in preprocessing and
+  windowed to int16 HU exactly like the store's landmark patches (``drasclr.data.subject``);
+- its Loc-CondConv coordinate: the point mapped into the atlas through the subject's saved
+  registration (``store/transforms/<id>/``), then ``Atlas.coords_of_points``. Loc-CondConv
+  takes a continuous coordinate, so any point works, not only landmarks.
+
+The scan of a subject is read and resampled once for all its points. The result is cached in
+one ``.npz`` (written atomically) keyed by a hash of the annotation file, the store's manifest
+and ``store.json``, so repeated experiments never re-read scans and a changed annotation file
+or re-run preprocessing is picked up.
+
+Lung check: the lungs are segmented on the resampled scan with the method preprocessing uses
+(``segment_lungs``, classical by default) and a point must lie within ``lung_tolerance_mm``
+(default 5 mm) of a lung voxel. The tolerance is there because the segmentation works on 2 mm
+blocks and its edge can miss subpleural (paraseptal) lesions; a point in the body wall or in
+the air around the patient is still refused. ``lung_tolerance_mm=None`` skips the check.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from drasclr.atomic import atomic_write_bytes
+from drasclr.data.atlas import Atlas
+from drasclr.data.io import read_ct
+from drasclr.data.lung_segmentation import LungMask, segment_lungs
+from drasclr.data.patches import cut_patches
+from drasclr.data.registration import load_subject_to_atlas
+from drasclr.data.resample import resample_isotropic
+from drasclr.data.store import DONE, PatchStore, read_store_config
+from drasclr.intensity import HU_WINDOW
+
+#: Labels an annotation may carry; the detection tasks are each subtype against healthy.
+LABELS = ("centrilobular", "paraseptal", "healthy")
+REQUIRED_COLUMNS = ("subject_id", "x_mm", "y_mm", "z_mm", "label")
+#: Bumped whenever the cached content changes meaning, so old caches are not reused.
+CACHE_VERSION = 1
+CACHE_FORMAT = "drasclr-detection-patches"
+
+
+@dataclass
+class Annotations:
+    """Annotated points read from a CSV: row n of the arrays is line ``lines[n]`` of ``path``."""
+
+    path: Path
+    subject_ids: np.ndarray  # (N,) str
+    labels: np.ndarray  # (N,) str
+    points_mm: np.ndarray  # (N, 3) float64, subject world RAS mm
+    lines: np.ndarray  # (N,) int, 1-based line numbers (the header is line 1)
+
+    def where(self, row: int) -> str:
+        return f"{self.path}, line {int(self.lines[row])}"
+
+
+@dataclass
+class DetectionPatches:
+    """The patches and atlas coordinates of annotated points (Yu et al. 2023, Table 5 data).
+
+    Attributes:
+        subject_ids, labels: (N,) str, per point.
+        points_mm: (N, 3) subject world points (RAS mm).
+        atlas_points_mm: (N, 3) the same points in the atlas (RAS mm), via the registration.
+        coords: (N, 3) float32 Loc-CondConv coordinates of the points.
+        patches: (N, 32, 32, 32) int16 HU in the window [-1024, 240]; the network input is
+            ``drasclr.intensity.normalise_hu(patches)``.
+        metadata: annotation file, store, cache key.
+    """
+
+    subject_ids: np.ndarray
+    labels: np.ndarray
+    points_mm: np.ndarray
+    atlas_points_mm: np.ndarray
+    coords: np.ndarray
+    patches: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path: str | Path) -> Path:
+        """Write one uncompressed ``.npz`` atomically (uncompressed: loading is the hot path)."""
+        header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **self.metadata}
+        buffer = io.BytesIO()
+        np.savez(buffer, metadata=np.array(json.dumps(header)),
+                 subject_ids=self.subject_ids.astype(str), labels=self.labels.astype(str),
+                 points_mm=self.points_mm, atlas_points_mm=self.atlas_points_mm,
+                 coords=self.coords, patches=self.patches)
+        atomic_write_bytes(path, buffer.getvalue())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DetectionPatches":
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["metadata"]))
+            if header.get("format") != CACHE_FORMAT or header.get("version") != CACHE_VERSION:
+                raise ValueError(f"{path}: not a detection patch cache of version {CACHE_VERSION}")
+            arrays = {name: data[name] for name in
+                      ("subject_ids", "labels", "points_mm", "atlas_points_mm", "coords", "patches")}
+        metadata = {k: v for k, v in header.items() if k not in ("format", "version")}
+        return cls(**arrays, metadata=metadata)
+
+
+def read_annotations(path: str | Path) -> Annotations:
+    """Read and check an annotation CSV (columns ``subject_id, x_mm, y_mm, z_mm, label``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: missing columns, no rows, a non-numeric coordinate or an unknown label,
+            naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such annotation file")
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} "
+                             f"(expected {', '.join(REQUIRED_COLUMNS)})")
+        ids, labels, points, lines = [], [], [], []
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            label = (row["label"] or "").strip()
+            if label not in LABELS:
+                raise ValueError(f"{where}: unknown label {label!r} (expected one of "
+                                 f"{', '.join(LABELS)})")
+            try:
+                point = [float(row[c]) for c in ("x_mm", "y_mm", "z_mm")]
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: x_mm, y_mm, z_mm must be numbers, got "
+                                 f"{[row[c] for c in ('x_mm', 'y_mm', 'z_mm')]}") from None
+            if not np.all(np.isfinite(point)):
+                raise ValueError(f"{where}: non-finite coordinate {point}")
+            ids.append((row["subject_id"] or "").strip())
+            labels.append(label)
+            points.append(point)
+            lines.append(reader.line_num)
+    if not ids:
+        raise ValueError(f"{path}: no annotated points")
+    return Annotations(path, np.array(ids, dtype=str), np.array(labels, dtype=str),
+                       np.array(points, dtype=np.float64).reshape(-1, 3), np.array(lines))
+
+
+def cache_key(annotations_path: str | Path, store_root: str | Path,
+              lung_tolerance_mm: float | None, segmentation: str) -> str:
+    """SHA-256 of everything the patches depend on: the annotation file, the store's manifest
+    and store.json (a re-run preprocessing rewrites the manifest), and the check's settings."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}/{CACHE_VERSION}/{lung_tolerance_mm}/"
+                            f"{segmentation}".encode())
+    for path in (Path(annotations_path), Path(store_root) / "manifest.csv",
+                 Path(store_root) / "store.json"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def detection_patches(
+    annotations: str | Path,
+    store: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    atlas: Atlas | None = None,
+    lung_tolerance_mm: float | None = 5.0,
+    segmentation: str = "classical",
+    progress: bool = False,
+) -> DetectionPatches:
+    """The patches and atlas coordinates of every point of ``annotations`` (cached).
+
+    Args:
+        annotations: a CSV with ``subject_id, x_mm, y_mm, z_mm, label`` (subject world mm).
+        store: a patch store made by ``drasclr preprocess`` from these subjects' scans.
+        cache_dir: where the cache file goes (default ``<store>/detection_cache``).
+        use_cache: False recomputes and writes nothing.
+        atlas: the store's atlas (default: read from the path in ``store.json``).
+        lung_tolerance_mm: how far from the segmented lung a point may lie; None: no check.
+        segmentation: the lung segmentation method for that check.
+        progress: a progress bar over subjects.
+
+    Raises:
+        FileNotFoundError / ValueError: a bad annotation file (see ``read_annotations``); a
+            subject not in the store, failed in preprocessing or without a saved registration;
+            a point outside its scan or away from the lungs. Messages name file and line.
+    """
+    store = Path(store)
+    read_store_config(store)  # a clear error when it is not a store
+    cache_path = None
+    if use_cache:
+        key = cache_key(annotations, store, lung_tolerance_mm, segmentation)
+        folder = Path(cache_dir) if cache_dir is not None else store / "detection_cache"
+        cache_path = folder / f"{Path(annotations).stem}-{key[:20]}.npz"
+        if cache_path.is_file():
+            try:
+                return DetectionPatches.load(cache_path)
+            except (OSError, ValueError, KeyError):
+                pass  # damaged or foreign: recompute and replace it
+    result = compute_detection_patches(read_annotations(annotations), store, atlas=atlas,
+                                       lung_tolerance_mm=lung_tolerance_mm,
+                                       segmentation=segmentation, progress=progress)
+    if cache_path is not None:
+        result.metadata["cache_key"] = cache_path.stem
+        result.save(cache_path)
+    return result
+
+
+def compute_detection_patches(
+    annotations: Annotations,
+    store: str | Path,
+    *,
+    atlas: Atlas | None = None,
+    lung_tolerance_mm: float | None = 5.0,
+    segmentation: str = "classical",
+    progress: bool = False,
+) -> DetectionPatches:
+    """:func:`detection_patches` without the cache: reads each subject's scan once."""
+    from tqdm import tqdm
+
+    store = Path(store)
+    config = read_store_config(store)
+    atlas = atlas if atlas is not None else Atlas.load(config["atlas"])
+    sources = _subject_sources(annotations, store)
+    # Registrations first: they are cheap, so a missing one fails before any scan is read.
+    to_atlas = {sid: load_subject_to_atlas(store / "transforms" / sid) for sid in sources}
+
+    n, size = len(annotations.labels), atlas.patch_size
+    patches = np.empty((n, size, size, size), dtype=np.int16)
+    atlas_points = np.empty((n, 3), dtype=np.float64)
+    for subject_id in tqdm(sorted(sources), desc="detection patches", unit="subject",
+                           disable=not progress):
+        rows = np.flatnonzero(annotations.subject_ids == subject_id)
+        points = annotations.points_mm[rows]
+        volume = resample_isotropic(read_ct(sources[subject_id]), 1.0)
+        to_voxel = np.linalg.inv(volume.affine)
+        voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        _check_inside_scan(annotations, rows, voxels, volume.array.shape, sources[subject_id])
+        if lung_tolerance_mm is not None:
+            _check_in_lung(annotations, rows, segment_lungs(volume, segmentation),
+                           lung_tolerance_mm, sources[subject_id])
+        # Patches outside the scan are padded with air, as the reference pads its volumes.
+        cut = cut_patches(volume.array, voxels, size)
+        patches[rows] = np.rint(np.clip(cut, *HU_WINDOW)).astype(np.int16)
+        matrix = to_atlas[subject_id]
+        atlas_points[rows] = points @ matrix[:3, :3].T + matrix[:3, 3]
+    return DetectionPatches(
+        subject_ids=annotations.subject_ids, labels=annotations.labels,
+        points_mm=annotations.points_mm, atlas_points_mm=atlas_points,
+        coords=atlas.coords_of_points(atlas_points), patches=patches,
+        metadata={"annotations": str(annotations.path), "store": str(store),
+                  "atlas": str(config["atlas"]), "lung_tolerance_mm": lung_tolerance_mm,
+                  "segmentation": segmentation},
+    )
+
+
+def _subject_sources(annotations: Annotations, store: Path) -> dict[str, str]:
+    """Scan path of every annotated subject, from the manifest; errors name the first line."""
+    manifest = {row["subject_id"]: row for row in PatchStore(store).manifest}
+    sources = {}
+    for subject_id in dict.fromkeys(annotations.subject_ids.tolist()):
+        row_index = int(np.flatnonzero(annotations.subject_ids == subject_id)[0])
+        where = annotations.where(row_index)
+        row = manifest.get(subject_id)
+        if row is None:
+            raise ValueError(f"{where}: subject {subject_id!r} is not in the patch store {store} "
+                             "(preprocess its scan into this store first)")
+        if row["status"] != DONE:
+            raise ValueError(f"{where}: subject {subject_id!r} failed preprocessing in {store} "
+                             f"({row.get('error') or 'no reason recorded'})")
+        sources[subject_id] = row["source"]
+    return sources
+
+
+def _check_inside_scan(annotations: Annotations, rows: np.ndarray, voxels: np.ndarray,
+                       shape: tuple[int, ...], source: str) -> None:
+    outside = np.any((voxels < -0.5) | (voxels > np.asarray(shape) - 0.5), axis=1)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        point = np.round(annotations.points_mm[rows[first]], 1).tolist()
+        raise ValueError(f"{annotations.where(rows[first])}: point {point} mm of subject "
+                         f"{annotations.subject_ids[rows[first]]} lies outside its scan {source} "
+                         f"(voxel {np.round(voxels[first], 1).tolist()} of a 1 mm grid of shape "
+                         f"{tuple(shape)})")
+
+
+def _check_in_lung(annotations: Annotations, rows: np.ndarray, lungs: LungMask,
+                   tolerance_mm: float, source: str) -> None:
+    """Every point within ``tolerance_mm`` of a lung voxel of ``lungs`` (on its own grid: the
+    classical segmentation returns 2 mm labels)."""
+    points = annotations.points_mm[rows]
+    to_voxel = np.linalg.inv(lungs.affine)
+    voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+    spacing = np.linalg.norm(lungs.affine[:3, :3], axis=0)
+    reach = np.ceil(tolerance_mm / spacing).astype(int) + 1
+    for n, voxel in enumerate(voxels):
+        centre = np.rint(voxel).astype(int)
+        low = np.clip(centre - reach, 0, lungs.labels.shape)
+        high = np.clip(centre + reach + 1, 0, lungs.labels.shape)
+        box = lungs.labels[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+        # Distance to the nearest lung voxel taken as a box, not its centre: a point anywhere
+        # inside a lung voxel is at 0 mm.
+        gap = np.maximum(np.abs(np.argwhere(box) + low - voxel) - 0.5, 0.0) * spacing
+        distance = np.min(np.linalg.norm(gap, axis=1)) if len(gap) else np.inf
+        if distance > tolerance_mm:
+            row = rows[n]
+            how_far = f"{distance:.1f} mm" if np.isfinite(distance) else "far"
+            raise ValueError(f"{annotations.where(row)}: point {np.round(points[n], 1).tolist()} "
+                             f"mm of subject {annotations.subject_ids[row]} is {how_far} from the "
+                             f"lungs segmented in {source} (allowed: {tolerance_mm:g} mm); not a "
+                             "lung point")
