@@ -12,6 +12,7 @@ _LAZY_EXPORTS = {
     "train": "drasclr.pretrain",
     "TrainConfig": "drasclr.pretrain",
     "load_reference_checkpoint": "drasclr.checkpoint",
+    "extract_features": "drasclr.features",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

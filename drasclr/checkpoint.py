@@ -9,10 +9,12 @@ layer names, so conversion is a key rename:
     module.encoder_q.fc.{0,2}.*                          -> head.{0,2}.*
 
 Our own checkpoints need none of this: ``Encoder(**config).load_state_dict(state_dict)``.
+:func:`load_any_encoder` reads either kind, and our per-epoch encoder files, telling which.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -22,6 +24,11 @@ from drasclr.nn.encoder import Encoder
 
 _ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.")  # DDP-wrapped, or saved unwrapped
 _SHAPE_KEYS = ("conv1.weight", "conv4.weight", "head.2.weight")  # E, rep_dim, moco_dim
+
+#: The kinds of file :func:`load_any_encoder` reads, as it names them.
+TRAINING_CHECKPOINT = "training checkpoint"  # drasclr's checkpoint_last.pt
+ENCODER_FILE = "encoder file"  # drasclr's encoder_epoch_NNNN.pt
+AUTHORS_CHECKPOINT = "authors' checkpoint"  # the reference implementation's checkpoint
 
 
 def reference_state_dict_to_encoder(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -69,17 +76,72 @@ def load_reference_checkpoint(path: str | os.PathLike, map_location="cpu") -> En
     """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # pickle/zip errors come in many types
-        raise ValueError(f"{path}: not a readable torch checkpoint ({error})") from None
+    checkpoint = _read_torch_file(path, map_location)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         found = (sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping)
                  else type(checkpoint).__name__)
         raise ValueError(f"{path}: not a DrasCLR reference checkpoint: missing key "
                          f"'state_dict' (found {found})")
+    return _reference_encoder(path, checkpoint["state_dict"])
+
+
+def load_any_encoder(path: str | os.PathLike, map_location="cpu",
+                     backend: str = "auto") -> tuple[Encoder, str]:
+    """The encoder of any checkpoint drasclr reads, in eval mode, and the kind of file it was.
+
+    The kind is told from the file's contents, read once: drasclr's training checkpoint
+    (``checkpoint_last.pt``: header and ``model``), its per-epoch encoder file
+    (``encoder_epoch_NNNN.pt``: header, no ``model``), or the authors' checkpoint
+    (``state_dict`` with ``module.encoder_q.*`` keys).
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        backend: the Loc-CondConv backend to run drasclr's encoders with; the one saved with
+            them was chosen for training, and every backend computes the same function.
+
+    Returns:
+        (encoder, kind): kind is :data:`TRAINING_CHECKPOINT`, :data:`ENCODER_FILE` or
+        :data:`AUTHORS_CHECKPOINT`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file, when it is none of these.
+    """
+    from drasclr.file_format import check_header
+    from drasclr.pretrain.checkpoints import (
+        CHECKPOINT_FORMAT, CHECKPOINT_VERSION, encoder_from_state,
+    )
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    state = _read_torch_file(path, map_location)
+    if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
+        check_header(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretraining checkpoint")
+        kind = TRAINING_CHECKPOINT if "model" in state else ENCODER_FILE
+        encoder = encoder_from_state(state, backend=backend)
+    elif isinstance(state, Mapping) and "state_dict" in state:
+        kind, encoder = AUTHORS_CHECKPOINT, _reference_encoder(path, state["state_dict"])
+    else:
+        found = sorted(map(str, state))[:8] if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"{path}: not a drasclr training checkpoint, encoder file or authors' "
+                         f"checkpoint (found {found})")
+    return encoder.eval(), kind
+
+
+def _read_torch_file(path: str | os.PathLike, map_location) -> object:
     try:
-        state_dict = reference_state_dict_to_encoder(checkpoint["state_dict"])
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # pickle/zip errors come in many types
+        raise ValueError(f"{path}: not a readable torch checkpoint ({error})") from None
+
+
+def _reference_encoder(path: str | os.PathLike, model_state: Mapping[str, Tensor]) -> Encoder:
+    """The encoder of an authors' model state dict; ValueError naming ``path`` when it does
+    not hold one of the DrasCLR encoder's shape."""
+    try:
+        state_dict = reference_state_dict_to_encoder(model_state)
         encoder = Encoder(**encoder_config_from_state_dict(state_dict))
     except ValueError as error:
         raise ValueError(f"{path}: not a DrasCLR reference checkpoint: {error}") from None

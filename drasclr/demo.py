@@ -25,15 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from drasclr import train
+    from drasclr import extract_features, train
     from drasclr.data.atlas import Atlas, build_atlas
     from drasclr.data.preprocess import preprocess
     from drasclr.data.store import PatchStore
     from drasclr.data.synthetic import generate_cohort
-    from drasclr.features import subject_features
-    from drasclr.pretrain import load_encoder
 
     if args.subjects < 2:
         raise ValueError(f"--subjects: need at least 2 subjects, got {args.subjects}")
@@ -86,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
     timings["pretrain"] = time.perf_counter() - start
 
     start = stage("subject features: mean patch representation over all landmarks")
-    encoder = load_encoder(result.checkpoint)
-    features = subject_features(encoder, store, atlas.coords)
-    np.save(out / "subject_features.npy", features)
-    print(f"features {features.shape} -> {out / 'subject_features.npy'}")
+    features = extract_features(result.checkpoint, store_path, out=out / "features.npz",
+                                device=args.device)
+    print(f"features {features.features.shape} -> {out / 'features.npz'}")
     timings["features"] = time.perf_counter() - start
 
     print("\n== timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -136,13 +136,40 @@ def write_subject(
         "error": "" if error is None else " ".join(str(error).split()),  # one line per row
         "seconds": "" if seconds is None else f"{seconds:.2f}",
     }
-    row.update({name: f"{float(value):.6g}" for name, value in (quality or {}).items()})
+    row.update(_quality_columns(quality or {}))
     with _manifest_lock(root):
         rows = {r["subject_id"]: r for r in _read_manifest_rows(root)}
         rows[subject_id] = row
         _write_manifest_rows(root, list(rows.values()))
     if patches is None:
         path.unlink(missing_ok=True)
+
+
+def update_subject(root: str | Path, subject_id: str, quality: Mapping[str, float],
+                   error: str = "") -> None:
+    """Set quality columns and the error text of a subject's existing manifest row (one atomic
+    manifest write); its status, patch file and other columns stay as they are.
+
+    Used to add measures to a store made before they existed, without redoing the subject.
+
+    Raises:
+        ValueError: the subject has no row, or a quality name is a base column.
+    """
+    root = Path(root)
+    clashing = set(quality) & set(BASE_COLUMNS)
+    if clashing:
+        raise ValueError(f"{subject_id}: quality names {sorted(clashing)} clash with manifest columns")
+    with _manifest_lock(root):
+        rows = _read_manifest_rows(root)
+        row = next((r for r in rows if r["subject_id"] == subject_id), None)
+        if row is None:
+            raise ValueError(f"{root / 'manifest.csv'}: no row for subject {subject_id!r}")
+        row.update(_quality_columns(quality), error=" ".join(str(error).split()))
+        _write_manifest_rows(root, rows)
+
+
+def _quality_columns(quality: Mapping[str, float]) -> dict[str, str]:
+    return {name: f"{float(value):.6g}" for name, value in quality.items()}
 
 
 def sort_manifest(root: str | Path) -> None:
@@ -210,6 +237,25 @@ class PatchStore:
     @property
     def patch_size(self) -> int:
         return int(self.config["patch_size"])
+
+    def atlas(self) -> Atlas:
+        """The atlas this store was cut with, found from its ``store.json`` record.
+
+        Raises:
+            FileNotFoundError: the atlas file recorded there is gone.
+            ValueError: the file there now is another atlas (landmarks differ).
+        """
+        path = Path(self.config["atlas"])
+        record = self.root / "store.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{record}: the store's atlas {path} is gone; put the atlas "
+                                    "the store was cut with back there")
+        atlas = Atlas.load(path)
+        if (atlas.num_landmarks != self.num_landmarks
+                or atlas_checksum(atlas) != self.config["atlas_checksum"]):
+            raise ValueError(f"{record}: the atlas at {path} ({atlas.num_landmarks} landmarks) is "
+                             f"not the one the store was cut with ({self.num_landmarks} landmarks)")
+        return atlas
 
     def subject_patches(self, index: int) -> np.ndarray:
         """(L, P, P, P) int16 read-only memory map of subject ``index``'s patches."""

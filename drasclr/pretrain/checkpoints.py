@@ -61,9 +61,17 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu"):
     Use ``encoder(x, loc)`` for the representation h (SPEC section 8); the projection head is
     loaded too but downstream tasks do not use it.
     """
+    return encoder_from_state(load_checkpoint(path, map_location=device)).to(device).eval()
+
+
+def encoder_from_state(state: dict[str, Any], backend: str | None = None):
+    """The query encoder held by a loaded checkpoint (``encoder_q`` built from
+    ``encoder_config``), with its saved Loc-CondConv backend unless ``backend`` is given."""
     from drasclr.nn import Encoder
 
-    state = load_checkpoint(path, map_location=device)
-    encoder = Encoder(**state["encoder_config"])
+    config = dict(state["encoder_config"])
+    if backend is not None:
+        config["backend"] = backend
+    encoder = Encoder(**config)
     encoder.load_state_dict(state["encoder_q"])
-    return encoder.to(device).eval()
+    return encoder
