@@ -71,10 +71,12 @@ class FineTuneConfig:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    """Cross-validation and probe settings; ``device=None`` uses CUDA when present."""
+    """Cross-validation and probe settings; ``device=None`` uses CUDA when present.
+    ``random_init`` seeds the weights of the random-init and scratch encoders."""
 
     folds: int = 5
     seed: int = 0
+    random_init: int = 0
     cs: tuple[float, ...] = DEFAULT_CS
     inner_folds: int = 3
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
@@ -313,12 +315,12 @@ def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
                        subtypes: Sequence[str] = SUBTYPES,
                        methods: Sequence[str] = METHODS) -> DetectionResult:
     """All methods on all subtypes; the random-init and scratch encoders are
-    ``random_encoder(encoder.config, config.seed)``, the same architecture as ``encoder``."""
+    ``random_encoder(encoder.config, config.random_init)``, the architecture of ``encoder``."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"methods: unknown {sorted(unknown)}, expected some of {METHODS}")
     device = config.torch_device
-    make_random = lambda: random_encoder(encoder.config, config.seed)  # noqa: E731
+    make_random = lambda: random_encoder(encoder.config, config.random_init)  # noqa: E731
     features = {}  # frozen h of all patches, once per encoder, shared by the subtypes
     if PROBE_DRASCLR in methods:
         features[PROBE_DRASCLR] = encode_patches(encoder, data.patches, data.coords,

@@ -125,6 +125,6 @@ def label_efficiency(data: DetectionPatches, encoder: nn.Module, subtype: str,
     for number, (train, test) in enumerate(folds):
         for k, subset in enumerate(nested_subsets(y[train], fractions, config.seed + number)):
             per_fraction[k].append(score(encoder, train[subset], test))
-        scratch.append(score(random_encoder(encoder.config, config.seed), train, test))
+        scratch.append(score(random_encoder(encoder.config, config.random_init), train, test))
     return LabelEfficiency(subtype, fractions, [DetectionScores.of(r) for r in per_fraction],
                            DetectionScores.of(scratch), config.folds)
