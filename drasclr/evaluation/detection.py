@@ -42,6 +42,8 @@ FINETUNE_DRASCLR, FINETUNE_SCRATCH = "Fine-tune DrasCLR", "Fine-tune scratch"
 METHODS = (PROBE_DRASCLR, PROBE_RANDOM, FINETUNE_DRASCLR, FINETUNE_SCRATCH)
 #: Inverse regularisation strengths searched by the linear probe.
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+#: Shuffles of the stratified group split tried before giving up (see ``subject_folds``).
+FOLD_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -140,12 +142,18 @@ def subject_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 
         raise ValueError(f"{task}: {n_splits} subject-disjoint folds need at least {n_splits} "
                          f"subjects with each class, found {positive} with the subtype and "
                          f"{negative} healthy; use fewer folds or more subjects")
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    folds = list(splitter.split(np.zeros(len(y)), y, groups))
-    for number, (train, test) in enumerate(folds):
-        if len(np.unique(y[test])) < 2 or len(np.unique(y[train])) < 2:
-            raise ValueError(f"{task}: fold {number} lacks one class; use fewer folds")
-    return folds
+    # StratifiedGroupKFold balances greedily and can leave a fold without positives when
+    # there are about as many positive subjects as folds; the next shuffles usually succeed,
+    # so a few are tried in a fixed order (the result still depends only on the seed).
+    for attempt in range(FOLD_ATTEMPTS):
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True,
+                                        random_state=seed + attempt)
+        folds = list(splitter.split(np.zeros(len(y)), y, groups))
+        if all(len(np.unique(y[part])) == 2 for fold in folds for part in fold):
+            return folds
+    raise ValueError(f"{task}: no split into {n_splits} subject-disjoint folds gives every fold "
+                     f"both classes ({positive} subjects with the subtype, {negative} healthy); "
+                     "use fewer folds")
 
 
 def random_encoder(config: dict, seed: int) -> Encoder:

@@ -231,7 +231,14 @@ def compute_detection_patches(
     atlas = atlas if atlas is not None else Atlas.load(config["atlas"])
     sources = _subject_sources(annotations, store)
     # Registrations first: they are cheap, so a missing one fails before any scan is read.
-    to_atlas = {sid: load_subject_to_atlas(store / "transforms" / sid) for sid in sources}
+    to_atlas = {}
+    for subject_id in sources:
+        try:
+            to_atlas[subject_id] = load_subject_to_atlas(store / "transforms" / subject_id)
+        except (FileNotFoundError, ValueError) as error:
+            first = int(np.flatnonzero(annotations.subject_ids == subject_id)[0])
+            raise type(error)(f"{annotations.where(first)}: subject {subject_id!r}: "
+                              f"{error}") from None
 
     n, size = len(annotations.labels), atlas.patch_size
     patches = np.empty((n, size, size, size), dtype=np.int16)
