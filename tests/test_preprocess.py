@@ -1,5 +1,8 @@
-"""The preprocessing pipeline: cohort discovery, sharding, failures, resuming, workers, CLI."""
+"""The preprocessing pipeline: cohort discovery, sharding, failures, resuming, workers, CLI,
+density measures added to a store made before them."""
+import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +14,14 @@ import pytest
 
 from drasclr.cli import main as cli_main
 from drasclr.data.atlas import Atlas, build_atlas
+from drasclr.data.density import DENSITY_MEASURES
 from drasclr.data.preprocess import (
     SubjectSource,
+    Task,
     failure_reason,
     find_subjects,
     parse_shard,
+    plan_tasks,
     preprocess,
     select_shard,
 )
@@ -222,3 +228,94 @@ def test_cli_runs_one_shard(cohort, tmp_path, capsys):
     args[-3:-1] = ["--shard", "2/2"]
     assert cli_main(args) == 2
     assert "shard" in capsys.readouterr().err
+
+
+# --- Density measures for a store made before they existed ------------------------------------
+
+OLD_COLUMNS = set(DENSITY_MEASURES) - {"lung_volume_ml"} | {"seconds_density"}
+
+
+def make_old_store(reference, out, lung_volume_ml="123.5"):
+    """A copy of ``reference`` as the pipeline wrote it before the density measures: no density
+    columns, and lung_volume_ml from the 2 mm segmentation (here a marker value)."""
+    shutil.copytree(reference, out)
+    with open(out / "manifest.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    columns = [c for c in rows[0] if c not in OLD_COLUMNS]
+    with open(out / "manifest.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "lung_volume_ml": lung_volume_ml if row["status"] == "done" else ""})
+
+
+def file_states(root):
+    """Bytes and modification time of every patch and transform file."""
+    return {path.relative_to(root): (path.read_bytes(), path.stat().st_mtime_ns)
+            for folder in ("patches", "transforms") for path in sorted((root / folder).rglob("*"))
+            if path.is_file()}
+
+
+def test_rerun_adds_density_measures_without_redoing_patches(uninterrupted, cohort, tmp_path, capsys):
+    reference, _ = uninterrupted
+    table, atlas_path = cohort
+    out = tmp_path / "old_store"
+    make_old_store(reference, out)
+    assert all(row.get("laa950_percent") is None for row in PatchStore(out).manifest)
+    before = file_states(out)
+    assert len(before) == 2 + 4  # two patch files, two transforms per good subject
+
+    # exactly the arguments of the run that made the store
+    assert cli_main(["preprocess", "--images", str(table), "--atlas", str(atlas_path), "--out",
+                     str(out), "--no-progress"]) == 0
+    assert "density measures added to 2 done subject(s)" in capsys.readouterr().out
+
+    assert file_states(out) == before  # byte-identical, never rewritten
+    fresh = {row["subject_id"]: row for row in PatchStore(reference).manifest}
+    for row in PatchStore(out).manifest:
+        if row["status"] != "done":
+            continue
+        assert row["error"] == "" and row["seconds_density"] > 0
+        for name in DENSITY_MEASURES:  # the numbers a fresh run records (1 mm lung volume too)
+            assert row[name] == fresh[row["subject_id"]][name], name
+        assert row["dice"] == fresh[row["subject_id"]]["dice"]  # registration columns kept
+    assert PatchStore(out).subject_ids == GOOD
+
+    again = preprocess(table, atlas_path, out, progress=False)  # nothing left to add
+    assert (again.skipped, again.density_added, again.done) == (2, 0, 0)
+
+
+def test_density_tasks_are_planned_per_row_and_failures_keep_the_subject(uninterrupted, cohort,
+                                                                         tmp_path):
+    reference, _ = uninterrupted
+    table, atlas_path = cohort
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    subjects = find_subjects(table)
+    by_id = {s.subject_id: s for s in subjects}
+    # as an interrupted re-run of an old store leaves it: good0 got its measures, good1 not yet
+    with open(out / "manifest.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for row in rows:
+        if row["subject_id"] == "good1":
+            row["laa950_percent"] = ""
+    with open(out / "manifest.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    tasks = plan_tasks(out, subjects)
+    assert Task(by_id["good1"], density_only=True) in tasks
+    assert [t.subject.subject_id for t in tasks if not t.density_only] == sorted(BAD)
+    assert not any(t.subject.subject_id == "good0" for t in tasks)
+
+    # the scan of good1 has gone since: the subject stays done, with the reason in its row
+    moved = tmp_path / "moved.csv"
+    moved.write_text(table.read_text().replace(str(by_id["good1"].source), str(tmp_path / "gone.nii.gz")))
+    before = file_states(out)
+    summary = preprocess(moved, atlas_path, out, progress=False)
+    assert (summary.density_added, summary.density_failed) == (0, 1)
+    row = {r["subject_id"]: r for r in PatchStore(out).manifest}["good1"]
+    assert row["status"] == "done" and row["laa950_percent"] is None
+    assert row["error"].startswith("density measures not added:") and "gone.nii.gz" in row["error"]
+    assert file_states(out) == before
+    assert PatchStore(out).subject_ids == GOOD

@@ -41,6 +41,29 @@ class LungMask:
         voxel_ml = abs(np.linalg.det(self.affine[:3, :3])) / 1000.0
         return float(np.count_nonzero(self.labels) * voxel_ml)
 
+    def on_grid(self, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+        """These labels on another grid, nearest neighbour; 0 outside this mask's grid.
+
+        For grids aligned with this one's axes (scaled and shifted, as the 1 mm volume is
+        under the block-averaged grid the classical method segments on): one index table per
+        axis and a single gather, about 0.1 s for a full-size 1 mm volume.
+
+        Raises:
+            ValueError: the grids are rotated or permuted relative to each other.
+        """
+        to_mask = np.linalg.inv(self.affine) @ affine
+        scale = np.diag(to_mask[:3, :3])
+        if not np.allclose(to_mask[:3, :3], np.diag(scale), atol=1e-6):
+            raise ValueError("lung mask: the target grid is not aligned with the mask's axes")
+        # the last index of each axis points at a slab of zeros added past the mask's end
+        padded = np.pad(self.labels, [(0, 1)] * 3)
+        index = []
+        for axis, size in enumerate(shape):
+            nearest = np.floor(scale[axis] * np.arange(size) + to_mask[axis, 3] + 0.5)
+            inside = (nearest >= 0) & (nearest < self.labels.shape[axis])
+            index.append(np.where(inside, nearest, -1).astype(np.intp))
+        return padded[np.ix_(*index)]
+
 
 def segment_lungs(
     volume: CTVolume,

@@ -11,7 +11,9 @@ it over a cohort and records the results with ``drasclr.data.store``:
 - ``shard=(i, n)`` keeps every n-th subject (0-based i) of the cohort sorted by subject id, so
   n machines or job-array tasks split one cohort without talking to each other;
 - a re-run skips subjects whose row is ``done`` and whose patch file is intact; failed
-  subjects are tried again;
+  subjects are tried again; a done subject whose row lacks the density measures (a store made
+  before they existed) gets only those: read, resample, segment and measure, its patches and
+  transforms left as they are (``drasclr.data.subject.measure_density``);
 - any exception of one subject becomes a ``failed`` row with its reason; the others go on;
 - every file is written atomically, so an interrupted run (Ctrl-C, a killed job) leaves only
   complete files and resumes where it stopped.
@@ -34,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from drasclr.data.atlas import Atlas
+from drasclr.data.density import DENSITY_MEASURES
 from drasclr.data.registration import SCHEDULES
 from drasclr.data.store import (
     DONE,
@@ -44,6 +47,7 @@ from drasclr.data.store import (
     create_store,
     patch_path,
     sort_manifest,
+    update_subject,
     write_subject,
 )
 
@@ -51,6 +55,8 @@ from drasclr.data.store import (
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 #: Lung segmentation methods of ``drasclr.data.lung_segmentation.segment_lungs``.
 SEGMENTATIONS = ("classical", "lungmask")
+#: Outcomes of a density-only task: the measures added, or not (the subject stays done).
+DENSITY_ADDED, DENSITY_FAILED = "density added", "density failed"
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,19 @@ class SubjectSource:
 
 
 @dataclass(frozen=True)
+class Task:
+    """One subject's work: full processing, or (``density_only``) only the density measures of
+    a done subject of a store made before they existed."""
+
+    subject: SubjectSource
+    density_only: bool = False
+
+
+@dataclass(frozen=True)
 class PreprocessSummary:
-    """What one run did. ``skipped`` were already done; ``total`` is the shard's size."""
+    """What one run did. ``skipped`` were already done; ``total`` is the shard's size;
+    ``density_added`` / ``density_failed``: done subjects given (or not) the density measures
+    they lacked."""
 
     store: Path
     total: int
@@ -71,6 +88,8 @@ class PreprocessSummary:
     done: int
     failed: int
     seconds: float
+    density_added: int = 0
+    density_failed: int = 0
 
 
 def preprocess(
@@ -111,29 +130,58 @@ def preprocess(
     subjects = select_shard(find_subjects(images), shard)
     root = Path(out)
     create_store(root, atlas, atlas_path)
-    finished = finished_subjects(root)
-    todo = [s for s in subjects if s.subject_id not in finished]
+    tasks = plan_tasks(root, subjects)
+    skipped = len(subjects) - len(tasks)
 
     start = time.perf_counter()
-    counts = {DONE: 0, FAILED: 0}
-    task = functools.partial(
-        process_and_record, root, str(Path(atlas_path).resolve()), schedule=schedule,
+    counts = {DONE: 0, FAILED: 0, DENSITY_ADDED: 0, DENSITY_FAILED: 0}
+    run_one = functools.partial(
+        run_task, root, str(Path(atlas_path).resolve()), schedule=schedule,
         segmentation=segmentation,
     )
-    with tqdm(total=len(todo), unit="subject", disable=not progress, dynamic_ncols=True) as bar:
-        bar.set_postfix(done=0, failed=0, skipped=len(subjects) - len(todo))
+    with tqdm(total=len(tasks), unit="subject", disable=not progress, dynamic_ncols=True) as bar:
+
+        def show() -> None:
+            density = counts[DENSITY_ADDED] + counts[DENSITY_FAILED]
+            bar.set_postfix(done=counts[DONE], failed=counts[FAILED], skipped=skipped,
+                            **({"density": density} if density else {}))
 
         def record(status: str) -> None:
             counts[status] += 1
-            bar.set_postfix(done=counts[DONE], failed=counts[FAILED], skipped=len(subjects) - len(todo))
+            show()
             bar.update()
 
-        _run_in_pool(task, todo, root, workers, record)
+        show()
+        _run_in_pool(run_one, tasks, root, workers, record)
     sort_manifest(root)
     return PreprocessSummary(
-        store=root, total=len(subjects), skipped=len(subjects) - len(todo), done=counts[DONE],
+        store=root, total=len(subjects), skipped=skipped, done=counts[DONE],
         failed=counts[FAILED], seconds=time.perf_counter() - start,
+        density_added=counts[DENSITY_ADDED], density_failed=counts[DENSITY_FAILED],
     )
+
+
+def plan_tasks(root: Path, subjects: list[SubjectSource]) -> list[Task]:
+    """What a run still has to do: full processing for subjects not finished (never run,
+    failed, or with a broken patch file), the density measures alone for finished subjects
+    whose manifest row lacks any of them."""
+    finished = finished_subjects(root)
+    rows = {row["subject_id"]: row for row in PatchStore(root).manifest}
+    tasks = []
+    for subject in subjects:
+        if subject.subject_id not in finished:
+            tasks.append(Task(subject))
+        elif any(rows[subject.subject_id].get(name) is None for name in DENSITY_MEASURES):
+            tasks.append(Task(subject, density_only=True))
+    return tasks
+
+
+def run_task(root: Path, atlas_path: str, task: Task, *, schedule: str, segmentation: str) -> str:
+    """Run one task in a worker process and record its outcome; returns the status."""
+    if task.density_only:
+        return measure_and_record(root, task.subject, segmentation=segmentation)
+    return process_and_record(root, atlas_path, task.subject, schedule=schedule,
+                              segmentation=segmentation)
 
 
 def process_and_record(
@@ -164,6 +212,28 @@ def process_and_record(
         return FAILED
 
 
+def measure_and_record(root: Path, subject: SubjectSource, *, segmentation: str) -> str:
+    """Add the density measures to a done subject's manifest row (one atomic manifest write);
+    its patch file, transforms and other columns are left as they are.
+
+    A failure leaves the subject done (its patches are good) and notes the reason in its row's
+    error column; the measures stay empty, so the next run tries again.
+    """
+    from drasclr.data import subject as subject_module  # heavy (ANTs); workers import it once
+
+    try:
+        measures = subject_module.measure_density(subject.source, segmentation=segmentation)
+    except Exception as error:  # one bad subject must never stop the cohort
+        _record_density_failure(root, subject, failure_reason(error))
+        return DENSITY_FAILED
+    update_subject(root, subject.subject_id, measures)
+    return DENSITY_ADDED
+
+
+def _record_density_failure(root: Path, subject: SubjectSource, reason: str) -> None:
+    update_subject(root, subject.subject_id, {}, error=f"density measures not added: {reason}")
+
+
 def failure_reason(error: BaseException) -> str:
     """The manifest's error text: ValueErrors (bad input) carry their own message; other
     exceptions (bugs, crashes) are named by type as well."""
@@ -185,33 +255,39 @@ def _init_worker() -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
 
 
-def _run_in_pool(task, todo: list[SubjectSource], root: Path, workers: int, record) -> None:
-    """Run ``task`` over ``todo`` in ``workers`` fresh (spawned) processes.
+def _run_in_pool(run_one, tasks: list[Task], root: Path, workers: int, record) -> None:
+    """Run ``run_one`` over ``tasks`` in ``workers`` fresh (spawned) processes.
 
     Spawned, not forked: a forked child would inherit an ITK already started (with its thread
     count) by the parent, and forking a process that holds threads is unsafe.
     """
     executor = ProcessPoolExecutor(
-        max_workers=min(workers, max(len(todo), 1)),
+        max_workers=min(workers, max(len(tasks), 1)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
     )
     try:
-        futures: dict[Future, SubjectSource] = {executor.submit(task, s): s for s in todo}
+        futures: dict[Future, Task] = {executor.submit(run_one, t): t for t in tasks}
         for future in as_completed(futures):
-            subject = futures[future]
+            task = futures[future]
             try:
                 status = future.result()
             except BrokenProcessPool as error:  # a worker died (killed, out of memory)
-                reason = f"worker process died ({error}); re-run to retry"
-                write_subject(root, subject.subject_id, subject.source, error=reason)
-                status = FAILED
+                status = _record_crash(root, task, f"worker process died ({error}); re-run to retry")
             except Exception as error:  # the task could not even record its failure
-                write_subject(root, subject.subject_id, subject.source, error=failure_reason(error))
-                status = FAILED
+                status = _record_crash(root, task, failure_reason(error))
             record(status)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _record_crash(root: Path, task: Task, reason: str) -> str:
+    """Record a task whose worker could not record it; a density-only task's subject stays done."""
+    if task.density_only:
+        _record_density_failure(root, task.subject, reason)
+        return DENSITY_FAILED
+    write_subject(root, task.subject.subject_id, task.subject.source, error=reason)
+    return FAILED
 
 
 def finished_subjects(root: Path) -> set[str]:
@@ -323,9 +399,14 @@ def run(args: argparse.Namespace) -> int:
         args.images, args.atlas, args.out, workers=args.workers, shard=args.shard,
         schedule=args.schedule, segmentation=args.segmentation, progress=not args.no_progress,
     )
+    density = ""
+    if summary.density_added or summary.density_failed:
+        density = (f"; density measures added to {summary.density_added} done subject(s)"
+                   + (f", not to {summary.density_failed}" if summary.density_failed else ""))
     print(
         f"{summary.store}: {summary.done} done, {summary.failed} failed, {summary.skipped} already "
-        f"done, of {summary.total} in {summary.seconds:.1f} s"
-        + (f"; reasons in {summary.store / 'manifest.csv'}" if summary.failed else "")
+        f"done, of {summary.total} in {summary.seconds:.1f} s{density}"
+        + (f"; reasons in {summary.store / 'manifest.csv'}"
+           if summary.failed or summary.density_failed else "")
     )
     return 0

@@ -1,10 +1,12 @@
 """One subject from CT file to landmark patches (SPEC sections 2-4).
 
-read -> resample to 1 mm (cubic B-spline) -> lung segmentation -> affine registration of the
-lung mask onto the atlas mask -> each atlas landmark centre mapped into the subject (atlas world
-point -> subject world point -> voxel index of the 1 mm volume) -> its 32^3 patch cut from the
-HU-windowed volume. Every expected failure raises :class:`SubjectError` naming the source and
-the problem, so that a pipeline can record it and go on with the other subjects.
+read -> resample to 1 mm (cubic B-spline) -> lung segmentation -> density measures of the lungs
+(``drasclr.data.density``) -> affine registration of the lung mask onto the atlas mask -> each
+atlas landmark centre mapped into the subject (atlas world point -> subject world point ->
+voxel index of the 1 mm volume) -> its 32^3 patch cut from the HU-windowed volume. Every
+expected failure raises :class:`SubjectError` naming the source and the problem, so that a
+pipeline can record it and go on with the other subjects. :func:`measure_density` runs only
+the stages the density measures need, for stores made before they existed.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drasclr.data.density import density_measures
 from drasclr.data.io import CTVolume, check_ct_intensities, read_ct
 from drasclr.data.lung_segmentation import SEGMENTATION_METHODS, LungMask, segment_lungs
 from drasclr.data.patches import cut_patches
@@ -35,8 +38,9 @@ class ProcessedSubject:
 
     Attributes:
         patches: (L, P, P, P) int16 HU in the window [-1024, 240], one per atlas landmark.
-        quality: figures for the manifest: ``dice`` (registration), ``lung_volume_ml``,
-            ``seconds_<stage>`` for read, resample, segment, register and cut.
+        quality: figures for the manifest: ``dice`` (registration), the density measures
+            (``drasclr.data.density.DENSITY_MEASURES``, lung volume included), and
+            ``seconds_<stage>`` for read, resample, segment, density, register and cut.
         landmark_voxels: (L, 3) float landmark centres as voxel indices of the 1 mm volume.
         affine: (4, 4) voxel index -> RAS world mm of that 1 mm volume.
     """
@@ -77,18 +81,12 @@ def process_subject(
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
     if segmentation not in SEGMENTATION_METHODS:
         raise ValueError(f"segmentation: expected one of {SEGMENTATION_METHODS}, got {segmentation!r}")
-    name = source.source if isinstance(source, CTVolume) else str(source)
     quality: dict[str, float] = {}
-    try:
-        with _timed(quality, "read"):
-            volume = source if isinstance(source, CTVolume) else read_ct(source)
-            check_ct_intensities(volume)
-        with _timed(quality, "resample"):
-            volume = resample_isotropic(volume, 1.0)
-        with _timed(quality, "segment"):
-            lungs = segment_lungs(volume, segmentation)
-            quality["lung_volume_ml"] = lungs.volume_ml
-            _check_lung_volume(lungs, atlas, lung_volume_ratio)
+    with _subject_errors(source):
+        volume, lungs = _segmented_volume(source, segmentation, quality)
+        _check_lung_volume(lungs, atlas, lung_volume_ratio)
+        with _timed(quality, "density"):
+            quality.update(lung_density(volume, lungs))
         with _timed(quality, "register"):
             transform_files = None
             if transforms_dir is not None:
@@ -110,14 +108,66 @@ def process_subject(
             # Window the patches, not the whole volume: a fraction of the voxels.
             patches = cut_patches(volume.array, landmark_voxels, atlas.patch_size)
             patches = np.rint(np.clip(patches, *HU_WINDOW)).astype(np.int16)
+    return ProcessedSubject(
+        patches=patches, quality=quality, landmark_voxels=landmark_voxels, affine=volume.affine
+    )
+
+
+def measure_density(source: str | Path | CTVolume, *, segmentation: str = "classical"
+                    ) -> dict[str, float]:
+    """The density measures of one scan without registering it or cutting patches: the same
+    numbers as :func:`process_subject` records, plus ``seconds_density``.
+
+    Runs read, resample, segment and measure only; ``drasclr preprocess`` uses it to add the
+    measures to subjects of a store made before they existed.
+
+    Raises:
+        SubjectError: unreadable or implausible input, no lungs found.
+    """
+    if segmentation not in SEGMENTATION_METHODS:
+        raise ValueError(f"segmentation: expected one of {SEGMENTATION_METHODS}, got {segmentation!r}")
+    quality: dict[str, float] = {}
+    with _subject_errors(source):
+        volume, lungs = _segmented_volume(source, segmentation, quality)
+        with _timed(quality, "density"):
+            measures = lung_density(volume, lungs)
+    return {**measures, "seconds_density": quality["seconds_density"]}
+
+
+def lung_density(volume: CTVolume, lungs: LungMask) -> dict[str, float]:
+    """The density measures (``drasclr.data.density``) of a 1 mm volume inside its lung mask,
+    the segmentation's labels brought onto the volume's grid (nearest neighbour)."""
+    lung = lungs.on_grid(volume.array.shape, volume.affine) > 0
+    voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
+    return density_measures(volume.array, lung, voxel_ml)
+
+
+def _segmented_volume(source: str | Path | CTVolume, segmentation: str,
+                      quality: dict[str, float]) -> tuple[CTVolume, LungMask]:
+    """The stages every use of a scan starts with: read (and check), resample to 1 mm, segment
+    the lungs; each timed into ``quality``."""
+    with _timed(quality, "read"):
+        volume = source if isinstance(source, CTVolume) else read_ct(source)
+        check_ct_intensities(volume)
+    with _timed(quality, "resample"):
+        volume = resample_isotropic(volume, 1.0)
+    with _timed(quality, "segment"):
+        lungs = segment_lungs(volume, segmentation)
+    return volume, lungs
+
+
+@contextmanager
+def _subject_errors(source: str | Path | CTVolume):
+    """Turn the expected failures of a scan (ValueError, OSError) into a SubjectError whose
+    message starts with the scan's name."""
+    name = source.source if isinstance(source, CTVolume) else str(source)
+    try:
+        yield
     except SubjectError:
         raise
     except (ValueError, OSError) as error:
         message = str(error)
         raise SubjectError(message if message.startswith(name) else f"{name}: {message}") from error
-    return ProcessedSubject(
-        patches=patches, quality=quality, landmark_voxels=landmark_voxels, affine=volume.affine
-    )
 
 
 def _check_lung_volume(lungs: LungMask, atlas, ratio: tuple[float, float]) -> None:
