@@ -24,7 +24,9 @@ from drasclr.evaluation.detection import (
     cross_validate_probe, encode_patches, evaluate_detection, fine_tune, fit_linear_probe,
     predict_proba, probe_weights, random_encoder, subject_folds, task_subset,
 )
-from drasclr.evaluation.detection_efficiency import LabelEfficiency, label_efficiency, nested_subsets
+from drasclr.evaluation.detection_efficiency import (
+    LabelEfficiency, label_efficiency, nested_subsets,
+)
 from drasclr.evaluation.detection_patches import DetectionPatches, detection_patches
 from drasclr.evaluation.report import Score
 
@@ -78,7 +80,8 @@ def test_atlas_coordinate_matches_true_mapping(cohort, cohort_patches):
     for subject_id in np.unique(data.subject_ids):
         rows = data.subject_ids == subject_id
         truth = json.loads((cohort["cohort"] / "truth" / f"{subject_id}.json").read_text())
-        template_points = SubjectTransform.from_dict(truth).subject_to_template(data.points_mm[rows])
+        transform = SubjectTransform.from_dict(truth)
+        template_points = transform.subject_to_template(data.points_mm[rows])
         # the true template points are those the true template->subject mapping sends here
         np.testing.assert_allclose(map_template_points(truth, template_points),
                                    data.points_mm[rows], atol=1e-3)
@@ -111,7 +114,8 @@ def test_cache_reused_then_invalidated_when_annotations_change(cohort, tmp_path,
         return read_ct(path)
 
     monkeypatch.setattr(patches_module, "read_ct", counting_read_ct)
-    rows = [r for r in read_rows(cohort["annotations"]) if r["subject_id"] in ("sub0000", "sub0001")]
+    rows = [r for r in read_rows(cohort["annotations"])
+            if r["subject_id"] in ("sub0000", "sub0001")]
     annotations = write_annotations(tmp_path / "annotations.csv", rows)
     first = detection_patches(annotations, cohort["store"], cache_dir=tmp_path / "cache")
     assert sorted(reads) == sorted(set(reads)) and len(reads) == 2  # one read per scan
@@ -176,7 +180,8 @@ def planted(subjects: int = 16, per_subject: int = 8, shift_hu: float = 150.0, s
     n = subjects * per_subject
     subject_ids = np.repeat([f"s{i:02d}" for i in range(subjects)], per_subject)
     labels = np.where(np.arange(n) < n // 2, "centrilobular", "healthy")
-    hu = -800 + 40 * rng.standard_normal((n, 32, 32, 32)) + shift_hu * (labels != "healthy")[:, None, None, None]
+    brighter = shift_hu * (labels != "healthy")[:, None, None, None]
+    hu = -800 + 40 * rng.standard_normal((n, 32, 32, 32)) + brighter
     coords = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
     points = rng.normal(size=(n, 3))
     return DetectionPatches(subject_ids, labels, points, points, coords,
@@ -223,7 +228,8 @@ def test_fine_tuning_learns_planted_signal_deterministically():
     y = (data.labels == "centrilobular").astype(int)
     config = FineTuneConfig(epochs=6, batch_size=16, lr=1e-3)  # 18 steps
     start = random_encoder({}, 0)
-    model, head = fine_tune(start, data.patches[train], data.coords[train], y[train], config, seed=0)
+    model, head = fine_tune(start, data.patches[train], data.coords[train], y[train], config,
+                            seed=0)
     p = predict_proba(model, head, data.patches[~train], data.coords[~train])
     assert ((p > 0.5) == y[~train]).mean() > 0.9
     # same seed, same weights; the starting encoder is left as it was
@@ -270,7 +276,8 @@ def test_label_efficiency_subsets_and_curve(tmp_path):
     made = LabelEfficiency("paraseptal", (0.1, 0.2, 0.3), [scores(0.5), scores(0.8), scores(0.9)],
                            scores(0.75), 2)
     assert made.matching_fraction == 0.2
-    assert LabelEfficiency("paraseptal", (0.1,), [scores(0.5)], scores(0.75), 2).matching_fraction is None
+    never = LabelEfficiency("paraseptal", (0.1,), [scores(0.5)], scores(0.75), 2)
+    assert never.matching_fraction is None
 
 
 # -- the command -----------------------------------------------------------------------------

@@ -44,8 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", metavar="F1,F2,...",
                         help="also the label-efficiency curve at these fractions of the training "
                              "boxes, e.g. 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if present)")
-    parser.add_argument("--cache-dir", help="where the patch cache goes (default <store>/detection_cache)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N (default: CUDA if present)")
+    parser.add_argument("--cache-dir",
+                        help="where the patch cache goes (default <store>/detection_cache)")
     parser.add_argument("--no-cache", action="store_true", help="re-read the scans, write no cache")
     parser.add_argument("--lung-tolerance-mm", type=float, default=5.0,
                         help="a point may lie this far from the segmented lungs (default 5; "
@@ -65,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
 
     subtypes = [s.strip() for s in args.subtypes.split(",") if s.strip()]
     if not subtypes or set(subtypes) - set(SUBTYPES):
-        raise ValueError(f"--subtypes: expected some of {', '.join(SUBTYPES)}, got {args.subtypes!r}")
+        raise ValueError(f"--subtypes: expected some of {', '.join(SUBTYPES)}, "
+                         f"got {args.subtypes!r}")
     fractions = None
     if args.fractions:
         try:
             fractions = [float(f) for f in args.fractions.split(",")]
         except ValueError:
-            raise ValueError(f"--fractions: expected comma-separated numbers, got {args.fractions!r}") from None
+            raise ValueError(f"--fractions: expected comma-separated numbers, "
+                             f"got {args.fractions!r}") from None
     config = DetectionConfig(
         folds=args.folds, seed=args.seed, random_init=args.random_init, device=args.device,
         finetune=FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

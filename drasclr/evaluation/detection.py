@@ -67,8 +67,8 @@ class FineTuneConfig:
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name}: expected a finite {'positive' if name == 'lr' else 'non-negative'} "
-                                 f"number, got {value!r}")
+                kind = "positive" if name == "lr" else "non-negative"
+                raise ValueError(f"{name}: expected a finite {kind} number, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def label_efficiency(data: DetectionPatches, encoder: nn.Module, subtype: str,
     """Fine-tune ``encoder`` on each fraction of every training fold, and a random-init
     encoder of the same architecture on all of it; score on the fold's test subjects."""
     fractions = tuple(float(f) for f in fractions)
-    if not fractions or any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(fractions):
+    if (not fractions or any(not 0 < f <= 1 for f in fractions)
+            or list(fractions) != sorted(fractions)):
         raise ValueError(f"fractions: expected increasing values in (0, 1], got {fractions}")
     rows, y, groups = task_subset(data, subtype)
     folds = subject_folds(y, groups, config.folds, config.seed, f"{subtype} vs healthy")

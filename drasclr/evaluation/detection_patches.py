@@ -106,8 +106,8 @@ class DetectionPatches:
             header = json.loads(str(data["metadata"]))
             if header.get("format") != CACHE_FORMAT or header.get("version") != CACHE_VERSION:
                 raise ValueError(f"{path}: not a detection patch cache of version {CACHE_VERSION}")
-            arrays = {name: data[name] for name in
-                      ("subject_ids", "labels", "points_mm", "atlas_points_mm", "coords", "patches")}
+            names = ("subject_ids", "labels", "points_mm", "atlas_points_mm", "coords", "patches")
+            arrays = {name: data[name] for name in names}
         metadata = {k: v for k, v in header.items() if k not in ("format", "version")}
         return cls(**arrays, metadata=metadata)
 
