@@ -127,6 +127,7 @@ def test_cache_reused_then_invalidated_when_annotations_change(cohort, tmp_path,
     write_annotations(annotations, rows[:-1])
     third = detection_patches(annotations, cohort["store"], cache_dir=tmp_path / "cache")
     assert len(reads) == 4 and len(third) == len(rows) - 1
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # the stale cache is gone
 
 
 # -- errors ----------------------------------------------------------------------------------

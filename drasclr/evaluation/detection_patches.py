@@ -27,6 +27,8 @@ import csv
 import hashlib
 import io
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,7 +212,17 @@ def detection_patches(
                                        segmentation=segmentation, progress=progress)
     if cache_path is not None:
         result.metadata["cache_key"] = cache_path.stem
-        result.save(cache_path)
+        try:
+            result.save(cache_path)
+        except PermissionError as error:  # a read-only store still works, only slower
+            warnings.warn(f"{cache_path.parent}: cannot write the detection patch cache "
+                          f"({error.strerror}); give cache_dir / --cache-dir", stacklevel=2)
+            return result
+        # Older caches of this annotation file are stale (it or the store changed): drop them.
+        same_file = re.compile(re.escape(Path(annotations).stem) + r"-[0-9a-f]{20}\.npz")
+        for stale in cache_path.parent.iterdir():
+            if stale != cache_path and same_file.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
     return result
 
 
