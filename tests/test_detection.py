@@ -134,13 +134,16 @@ def test_cache_reused_then_invalidated_when_annotations_change(cohort, tmp_path,
 
 @pytest.fixture
 def broken_store(cohort, tmp_path) -> Path:
-    """A copy of the store (no patch files needed) in which sub0002 has lost its registration
-    and sub0003 failed preprocessing."""
+    """A copy of the store (no patch files needed) in which sub0002 has lost its registration,
+    sub0003 failed preprocessing and the scan of sub0005 has gone."""
     store = tmp_path / "store"
     shutil.copytree(cohort["store"], store, ignore=shutil.ignore_patterns("patches", "*cache*"))
     shutil.rmtree(store / "transforms" / "sub0002")
     (store / "patches").mkdir()
     write_subject(store, "sub0003", "scan.nii.gz", error="implausible lung volume")
+    num_landmarks = cohort["atlas"].num_landmarks
+    write_subject(store, "sub0005", str(tmp_path / "moved.nii.gz"),
+                  np.zeros((num_landmarks, 32, 32, 32), np.int16))
     return store
 
 
@@ -158,6 +161,7 @@ def test_errors_name_the_file_line_and_problem(cohort, broken_store, tmp_path):
         ({**row, "subject_id": "sub9999"}, "'sub9999' is not in the patch store"),
         ({**row, "subject_id": "sub0002"}, "no saved registration"),
         ({**row, "subject_id": "sub0003"}, "failed preprocessing"),
+        ({**row, "subject_id": "sub0005"}, "cannot read its scan"),
     ]
     for bad, message in cases:
         path = write_annotations(tmp_path / "bad.csv", [row, bad])

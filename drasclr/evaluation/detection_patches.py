@@ -41,7 +41,7 @@ from drasclr.data.lung_segmentation import LungMask, segment_lungs
 from drasclr.data.patches import cut_patches
 from drasclr.data.registration import load_subject_to_atlas
 from drasclr.data.resample import resample_isotropic
-from drasclr.data.store import DONE, PatchStore, read_store_config
+from drasclr.data.store import DONE, PatchStore, atlas_checksum, read_store_config
 from drasclr.intensity import HU_WINDOW
 
 #: Labels an annotation may carry; the detection tasks are each subtype against healthy.
@@ -197,6 +197,8 @@ def detection_patches(
     """
     store = Path(store)
     read_store_config(store)  # a clear error when it is not a store
+    if not Path(annotations).is_file():
+        raise FileNotFoundError(f"{annotations}: no such annotation file")
     cache_path = None
     if use_cache:
         key = cache_key(annotations, store, lung_tolerance_mm, segmentation)
@@ -241,6 +243,9 @@ def compute_detection_patches(
     store = Path(store)
     config = read_store_config(store)
     atlas = atlas if atlas is not None else Atlas.load(config["atlas"])
+    if atlas_checksum(atlas) != config["atlas_checksum"]:
+        raise ValueError(f"{store}: the store was made for another atlas ({config['atlas']}) "
+                         "than the one given")
     sources = _subject_sources(annotations, store)
     # Registrations first: they are cheap, so a missing one fails before any scan is read.
     to_atlas = {}
@@ -259,7 +264,12 @@ def compute_detection_patches(
                            disable=not progress):
         rows = np.flatnonzero(annotations.subject_ids == subject_id)
         points = annotations.points_mm[rows]
-        volume = resample_isotropic(read_ct(sources[subject_id]), 1.0)
+        try:
+            volume = resample_isotropic(read_ct(sources[subject_id]), 1.0)
+        except (OSError, ValueError) as error:
+            first = annotations.where(int(rows[0]))
+            raise type(error)(f"{first}: subject {subject_id!r}: cannot read its scan "
+                              f"({error})") from None
         to_voxel = np.linalg.inv(volume.affine)
         voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         _check_inside_scan(annotations, rows, voxels, volume.array.shape, sources[subject_id])
