@@ -22,6 +22,7 @@ the CPU; on a GPU, cuDNN's algorithms may differ in the last bits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -223,16 +224,15 @@ def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
 
 # -- heads for the dense maps ----------------------------------------------------------------
 
-def save_detection_heads(data: DetectionPatches, encoder: nn.Module, out_dir, source: str,
+def save_detection_heads(data: DetectionPatches, encoder: nn.Module, out_dir: str | Path,
+                         source: str,
                          config: DetectionConfig = DetectionConfig(),
                          subtypes: Sequence[str] = SUBTYPES,
-                         kinds: Sequence[str] = ("probe", "finetune")) -> list:
+                         kinds: Sequence[str] = ("probe", "finetune")) -> list[Path]:
     """Fit each subtype's classifier on all its labelled boxes and write head files
     ``head_<subtype>_<kind>.pt`` (:mod:`drasclr.evaluation.head`) for ``drasclr densemap``:
     ``probe`` (linear probe on the frozen ``encoder``, scaler folded into the weights) and
     ``finetune`` (fine-tuned from ``encoder``, its weights saved in the head file)."""
-    from pathlib import Path
-
     from drasclr.evaluation.head import save_head
 
     unknown = set(kinds) - {"probe", "finetune"}
