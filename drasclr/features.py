@@ -157,6 +157,9 @@ def extract_features(
                          "file: give out")
     if source is None and random_init is None:
         raise ValueError("source: give an encoder or checkpoint, or random_init=SEED")
+    if not isinstance(source, (Encoder, str, os.PathLike, type(None))):
+        raise ValueError(f"source: expected a drasclr Encoder or a checkpoint path, got "
+                         f"{type(source).__name__}")
     if random_init is not None and (isinstance(random_init, bool)
                                     or int(random_init) != random_init):
         raise ValueError(f"random_init: expected an integer seed, got {random_init!r}")

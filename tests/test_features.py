@@ -92,7 +92,8 @@ def test_features_match_a_float64_per_patch_computation(tiny_store, encoder_and_
     atlas, store = tiny_store
     encoder, expected = encoder_and_reference
     result = extract_features(encoder, store, out=tmp_path / "f.npz", patches=True,
-                              patch_dtype="float32", batch_size=batch_size, progress=False)
+                              patch_dtype="float32", batch_size=batch_size, device="cpu",
+                              progress=False)
 
     assert result.subject_ids == ["s0", "s1", "s2"]
     np.testing.assert_allclose(result.features, expected.mean(axis=1), rtol=1e-4, atol=1e-5)
@@ -107,7 +108,7 @@ def test_patch_file_round_trips_as_float16(tiny_store, encoder_and_reference, tm
     atlas, store = tiny_store
     encoder, expected = encoder_and_reference
     out = tmp_path / "run" / "features.npz"
-    result = extract_features(encoder, store, out=out, patches=True, progress=False)
+    result = extract_features(encoder, store, out=out, patches=True, device="cpu", progress=False)
 
     loaded = FeatureSet.load(out)
     assert loaded.subject_ids == result.subject_ids and loaded.metadata == result.metadata
@@ -147,14 +148,14 @@ def test_every_source_kind_is_detected_and_gives_the_same_features(tiny_store, t
                     tmp_path / "encoder_epoch_0001.pt")
     torch.save(authors_layout(encoder), tmp_path / "checkpoint_0019.pth.tar")
 
-    direct = extract_features(encoder, store, progress=False)
+    direct = extract_features(encoder, store, device="cpu", progress=False)
     assert direct.name == "DrasCLR" and direct.metadata["encoder"] == "Encoder object"
     for file, kind, name in (("checkpoint_last.pt", TRAINING_CHECKPOINT, "DrasCLR"),
                              ("encoder_epoch_0001.pt", ENCODER_FILE, "DrasCLR"),
                              ("checkpoint_0019.pth.tar", AUTHORS_CHECKPOINT, "DrasCLR (authors)")):
         loaded, detected = load_any_encoder(tmp_path / file)
         assert detected == kind and not loaded.training
-        result = extract_features(tmp_path / file, store, progress=False)
+        result = extract_features(tmp_path / file, store, device="cpu", progress=False)
         meta = result.metadata
         assert (meta["encoder"], result.name, meta["source"]) == (kind, name, str(tmp_path / file))
         assert meta["rep_dim"] == 16 and meta["device"] == "cpu" and meta["dtype"] == "float32"
@@ -253,6 +254,21 @@ def test_bad_inputs_fail_before_any_work_naming_the_file(tiny_store, tmp_path):
             extract_features(encoder, store, progress=False, **kwargs)
     with pytest.raises(ValueError, match="random_init=SEED"):
         extract_features(None, store, progress=False)
+    with pytest.raises(ValueError, match="expected a drasclr Encoder or a checkpoint path"):
+        extract_features(torch.nn.Linear(3, 3), store, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bfloat16_features_are_close_to_float64(tiny_store, encoder_and_reference, tmp_path):
+    atlas, store = tiny_store
+    encoder, expected = encoder_and_reference
+    result = extract_features(encoder, store, out=tmp_path / "f.npz", patches=True,
+                              device="cuda", progress=False)
+    assert result.metadata["dtype"] == "bfloat16" and result.metadata["device"].startswith("cuda")
+    scale = np.abs(expected).max()
+    assert np.abs(result.features - expected.mean(axis=1)).max() < 3e-2 * scale
+    patches = np.load(tmp_path / "f.patches.npy")
+    assert np.abs(patches - expected).max() < 5e-2 * scale
 
 
 def test_cli_writes_a_loadable_features_file(tiny_store, tmp_path, capsys):
@@ -269,7 +285,8 @@ def test_cli_writes_a_loadable_features_file(tiny_store, tmp_path, capsys):
     loaded = FeatureSet.load(out)
     assert loaded.name == "epoch 2" and loaded.features.shape == (3, 16)
     np.testing.assert_allclose(loaded.features,
-                               extract_features(encoder, store, progress=False).features,
+                               extract_features(encoder, store, device="cpu",
+                                                progress=False).features,
                                rtol=1e-4, atol=1e-5)  # other batches: other summation order
 
     baseline = tmp_path / "random.npz"
