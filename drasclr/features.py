@@ -96,8 +96,13 @@ class FeatureSet:
 
 #: Element types of the patch representation file.
 PATCH_DTYPES = ("float16", "float32")
-#: Store patches that set the BatchNorm statistics of a random-init encoder.
-CALIBRATION_PATCHES = 1024
+#: Patches per forward pass by device type. On the CPU small batches are faster: their
+#: activations stay in the cache (16: 570 patches/s, 256: 200 on the 2-core VM; see
+#: benchmarks/RESULTS.md); a GPU needs large ones to fill.
+DEFAULT_BATCH = {"cuda": 256, "cpu": 16}
+#: Store patches that set the BatchNorm statistics of a random-init encoder, in batches of
+#: several landmarks, as training batches are.
+CALIBRATION_PATCHES, CALIBRATION_BATCH = 1024, 256
 
 
 @torch.no_grad()
@@ -110,7 +115,7 @@ def extract_features(
     patches: bool = False,
     patch_dtype: str = "float16",
     device: str | torch.device = "auto",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     random_init: int | None = None,
     progress: bool = True,
 ) -> FeatureSet:
@@ -133,7 +138,7 @@ def extract_features(
         patch_dtype: "float16" or "float32", the element type of that file.
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N". On CUDA the encoder
             runs under bfloat16 autocast and patches travel from pinned memory.
-        batch_size: patches per forward pass.
+        batch_size: patches per forward pass; default :data:`DEFAULT_BATCH` of the device.
         random_init: a seed: instead of the source's weights, a randomly initialised encoder of
             the source's architecture (the default ``Encoder()`` without a source), the
             baseline of the evaluation tables. Its BatchNorm statistics are estimated on
@@ -150,7 +155,8 @@ def extract_features(
     started = time.perf_counter()
     if patch_dtype not in PATCH_DTYPES:
         raise ValueError(f"patch_dtype: expected one of {PATCH_DTYPES}, got {patch_dtype!r}")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size
+                                   or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if patches and out is None:
         raise ValueError("patches=True writes the patch representations beside the features "
@@ -169,13 +175,14 @@ def extract_features(
                          "(run `drasclr preprocess`)")
     coords = store.atlas().coords
     device = _resolve_device(str(device))
+    batch_size = batch_size or DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
     encoder, metadata = _working_encoder(source, random_init)
     encoder = encoder.to(device).eval()
     use_bf16 = device.type == "cuda"
     coords_t = torch.as_tensor(coords, dtype=torch.float32, device=device)
     if random_init is not None:
         order = np.random.default_rng(random_init).permutation(store.num_landmarks)
-        inputs = _encoder_inputs(store, order, batch_size, coords_t, device,
+        inputs = _encoder_inputs(store, order, CALIBRATION_BATCH, coords_t, device,
                                  limit=CALIBRATION_PATCHES)
         used = calibrate_batchnorm(encoder, inputs, use_bf16)
         metadata["batchnorm"] = f"statistics estimated on {used} store patches"
@@ -210,7 +217,7 @@ def extract_features(
             del patch_file  # closes the map before the rename
     metadata.update(
         name=name or metadata["name"], store=str(store.root.resolve()), rep_dim=encoder.rep_dim,
-        num_landmarks=num_landmarks, device=str(device),
+        num_landmarks=num_landmarks, device=str(device), batch_size=batch_size,
         dtype="bfloat16" if use_bf16 else "float32",
         seconds=round(time.perf_counter() - started, 3),
     )

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="element type of the patch representation file (default float16)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, with bfloat16), cpu, cuda or cuda:N")
-    parser.add_argument("--batch", type=int, default=256,
-                        help="patches per forward pass (default 256)")
+    parser.add_argument("--batch", type=int,
+                        help="patches per forward pass (default 256 on CUDA, 16 on the CPU, "
+                             "where small batches stay in the cache)")
     parser.add_argument("--random-init", type=int, metavar="SEED",
                         help="use a randomly initialised encoder of the same architecture, "
                              "seeded: the baseline of the evaluation tables")
