@@ -25,8 +25,10 @@ setup(
         "pydicom>=2.4",
         "numpy>=1.24",
         "scipy>=1.10",
-        "scikit-learn>=1.3",
+        "scikit-learn>=1.9",  # the version scikit-survival 0.28 needs
+        "scikit-survival>=0.28",
         "lifelines>=0.27",
+        "matplotlib>=3.7",
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "tensorboard>=2.12",

@@ -12,6 +12,7 @@ _LAZY_EXPORTS = {
     "train": "drasclr.pretrain",
     "TrainConfig": "drasclr.pretrain",
     "load_reference_checkpoint": "drasclr.checkpoint",
+    "evaluate": "drasclr.evaluation",
     "extract_features": "drasclr.features",
 }
 
