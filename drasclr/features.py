@@ -30,7 +30,6 @@ from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
 from drasclr.nn.grouping import LandmarkGroups
-from drasclr.pretrain.trainer import _resolve_device
 
 FEATURES_FORMAT = "drasclr-features"
 FEATURES_VERSION = 1
@@ -152,6 +151,8 @@ def extract_features(
             a missing or unknown checkpoint, a store without finished subjects, its atlas gone
             or changed, bad arguments.
     """
+    from drasclr.pretrain.trainer import _resolve_device  # not at import: it pulls in MONAI
+
     started = time.perf_counter()
     if patch_dtype not in PATCH_DTYPES:
         raise ValueError(f"patch_dtype: expected one of {PATCH_DTYPES}, got {patch_dtype!r}")
