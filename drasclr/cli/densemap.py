@@ -1,0 +1,90 @@
+"""``drasclr densemap``: voxel-wise probability map of an emphysema subtype (Yu et al. 2023,
+Section 4.4, Figure 6), written on the input scan's own grid so it overlays the scan.
+
+    drasclr densemap --head HEAD.pt [--checkpoint CKPT] --image SCAN --store STORE \\
+        --out MAP.nii.gz [--subject ID] [--step S] [--mode exact|fast] [--device auto] [--batch N]
+
+``--subject`` defaults to the store subject whose manifest ``source`` is ``--image`` (or
+whose id is the file's name); ``--checkpoint`` is needed only for a linear-probe head (a
+fine-tuned head carries its encoder). ``--lesions`` scores the map against a true lesion
+label file on the scan's grid (the synthetic cohort's ``lesions/<id>.nii.gz``). An
+interrupted run resumes from the chunks kept beside the output. See
+``drasclr.evaluation.densemap`` for the method and the fast mode's measured agreement.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--head", required=True, help="head file (drasclr-head, from `drasclr detect`)")
+    parser.add_argument("--checkpoint", help="encoder checkpoint (needed for a linear-probe head)")
+    parser.add_argument("--image", required=True, help="the scan to map (NIfTI, NRRD, MHA, DICOM folder)")
+    parser.add_argument("--store", required=True,
+                        help="patch store holding the subject's registration (and naming the atlas)")
+    parser.add_argument("--subject", help="subject id in the store (default: found from --image)")
+    parser.add_argument("--out", required=True, help="output map, .nii.gz or .nii")
+    parser.add_argument("--step", type=_positive_int, default=1,
+                        help="evaluate every S-th voxel and interpolate (default 1: every voxel)")
+    parser.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                        help="exact sliding window (default) or the fully convolutional "
+                             "approximation (see benchmarks/RESULTS.md for its agreement)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
+    parser.add_argument("--batch", type=_positive_int, default=None,
+                        help="patches per forward pass (default 32 on CPU, 512 on CUDA)")
+    parser.add_argument("--block", type=_positive_int, default=None,
+                        help="fast mode: voxels per block edge (default 32 on CPU, 96 on CUDA)")
+    parser.add_argument("--lung-mask", help="lung label file on the scan's grid (default: segment)")
+    parser.add_argument("--percent", action="store_true", help="write uint8 percent, not float32")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--lesions", help="true lesion labels on the scan's grid: print AUC and Dice")
+    parser.add_argument("--lesion-value", type=int, default=None,
+                        help="label of the subtype in --lesions (default: from the head's label, "
+                             "centrilobular 1, paraseptal 2, panlobular 3)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from drasclr.data.io import read_ct
+    from drasclr.evaluation import densemap as dm
+
+    if args.step < 1:  # argparse already refuses; the API is called with the same check
+        raise ValueError(f"--step: expected at least 1, got {args.step}")
+    device = dm.resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    result = dm.densemap(
+        args.image, args.store, args.out, args.head, args.checkpoint, args.subject,
+        mode=args.mode, step=args.step, batch=args.batch or (512 if on_gpu else 32),
+        block=args.block or (96 if on_gpu else 32), device=device, amp=not args.fp32,
+        lung_mask=args.lung_mask, percent=args.percent, progress=not args.no_progress,
+    )
+    print(f"{result.path}: P({result.label}) of subject {result.subject_id}, {result.mode} mode, "
+          f"step {result.step}, {result.voxels} lung voxels in {result.seconds:.1f} s")
+    if args.lesions:
+        value = args.lesion_value if args.lesion_value is not None else dm.lesion_value(result.label)
+        truth = read_ct(args.lesions)
+        original = result.scan.original
+        if truth.array.shape != original.array.shape:
+            raise ValueError(f"{args.lesions}: lesion grid {truth.array.shape} differs from the "
+                             f"scan's {original.array.shape}")
+        prob = dm.to_original_grid(result.map_iso, result.scan.iso.affine, original.array.shape,
+                                   original.affine)
+        lung = dm.to_original_grid(result.scan.lung.astype(np.float32), result.scan.iso.affine,
+                                   original.array.shape, original.affine) >= 0.5
+        scores = dm.truth_scores(prob, np.rint(truth.array) == value, lung)
+        print(f"against {args.lesions} (label {value}): voxel AUC {scores['auc']:.3f}, "
+              f"Dice {scores['dice']:.3f}, lesion {100 * scores['prevalence']:.2f}% of "
+              f"{scores['voxels']} lung voxels")
+    return 0

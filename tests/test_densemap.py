@@ -1,0 +1,529 @@
+"""Dense voxel maps (drasclr.evaluation.densemap, drasclr densemap): exactness against a float64
+reference, step-S maps, geometry of the written map, the detection rule, scores against the
+truth, resuming, fast mode's dilation trick, head files and every error.
+
+Forward passes of the real encoder cost ~0.1 s each on one CPU thread, so real-encoder tests
+use a few dozen voxels; geometry and resume tests use a cheap stub encoder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drasclr.data.atlas import build_atlas
+from drasclr.data.preprocess import preprocess
+from drasclr.data.synthetic import generate_cohort
+from drasclr.evaluation import densemap as dm
+from drasclr.evaluation.head import (SubtypeHead, check_head_matches, head_and_encoder, load_head,
+                                     save_head)
+from drasclr.nn import Encoder
+from drasclr.nn.loc_cond_conv import LocCondConv3d
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """One small synthetic subject, preprocessed into a store with its registration."""
+    root = tmp_path_factory.mktemp("densemap")
+    generate_cohort(root / "cohort", 1, seed=0, kind="copd", size="small", workers=1,
+                    progress=False)
+    atlas = build_atlas(root / "cohort" / "template" / "lung_mask.nii.gz")
+    atlas.save(root / "atlas.npz")
+    preprocess(root / "cohort" / "images", root / "atlas.npz", root / "store", workers=1,
+               progress=False)
+    subject = "sub0000"
+    image = root / "cohort" / "images" / f"{subject}.nii.gz"
+    scan = dm.prepare_scan(image, root / "store", subject,
+                           lung_mask=root / "cohort" / "masks" / f"{subject}.nii.gz")
+    return {"root": root, "store": root / "store", "image": image, "subject": subject,
+            "scan": scan, "mask": root / "cohort" / "masks" / f"{subject}.nii.gz",
+            "lesions": root / "cohort" / "lesions" / f"{subject}.nii.gz"}
+
+
+def tiny_encoder(seed: int = 0) -> Encoder:
+    """A small real encoder with varied BN statistics, so representations differ by patch."""
+    torch.manual_seed(seed)
+    encoder = Encoder(rep_dim=8, moco_dim=4, num_experts=2, backend="grouped")
+    for module in encoder.modules():
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.02, 0.1)  # larger activations than the default 1
+    return encoder.eval()
+
+
+def spread_head(rep_dim: int = 8, seed: int = 1) -> SubtypeHead:
+    torch.manual_seed(seed)
+    head = SubtypeHead(rep_dim, "centrilobular")
+    with torch.no_grad():
+        head.weight.normal_(0, 3.0)
+    return head.eval()
+
+
+class IntensityEncoder(nn.Module):
+    """Stub encoder (rep_dim 1): mean network input over the central 4^3 voxels of the patch,
+    i.e. voxels v-2 .. v+1 of the patch centred on v. Counts forward passes; can be told to
+    raise after some calls (an interrupted job)."""
+
+    rep_dim = 1
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        assert loc.shape == (x.shape[0], 3)
+        return x[:, :, 14:18, 14:18, 14:18].mean(dim=(1, 2, 3, 4))[:, None]
+
+
+def intensity_head(path: Path) -> Path:
+    """A head file for ``IntensityEncoder``: p > 0.5 where the centre is brighter than 0.1
+    (network units, about -330 HU)."""
+    return save_head(path, [20.0], -2.0, label="centrilobular", encoder={"rep_dim": 1},
+                     source="stub")
+
+
+def lung_interior_voxel(scan: dm.PreparedScan, margin: int = 3) -> np.ndarray:
+    """A lung voxel whose (2 margin + 1)^3 neighbourhood is all lung, near the lung's middle."""
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(scan.lung, iterations=margin)
+    candidates = np.argwhere(core)
+    return candidates[np.argmin(np.abs(candidates - candidates.mean(axis=0)).sum(axis=1))]
+
+
+# -- exactness --------------------------------------------------------------------------------
+
+def reference_probability(encoder: Encoder, head: SubtypeHead, scan: dm.PreparedScan,
+                          voxel: np.ndarray) -> float:
+    """The paper's window for one voxel, from first principles, in float64: the 32^3 patch
+    v-16..v+15 of the 1 mm scan (air outside), windowed and rounded as the store, the loop
+    backend, the coordinate from the voxel's world point through the registration."""
+    encoder64 = Encoder(**{**encoder.config, "backend": "loop"})
+    encoder64.load_state_dict(encoder.state_dict())
+    encoder64 = encoder64.double().eval()
+    volume = np.pad(scan.iso.array.astype(np.float64), 40, constant_values=-1024)
+    corner = voxel - 16 + 40
+    patch = volume[corner[0]:corner[0] + 32, corner[1]:corner[1] + 32, corner[2]:corner[2] + 32]
+    patch = np.rint(np.clip(patch, -1024, 240))
+    x = torch.from_numpy((patch + 1024) / 632 - 1)[None, None]
+    world = scan.iso.affine @ np.r_[voxel, 1.0]
+    atlas_voxel = np.linalg.inv(scan.atlas.affine) @ (scan.subject_to_atlas @ world)
+    coord = (atlas_voxel[:3] - 15.5) / scan.atlas.corners.max(axis=0) * 2 - 1
+    with torch.no_grad():
+        h = encoder64(x, torch.from_numpy(coord)[None])
+        logit = h[0] @ head.weight.double() + head.bias.double()
+    return float(torch.sigmoid(logit))
+
+
+def test_exact_map_equals_the_encoder_on_the_centred_patch(cohort):
+    scan, encoder, head = cohort["scan"], tiny_encoder(), spread_head()
+    lung = np.argwhere(scan.lung)
+    voxels = np.concatenate([lung[:: len(lung) // 5][:5], [[0, 1, 2]]])  # + one at the border
+    values = dm.exact_probabilities(encoder, head, scan, voxels, batch=4, device="cpu",
+                                    progress=False)
+    reference = np.array([reference_probability(encoder, head, scan, v) for v in voxels])
+    assert np.ptp(reference) > 0.05  # the check is not on a constant
+    np.testing.assert_allclose(values, reference, atol=2e-5)
+
+
+def test_step_map_equals_step_one_on_the_evaluated_voxels(cohort):
+    scan, encoder, head = cohort["scan"], tiny_encoder(), spread_head()
+    centre = lung_interior_voxel(scan)
+    region = np.zeros(scan.lung.shape, bool)
+    region[tuple(slice(c - 1, c + 2) for c in centre)] = True  # 27 lung voxels
+    kwargs = dict(region=region, batch=16, device="cpu", progress=False)
+    step1 = dm.probability_map(encoder, head, scan, step=1, **kwargs)
+    step2 = dm.probability_map(encoder, head, scan, step=2, **kwargs)
+    on_grid = region & np.all(np.indices(region.shape) % 2 == 0, axis=0)
+    assert on_grid.sum() >= 1
+    np.testing.assert_array_equal(step2[on_grid], step1[on_grid])
+    assert np.all(step2[~region] == 0) and np.all((step2[region] > 0) & (step2[region] < 1))
+
+
+def test_grid_interpolation_is_trilinear_and_exact_on_grid():
+    targets = np.ones((7, 7, 7), bool)
+    points = dm.grid_points_for(targets, 3)
+    assert set(map(int, np.unique(points))) == {0, 3, 6}
+    values = points @ np.array([1.0, 2.0, -0.5])  # linear: trilinear reproduces it
+    filled = dm.interpolate_grid(values, points, 3, targets)
+    expected = np.einsum("ijkl,l->ijk", np.indices(targets.shape).transpose(1, 2, 3, 0),
+                         np.array([1.0, 2.0, -0.5]))
+    np.testing.assert_allclose(filled, expected, atol=1e-5)
+
+
+def test_shared_coordinates_only_when_asked(cohort):
+    scan, encoder, head = cohort["scan"], tiny_encoder(), spread_head()
+    centre = lung_interior_voxel(scan) // 3 * 3 + 1  # the centre voxel of its 3^3 block
+    voxels = centre[None] + np.array([[0, 0, 0], [1, 0, 0], [0, 1, -1]])
+    exact = dm.exact_probabilities(encoder, head, scan, voxels, device="cpu", progress=False)
+    shared = dm.exact_probabilities(encoder, head, scan, voxels, device="cpu", progress=False,
+                                    coordinate_block=3)
+    assert shared[0] == pytest.approx(exact[0], abs=1e-5)  # the block centre: its own coordinate
+    assert np.abs(shared[1:] - exact[1:]).max() > 1e-4  # the others: an approximation
+    with pytest.raises(ValueError, match="coordinate_block"):
+        dm.exact_probabilities(encoder, head, scan, voxels, coordinate_block=0, progress=False)
+
+
+# -- geometry of the written map --------------------------------------------------------------
+
+def test_written_map_overlays_the_scan(cohort, tmp_path):
+    image = nib.load(cohort["image"])
+    data = np.asarray(image.dataobj).astype(np.int16)
+    mask = np.asarray(nib.load(cohort["mask"]).dataobj) > 0
+    from scipy import ndimage
+
+    lung_voxels = np.argwhere(ndimage.binary_erosion(mask, iterations=5))
+    blob_voxel = lung_voxels[len(lung_voxels) // 3]
+    blob_world = image.affine @ np.r_[blob_voxel, 1.0]
+    world = np.einsum("ij,jxyz->ixyz", image.affine[:3, :3], np.indices(data.shape)) \
+        + image.affine[:3, 3, None, None, None]
+    data[np.linalg.norm(world - blob_world[:3, None, None, None], axis=0) <= 4.0] = 100
+    planted = tmp_path / "planted.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), planted)
+
+    scan = cohort["scan"]
+    iso_blob = np.rint(np.linalg.solve(scan.iso.affine, blob_world)[:3]).astype(int)
+    region = np.zeros(scan.lung.shape, bool)
+    region[tuple(slice(c - 9, c + 10) for c in iso_blob)] = True
+    out = tmp_path / "map.nii.gz"
+    result = dm.densemap(planted, cohort["store"], out, intensity_head(tmp_path / "head.pt"),
+                         subject_id=cohort["subject"], lung_mask=cohort["mask"], region=region,
+                         device="cpu", progress=False, encoder=IntensityEncoder())
+    written = nib.load(out)
+    assert written.shape == image.shape
+    np.testing.assert_allclose(written.affine, image.affine, atol=1e-5)
+    prob = np.asarray(written.dataobj, dtype=np.float32)
+    assert written.get_data_dtype() == np.float32 and prob.max() > 0.9
+    hot = np.argwhere(prob > 0.5)
+    centre = written.affine[:3, :3] @ hot.mean(axis=0) + written.affine[:3, 3]
+    assert np.linalg.norm(centre - blob_world[:3]) < 1.5  # mm: the blob, where it was planted
+    assert result.subject_id == cohort["subject"] and not dm.work_dir_for(out).exists()
+    percent = dm.write_map(tmp_path / "pct.nii.gz", prob, written.affine, percent=True)
+    assert nib.load(percent).get_data_dtype() == np.uint8
+
+
+def test_subject_found_from_the_image(cohort):
+    assert dm.subject_of_image(cohort["store"], cohort["image"]) == cohort["subject"]
+    with pytest.raises(ValueError, match="give --subject"):
+        dm.subject_of_image(cohort["store"], cohort["mask"].with_name("other.nii.gz"))
+
+
+# -- resuming ---------------------------------------------------------------------------------
+
+def test_interrupted_job_resumes_without_redoing_finished_chunks(cohort, tmp_path):
+    scan = cohort["scan"]
+    centre = lung_interior_voxel(scan)
+    region = np.zeros(scan.lung.shape, bool)
+    region[tuple(slice(c - 2, c + 3) for c in centre)] = True  # 125 voxels
+    head_path = intensity_head(tmp_path / "head.pt")
+    out = tmp_path / "map.nii.gz"
+    kwargs = dict(subject_id=cohort["subject"], lung_mask=cohort["mask"], region=region,
+                  batch=10, chunk_voxels=20, device="cpu", progress=False)
+    batches = 13  # forward passes uninterrupted: 6 chunks of 2 batches, then one of 5 voxels
+    full = IntensityEncoder()
+    dm.densemap(cohort["image"], cohort["store"], tmp_path / "full.nii.gz", head_path,
+                encoder=full, **kwargs)
+    assert full.calls == batches
+    with pytest.raises(KeyboardInterrupt):
+        dm.densemap(cohort["image"], cohort["store"], out, head_path,
+                    encoder=IntensityEncoder(fail_after=5), **kwargs)
+    work = dm.work_dir_for(out)
+    assert sorted(p.name for p in work.glob("chunk_*.npy")) == ["chunk_000000.npy",
+                                                                "chunk_000001.npy"]
+    assert not out.exists()
+    resumed = IntensityEncoder()
+    dm.densemap(cohort["image"], cohort["store"], out, head_path, encoder=resumed, **kwargs)
+    assert resumed.calls == batches - 4  # two finished chunks of two batches each
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj),
+                                  np.asarray(nib.load(tmp_path / "full.nii.gz").dataobj))
+    assert not work.exists()
+
+
+def test_stale_work_folder_is_not_trusted(tmp_path, cohort):
+    scan = cohort["scan"]
+    voxels = lung_interior_voxel(scan)[None] + np.arange(6)[:, None] * np.array([1, 0, 0])
+    work = tmp_path / "work"
+    first = IntensityEncoder()
+    a = dm.exact_probabilities(first, SubtypeHead(1), scan, voxels, batch=3, chunk_voxels=3,
+                               work_dir=work, progress=False)
+    other_head = SubtypeHead(1)
+    with torch.no_grad():
+        other_head.bias.fill_(3.0)
+    second = IntensityEncoder()
+    b = dm.exact_probabilities(second, other_head, scan, voxels, batch=3, chunk_voxels=3,
+                               work_dir=work, progress=False)
+    assert second.calls == 2 and not np.allclose(a, b)  # another head: recomputed
+
+
+# -- fast mode --------------------------------------------------------------------------------
+
+def strided_valid(layers: list[tuple[nn.Module, nn.Module]], x: torch.Tensor,
+                  coord: torch.Tensor) -> torch.Tensor:
+    """The encoder's own strided layers without padding: on a crop starting at q its output 0
+    is, by the shift-and-stitch argument, the dense output at q."""
+    for conv, bn in layers:
+        routing = torch.sigmoid(conv.routing(coord))
+        weight = torch.einsum("e,e...->...", routing, conv.weight)
+        x = F.elu(bn(F.conv3d(x, weight, conv.bias, stride=conv.stride)))
+    return x
+
+
+def encoder_pairs(encoder: Encoder) -> list[tuple[nn.Module, nn.Module]]:
+    pairs = [(encoder.conv1, encoder.bn1), (encoder.conv2, encoder.bn2)]
+    for block in (encoder.downsample1, encoder.downsample2, encoder.downsample3):
+        pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
+    return pairs + [(encoder.conv3, encoder.bn3), (encoder.conv4, encoder.bn4)]
+
+
+def test_dilation_trick_equals_the_strided_network():
+    encoder, coord = tiny_encoder(), torch.tensor([0.2, -0.4, 0.7])
+    layers = dm.dense_layers(encoder, coord)
+    assert dm.receptive_margin(layers) == 76
+    assert [layer.dilation for layer in layers] == [1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16]
+    x = torch.randn(1, 1, 30, 29, 28)
+    with torch.no_grad():
+        dense = dm.run_dense(layers[:5], x)  # through downsample1: stride 4 in all
+        strided = strided_valid(encoder_pairs(encoder)[:5], x, coord)
+    np.testing.assert_allclose(dense[..., ::4, ::4, ::4].numpy(), strided.numpy(), atol=1e-5)
+
+
+def one_channel_encoder(seed: int = 0) -> Encoder:
+    """The encoder's layout with one channel per layer: fast mode end to end at test cost."""
+    torch.manual_seed(seed)
+    encoder = Encoder(rep_dim=1, moco_dim=1, num_experts=2, backend="grouped")
+    for parent in [encoder, encoder.downsample1, encoder.downsample2, encoder.downsample3]:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LocCondConv3d):
+                new = LocCondConv3d(1, 1, 3, child.stride, 1, num_experts=2)
+                with torch.no_grad():
+                    new.weight.mul_(3.0)  # keep the signal alive through 13 layers
+                setattr(parent, name, new)
+            elif isinstance(child, nn.BatchNorm3d):
+                setattr(parent, name, nn.BatchNorm3d(1))
+    return encoder.eval()
+
+
+def test_fast_mode_is_the_dense_pass_at_each_voxel(cohort):
+    scan, encoder = cohort["scan"], one_channel_encoder()
+    head = SubtypeHead(1)
+    with torch.no_grad():
+        head.weight.fill_(4.0)
+    centre = lung_interior_voxel(scan)
+    voxels = centre[None] + np.array([[0, 0, 0], [1, 2, 0], [3, 0, 1]])
+    values = dm.fast_probabilities(encoder, head, scan, voxels, block=4, device="cpu",
+                                   progress=False)
+    tile = (voxels // 4)[0]
+    assert np.all(voxels // 4 == tile)  # one block, one coordinate
+    coord = torch.from_numpy(scan.coords_of_voxels((tile * 4 + 1.5)[None])[0])
+    padded = np.pad(scan.hu, 100, constant_values=-1024)
+    for voxel, value in zip(voxels, values):
+        start = voxel - 92 + 100  # the patch's corner v - 16 is the dense centre: 76 before it
+        crop = padded[start[0]:start[0] + 153, start[1]:start[1] + 153, start[2]:start[2] + 153]
+        x = (torch.from_numpy(crop.astype(np.float32)) + 1024) / 632 - 1
+        with torch.no_grad():
+            h = strided_valid(encoder_pairs(encoder), x[None, None], coord)
+            expected = float(head(h.reshape(1, 1))[0])
+        assert h.shape[2:] == (1, 1, 1)
+        assert value == pytest.approx(expected, abs=1e-5)
+
+
+def test_agreement_figures():
+    exact = np.array([0.1, 0.6, 0.7, 0.2, 0.9])
+    scores = dm.agreement(exact, exact)
+    assert scores["pearson"] == pytest.approx(1.0) and scores["dice"] == 1.0
+    shifted = dm.agreement(np.array([0.1, 0.4, 0.7, 0.2, 0.9]), exact)
+    assert shifted["dice"] == pytest.approx(2 * 2 / (2 + 3))
+    assert shifted["max_abs"] == pytest.approx(0.2)
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fraction, detected", [(0.24, False), (0.26, True), (0.25, True)])
+def test_detection_rule_on_hand_made_maps(fraction, detected):
+    prob = np.zeros((48, 48, 48), np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    centre = np.array([24.0, 24.0, 24.0])
+    box = dm.box_voxels(prob.shape, affine, centre)
+    assert len(box) == 32 ** 3 and box.min() == 8 and box.max() == 39
+    hot = box[: int(round(fraction * len(box)))]
+    prob[hot[:, 0], hot[:, 1], hot[:, 2]] = 0.9
+    prob[0, 0, 0] = 1.0  # outside the box: does not count
+    result, fractions = dm.box_detections(prob, affine, centre[None])
+    assert bool(result[0]) is detected
+    assert fractions[0] == pytest.approx(round(fraction * len(box)) / len(box))
+
+
+def test_box_scores_from_maps():
+    prob = np.zeros((100, 40, 40), np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm voxels: boxes of 16^3 voxels
+    prob[0:30] = 0.8  # boxes centred at x = 20 mm and x = 40 mm lie in the hot part
+    centres = np.array([[20.0, 40, 40], [40.0, 40, 40], [120.0, 40, 40], [160.0, 40, 40]])
+    detected, _ = dm.box_detections(prob, affine, centres)
+    assert detected.tolist() == [True, True, False, False]
+    scores = dm.box_scores(detected, np.array([True, False, True, False]))
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 1, 1)
+    assert scores["precision"] == scores["recall"] == scores["f1"] == pytest.approx(0.5)
+
+
+def test_truth_scores_on_a_hand_made_case():
+    lung = np.ones((2, 2, 3), bool)
+    lung[1, 1, 2] = False
+    truth = np.zeros_like(lung)
+    truth[0, 0, :2] = True
+    prob = np.full(lung.shape, 0.1, np.float32)
+    prob[0, 0, 0], prob[0, 0, 1], prob[1, 0, 0] = 0.9, 0.4, 0.7
+    prob[1, 1, 2] = 0.99  # outside the lung: ignored
+    scores = dm.truth_scores(prob, truth, lung)
+    # positives 0.9, 0.4; negatives 0.7 and eight 0.1: pairs won 9 + 8 of 18
+    assert scores["auc"] == pytest.approx(17 / 18)
+    assert scores["dice"] == pytest.approx(2 * 1 / (2 + 2))
+    assert scores["voxels"] == 11 and scores["prevalence"] == pytest.approx(2 / 11)
+    assert np.isnan(dm.truth_scores(prob, np.zeros_like(truth), lung)["auc"])
+
+
+def test_report_section_with_overlay(tmp_path):
+    shape = (24, 20, 16)
+    lung = np.zeros(shape, bool)
+    lung[3:21, 3:17, 2:14] = True
+    truth = np.zeros(shape, bool)
+    truth[8:12, 8:12, 6:9] = True
+    prob = np.where(lung, 0.6, 0).astype(np.float32)  # 39% of the box's voxels above 0.5
+    prob[7:12, 8:13, 6:9] = 0.9
+    scan = np.where(lung, -850, 0).astype(np.float32)
+    evaluation = dm.MapEvaluation("s1", "centrilobular", scan, prob, truth, lung, np.eye(4),
+                                  np.array([[10.0, 10, 7]]), np.array([True]))
+    sections = dm.report_sections([evaluation], tmp_path,
+                                  agreement_rows=[["s1", 0.9, 0.8]])
+    section = sections[0]
+    assert section.tables[0].rows[0][:2] == ["s1", "centrilobular"]
+    assert section.tables[0].rows[0][5] == 1.0  # the box is detected: F1 1
+    figure = tmp_path / section.figures[0].path
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(section.tables) == 2
+
+
+# -- head files and errors --------------------------------------------------------------------
+
+def test_head_file_round_trip(tmp_path):
+    encoder = tiny_encoder()
+    path = save_head(tmp_path / "ft.pt", torch.arange(8.0)[None], torch.tensor([0.5]),
+                     label="paraseptal", encoder=encoder, include_encoder_weights=True,
+                     source="fine-tuned")
+    head, loaded, metadata = load_head(path)
+    assert metadata["label"] == "paraseptal" and metadata["rep_dim"] == 8
+    np.testing.assert_array_equal(head.weight.detach().numpy(), np.arange(8.0))
+    assert float(head.bias.detach()) == 0.5
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    h = torch.randn(3, 8)
+    torch.testing.assert_close(head(h), torch.sigmoid(h @ torch.arange(8.0) + 0.5))
+    head2, encoder2, _ = head_and_encoder(path)  # no checkpoint needed
+    assert encoder2 is not None and head2.rep_dim == 8
+
+
+def test_head_errors_name_the_file(tmp_path):
+    encoder = tiny_encoder()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=f"{garbage}: not a drasclr head file"):
+        load_head(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "drasclr-pretrain", "version": 1}, other)
+    with pytest.raises(ValueError, match=f"{other}: not a drasclr head file"):
+        load_head(other)
+    good = save_head(tmp_path / "probe.pt", np.ones(8), 0.0, label="centrilobular",
+                     encoder=encoder.config)
+    state = torch.load(good, weights_only=True)
+    for change, message in [({"version": 2}, "version 2, expected 1"),
+                            ({"weight": torch.ones(5)}, "does not match the encoder's rep_dim 8"),
+                            ({"label": None, "bias": None}, None)]:
+        broken = {**state, **change}
+        if message is None:  # missing keys
+            del broken["label"], broken["bias"]
+            message = r"missing keys \['label', 'bias'\]"
+        torch.save(broken, tmp_path / "broken.pt")
+        with pytest.raises(ValueError, match=message):
+            load_head(tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="linear probe without encoder weights"):
+        head_and_encoder(good)
+    with pytest.raises(FileNotFoundError, match="no such head file"):
+        load_head(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="weight: expected 8 values"):
+        save_head(tmp_path / "bad.pt", np.ones(3), 0.0, label="x", encoder=encoder.config)
+
+
+def test_head_encoder_mismatch_is_an_error(tmp_path):
+    from drasclr.pretrain.checkpoints import save_checkpoint
+
+    big = Encoder(rep_dim=16, moco_dim=4, num_experts=2)
+    checkpoint = save_checkpoint({"encoder_q": big.state_dict(), "encoder_config": big.config},
+                                 tmp_path / "encoder.pt")
+    head_path = save_head(tmp_path / "probe.pt", np.ones(8), 0.0, label="centrilobular",
+                          encoder=tiny_encoder().config)
+    with pytest.raises(ValueError, match=f"{head_path}: head expects representations of size "
+                                         f"8, but the encoder of {checkpoint} produces 16"):
+        head_and_encoder(head_path, checkpoint)
+    head, _, _ = load_head(head_path)
+    with pytest.raises(ValueError, match="head expects representations of size 8"):
+        check_head_matches(head, big, head_path, "x")
+
+
+def test_step_below_one_is_an_error(cohort, capsys):
+    scan = cohort["scan"]
+    for step in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="step: expected an integer of at least 1"):
+            dm.probability_map(IntensityEncoder(), SubtypeHead(1), scan, step=step)
+    from drasclr.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["densemap", "--head", "h.pt", "--image", "x.nii.gz", "--store", "s", "--out",
+              "m.nii.gz", "--step", "0"])
+    assert exit_info.value.code == 2
+    assert "--step: expected an integer of at least 1, got 0" in capsys.readouterr().err
+
+
+def test_subject_without_registration_is_an_error(cohort, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="'nobody' has no saved registration"):
+        dm.prepare_scan(cohort["image"], cohort["store"], "nobody")
+    from drasclr.cli import main
+
+    head_path = intensity_head(tmp_path / "head.pt")
+    code = main(["densemap", "--head", str(head_path), "--image", str(cohort["image"]),
+                 "--store", str(cohort["store"]), "--subject", "nobody",
+                 "--out", str(tmp_path / "m.nii.gz"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no saved registration" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_maps_and_scores_a_scan(cohort, tmp_path, monkeypatch, capsys):
+    """The command end to end (stub encoder; subject found from --image; step 6)."""
+    import drasclr.evaluation.head as head_module
+    from drasclr.cli import main
+
+    head_path = intensity_head(tmp_path / "head.pt")
+    stub = IntensityEncoder()
+
+    def stub_head_and_encoder(path, checkpoint=None, device="cpu"):
+        head, _, metadata = load_head(path)
+        return head, stub, metadata
+
+    monkeypatch.setattr(head_module, "head_and_encoder", stub_head_and_encoder)
+    out = tmp_path / "map.nii.gz"
+    code = main(["densemap", "--head", str(head_path), "--image", str(cohort["image"]),
+                 "--store", str(cohort["store"]), "--out", str(out), "--step", "6",
+                 "--device", "cpu", "--lung-mask", str(cohort["mask"]), "--no-progress",
+                 "--lesions", str(cohort["lesions"]), "--batch", "256"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.is_file() and stub.calls > 0
+    assert f"of subject {cohort['subject']}" in printed and "voxel AUC" in printed
+    assert nib.load(out).shape == nib.load(cohort["image"]).shape
