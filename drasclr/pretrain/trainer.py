@@ -140,6 +140,7 @@ class Trainer:
                              enabled=self.process.is_main)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="drasclr train", unit="step",
                    disable=not (self.config.progress and self.process.is_main))
+        resumed_step = self.step
         try:
             while self.step < self.total_steps and self.epoch < self.config.epochs:
                 for batch in self._loader():
@@ -158,7 +159,8 @@ class Trainer:
                     self.epoch, self.next_batch = self.epoch + 1, 0
                     self._save(last)
                     self._save_encoder(self.out_dir / f"encoder_epoch_{self.epoch:04d}.pt")
-            self._save(last)
+            if self.step > resumed_step or not last.exists():  # a finished run stays untouched
+                self._save(last)
         finally:
             bar.close()
             metrics.close()
