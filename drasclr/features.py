@@ -247,6 +247,14 @@ def landmark_batches(num_subjects: int, landmarks: np.ndarray, batch_size: int
             yield np.tile(subjects, len(block)), np.repeat(block, len(subjects))
 
 
+def random_encoder(config: dict, seed: int) -> Encoder:
+    """``Encoder(**config)`` with weights drawn under ``torch.manual_seed(seed)``; the caller's
+    random stream is left alone. Frozen use needs :func:`calibrate_batchnorm` first."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Encoder(**config)
+
+
 def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, use_bf16: bool) -> int:
     """Set every BatchNorm's running statistics to their average over ``inputs`` (batches of
     ``(index, x, groups)``), as ``torch.optim.swa_utils.update_bn`` does for one-input models;
@@ -319,10 +327,8 @@ def _working_encoder(source, random_init: int | None) -> tuple[Encoder, dict]:
         metadata.update(encoder=kind, source=str(Path(source).resolve()),
                         name="DrasCLR (authors)" if kind == AUTHORS_CHECKPOINT else "DrasCLR")
     if random_init is not None:
-        config = encoder.config if source is not None else Encoder().config
-        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left alone
-            torch.manual_seed(int(random_init))
-            encoder = Encoder(**config)
+        encoder = random_encoder(encoder.config if source is not None else Encoder().config,
+                                 int(random_init))
         metadata.update(encoder="random init", random_init=int(random_init),
                         name=f"random init (seed {int(random_init)})")
     metadata["encoder_config"] = dict(encoder.config)

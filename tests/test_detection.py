@@ -22,11 +22,12 @@ from drasclr.data.synthetic.transform import SubjectTransform
 from drasclr.evaluation.detection import (
     FINETUNE_DRASCLR, METHODS, PROBE_DRASCLR, PROBE_RANDOM, DetectionConfig, FineTuneConfig,
     cross_validate_probe, encode_patches, evaluate_detection, fine_tune, fit_linear_probe,
-    predict_proba, probe_weights, random_encoder, subject_folds, task_subset,
+    predict_proba, probe_weights, subject_folds, task_subset,
 )
 from drasclr.evaluation.detection_efficiency import (
     LabelEfficiency, label_efficiency, nested_subsets,
 )
+from drasclr.features import random_encoder
 from drasclr.evaluation.detection_patches import DetectionPatches, detection_patches
 from drasclr.evaluation.report import Score
 

@@ -31,10 +31,12 @@ from torch import nn
 
 from drasclr.evaluation.detection_models import (  # noqa: F401 (re-exported: the module's API)
     DEFAULT_CS, FineTuneConfig, encode_patches, fine_tune, fit_linear_probe, predict_proba,
-    probe_weights, random_encoder,
+    probe_weights,
 )
 from drasclr.evaluation.detection_patches import DetectionPatches
+from drasclr.features import calibrate_batchnorm, random_encoder
 from drasclr.evaluation.report import Score, Section, Table
+from drasclr.intensity import normalise_hu
 
 SUBTYPES = ("centrilobular", "paraseptal")
 HEALTHY = "healthy"
@@ -202,7 +204,9 @@ def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
         features[PROBE_DRASCLR] = encode_patches(encoder, data.patches, data.coords,
                                                  config.inference_batch, device)
     if PROBE_RANDOM in methods:
-        features[PROBE_RANDOM] = encode_patches(make_random(), data.patches, data.coords,
+        frozen_random = calibrated_random_encoder(make_random(), data, config.inference_batch,
+                                                  device)
+        features[PROBE_RANDOM] = encode_patches(frozen_random, data.patches, data.coords,
                                                 config.inference_batch, device)
     scores: dict[str, dict[str, DetectionScores]] = {m: {} for m in methods}
     counts = {}
@@ -220,6 +224,19 @@ def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
                 scores[method][subtype] = cross_validate_finetune(start, data, rows, y, folds,
                                                                   config, subtype)
     return DetectionResult(scores, counts, config)
+
+
+def calibrated_random_encoder(encoder: nn.Module, data: DetectionPatches, batch_size: int,
+                              device: torch.device) -> nn.Module:
+    """A random encoder's BatchNorm statistics estimated on the (unlabelled) patches, as for the
+    subject-level baseline (``drasclr.features.calibrate_batchnorm``): with the initial
+    statistics every patch gets nearly the same h, an unfairly weak frozen baseline."""
+    encoder = encoder.to(device)
+    batches = ((None, normalise_hu(torch.from_numpy(data.patches[i:i + batch_size]))[:, None]
+                .to(device), torch.as_tensor(data.coords[i:i + batch_size], device=device))
+               for i in range(0, len(data), batch_size))
+    calibrate_batchnorm(encoder, batches, use_bf16=False)
+    return encoder
 
 
 # -- heads for the dense maps ----------------------------------------------------------------

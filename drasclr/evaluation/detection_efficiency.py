@@ -17,11 +17,12 @@ import numpy as np
 from torch import nn
 
 from drasclr.evaluation.detection import (
-    DetectionConfig, DetectionScores, binary_scores, fine_tune, predict_proba, random_encoder,
+    DetectionConfig, DetectionScores, binary_scores, fine_tune, predict_proba,
     subject_folds, task_subset,
 )
 from drasclr.evaluation.detection_patches import DetectionPatches
 from drasclr.evaluation.report import Figure, Section, Table
+from drasclr.features import random_encoder
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 

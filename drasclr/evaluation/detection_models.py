@@ -50,14 +50,6 @@ class FineTuneConfig:
                 raise ValueError(f"{name}: expected a finite {kind} number, got {value!r}")
 
 
-def random_encoder(config: dict, seed: int) -> Encoder:
-    """``Encoder(**config)`` with weights drawn under ``torch.manual_seed(seed)`` (the global
-    generator's state is restored afterwards)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Encoder(**config)
-
-
 @torch.no_grad()
 def encode_patches(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray,
                    batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
