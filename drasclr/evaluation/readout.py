@@ -25,10 +25,11 @@ from drasclr.evaluation.data import COVID, Cohort, Task, task_labels
 from drasclr.evaluation.report import Score, Table
 from drasclr.features import FeatureSet
 
-#: Ridge penalties and inverse logistic penalties searched in the training folds; beyond
-#: C = 10 the logistic models on standardised features only interpolate (and stop converging).
+#: Ridge penalties and inverse logistic penalties searched in the training folds; below
+#: C = 0.001 a logistic model on standardised features predicts the majority grade, beyond
+#: C = 10 it only interpolates (and stops converging).
 RIDGE_ALPHAS = np.logspace(-2, 6, 17)
-LOGISTIC_CS = np.logspace(-4, 1, 6)
+LOGISTIC_CS = np.logspace(-3, 1, 5)
 INNER_FOLDS = 3
 DENSITY_ROW = "density measures"
 
