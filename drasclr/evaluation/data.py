@@ -139,6 +139,11 @@ def load_cohort(features: Sequence[str | Path | FeatureSet] | str | Path | Featu
                   density, density_columns, labels, survival, clinical_path, Path(store), notes)
 
 
+def density_label(column: str) -> str:
+    """The short name of a density measure: 'LAA-950' for ``laa950_percent``."""
+    return DENSITY_MEASURES[column].split(" (")[0]
+
+
 def _few(names: Sequence[str], count: int = 5) -> str:
     shown = ", ".join(str(n) for n in list(names)[:count])
     return shown + (", ..." if len(names) > count else "")
@@ -237,7 +242,7 @@ def _read_density(store: Path, subject_ids: list[str], columns: Sequence[str],
     rows = {r["subject_id"]: r for r in PatchStore(store).manifest if r["status"] == DONE}
     present = set().union(*(r.keys() for r in rows.values())) if rows else set()
     if not set(columns) <= present:
-        names = ", ".join(label.split(" (")[0] for label in DENSITY_MEASURES.values())
+        names = ", ".join(density_label(c) for c in DENSITY_MEASURES)
         raise ValueError(f"{manifest} has no density measures ({names}): run `drasclr "
                          f"preprocess` again with the same arguments to add them; patches are kept")
     absent = [s for s in subject_ids if s not in rows]

@@ -21,7 +21,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from drasclr.evaluation.data import COVID, Cohort, Task, task_labels
+from drasclr.evaluation.data import COVID, Cohort, Task, density_label, task_labels
 from drasclr.evaluation.report import Score, Table
 from drasclr.features import FeatureSet
 
@@ -129,7 +129,7 @@ def readout_table(results: dict[str, dict[str, ReadoutScore]], cohort: Cohort,
             for name, by_task in results.items()]
     subjects = "; ".join(f"{lab.task.title}: {len(lab.y)}" for lab in cohort.labels.values())
     notes = " ".join(lab.note for lab in cohort.labels.values() if lab.note)
-    density = ", ".join(cohort.density_columns)
+    density = ", ".join(density_label(c) for c in cohort.density_columns)
     title = ("COVID-19 severity, 5 grades" if cohort.kind == COVID
              else "Lung function, emphysema scores and exacerbations")
     note = (f"{folds}-fold cross-validation (stratified for classes, seeded), mean ± SD over "

@@ -249,13 +249,14 @@ p.intro { margin: 4px 0 12px; max-width: 900px; }
 .table-wrap { overflow-x: auto; margin: 12px 0 4px; }
 table { border-collapse: collapse; font-size: 14px; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: 4px 0 6px; }
-th, td { padding: 5px 9px; border-bottom: 1px solid #e5e5ea; text-align: right; }
+th, td { padding: 5px 10px; border-bottom: 1px solid #e5e5ea; text-align: left; }
 td { white-space: nowrap; }
 th { background: #f5f5f7; border-bottom: 2px solid #c7c7cc; font-weight: 600;
      vertical-align: bottom; min-width: 4em; }
-th:first-child, td:first-child { text-align: left; }
+th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th .w { white-space: nowrap; }
+td .sd { display: block; font-size: 12px; color: #6e6e73; }
 tbody tr:nth-child(even) td { background: #fafafa; }
-td.num { font-variant-numeric: tabular-nums; }
 p.note { font-size: 13px; color: #555; margin: 2px 0 16px; max-width: 1000px; }
 figure { margin: 18px 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e5e5ea; }
@@ -265,18 +266,27 @@ table.settings td:first-child { font-weight: 600; white-space: nowrap; }
 """
 
 
+def _is_number(cell) -> bool:
+    return isinstance(cell, (Score, Estimate, int, float, np.number)) and not isinstance(cell, bool)
+
+
 def _html_cell(cell) -> str:
-    text = html.escape(format_cell(cell))
-    if isinstance(cell, (Score, Estimate)):
-        values = ", ".join(f"{v:.3f}" for v in cell.values)
-        return f'<td class="num" title="{html.escape(values)}">{text}</td>'
-    if isinstance(cell, (int, float, np.number)):
-        return f'<td class="num">{text}</td>'
-    return f"<td>{text}</td>"
+    text = format_cell(cell)
+    if isinstance(cell, (Score, Estimate)) and " ± " in text:
+        # The spread goes under the mean, so that a wide table of scores fits the page.
+        mean, spread = (html.escape(part) for part in text.split(" ± "))
+        values = html.escape(", ".join(f"{v:.3f}" for v in cell.values))
+        return f'<td class="num" title="{values}">{mean} <span class="sd">± {spread}</span></td>'
+    return f'<td class="{"num" if _is_number(cell) else "text"}">{html.escape(text)}</td>'
 
 
 def _html_table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    numeric = [bool(table.rows) and all(_is_number(row[i]) for row in table.rows)
+               for i in range(len(table.columns))]
+    # Headers wrap between words only, never at the hyphen of "1-off".
+    head = "".join(f'<th class="{"num" if n else "text"}">'
+                   + " ".join(f'<span class="w">{html.escape(w)}</span>' for w in str(c).split())
+                   + "</th>" for c, n in zip(table.columns, numeric))
     body = "".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in table.rows)
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
     return (f'<div class="table-wrap"><table><caption>{html.escape(table.title)}</caption>'

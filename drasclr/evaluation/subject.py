@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from drasclr.evaluation import plots
-from drasclr.evaluation.data import COVID, Cohort, load_cohort
+from drasclr.evaluation.data import COVID, Cohort, density_label, load_cohort
 from drasclr.evaluation.readout import (
     INNER_FOLDS, LOGISTIC_CS, RIDGE_ALPHAS, ReadoutScore, readout, readout_table,
 )
@@ -84,7 +84,8 @@ def evaluate(features: Sequence[str | Path | FeatureSet] | str | Path | FeatureS
 
 def _cohort_section(cohort: Cohort) -> Section:
     rows = [[name, cohort.feature_files[name], f.shape[1]] for name, f in cohort.features.items()]
-    rows.append(["density measures", str(cohort.store_path / "manifest.csv"),
+    measures = ", ".join(density_label(c) for c in cohort.density_columns)
+    rows.append(["density measures", f"{cohort.store_path / 'manifest.csv'} ({measures})",
                  len(cohort.density_columns)])
     intro = (f"{len(cohort.subject_ids)} subjects of a {cohort.kind.upper()} cohort; labels from "
              f"{cohort.clinical_path}. " + " ".join(cohort.notes)).strip()
