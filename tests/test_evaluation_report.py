@@ -216,7 +216,8 @@ def _set(column, value, rows=slice(None)):
     (_set("exacerbation", 1), None,
      r"clinical.csv: column exacerbation is constant \(1\) over its 40 subjects"),
     (_set("fev1pp", np.nan, [4]), None,
-     r"clinical.csv: column fev1pp has missing or non-finite values for 1 subjects \(s004\)"),
+     r"clinical.csv: column fev1pp has missing, non-numeric or non-finite values for 1 "
+     r"subjects \(s004\)"),
     (_set("death", 0), None, r"clinical.csv: column death has 0 deaths, fewer than the 5 folds"),
     (_set("cle_score", 7, [0]), None, r"clinical.csv: column cle_score holds values outside 0-5"),
     (lambda t: pd.concat([t, t.iloc[:1]]), None, r"clinical.csv: subject ids occur more than once"),

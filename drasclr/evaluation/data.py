@@ -23,7 +23,7 @@ from drasclr.data.store import DONE, PatchStore
 from drasclr.features import FeatureSet
 
 COPD, COVID = "copd", "covid"
-#: Confounders of the survival model (Yu et al. 2023, section 4.3), clinical table columns.
+#: Confounders of the survival model (Yu et al. 2023, Table 3), clinical table columns.
 CONFOUNDERS = ("age", "sex", "race", "smoking_status", "pack_years")
 
 
@@ -289,8 +289,9 @@ def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
-        raise ValueError(f"{path}: column {column} has missing or non-finite values for "
-                         f"{int(bad.sum())} subjects ({_few(table.index[bad].tolist())})")
+        names = _few(table.index[bad].tolist())
+        raise ValueError(f"{path}: column {column} has missing, non-numeric or non-finite "
+                         f"values for {int(bad.sum())} subjects ({names})")
     return values
 
 
