@@ -1,9 +1,16 @@
-"""The main job, end to end on the built-in synthetic cohort (``drasclr demo``).
+"""The main job, end to end on the built-in synthetic cohorts (``drasclr demo``).
 
-synthetic cohort -> atlas landmarks from the template lung mask -> patch store (segmentation,
-registration, patch cutting) -> MoCo pretraining with the per-landmark memory bank -> subject
-features from the trained encoder. Every stage keeps its outputs under ``--out`` and is
-skipped (or resumed) when they are already there, so an interrupted demo picks up where it was.
+For a COPD cohort: synthetic scans -> atlas landmarks from the template lung mask -> patch
+store (segmentation, registration, patch cutting, density measures) -> MoCo pretraining with
+the per-landmark memory bank -> subject features of the trained encoder and of a randomly
+initialised one -> the paper's subject-level evaluation (readout, survival) against the
+density measures -> emphysema subtype detection with a linear probe. The same for a COVID-19
+cohort (pretrained on its own scans, as the paper pretrains on MosMed), for the severity task.
+Everything ends in one report (``<out>/report/report.html``) and the readout tables printed.
+
+Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they are
+already there, so an interrupted demo picks up where it was. The defaults fit the 2-core CPU
+machine in about ten minutes; ``--quick`` is a one-minute smoke run whose numbers mean little.
 """
 from __future__ import annotations
 
@@ -11,81 +18,174 @@ import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One cohort's run: its kind, size and pretraining length."""
+
+    kind: str
+    subjects: int
+    steps: int
+
+
+#: (COPD arm, COVID arm) of the full demo and of ``--quick``.
+FULL = (Arm("copd", 40, 240), Arm("covid", 24, 120))
+QUICK = (Arm("copd", 12, 20), Arm("covid", 15, 10))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
-    parser.add_argument("--subjects", type=int, default=12, help="synthetic subjects")
-    parser.add_argument("--seed", type=int, default=0, help="seed of cohort and training")
-    parser.add_argument("--steps", type=int, default=30, help="pretraining steps")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a one-minute smoke run: {QUICK[0].subjects} + {QUICK[1].subjects} "
+                             f"subjects, {QUICK[0].steps} + {QUICK[1].steps} steps, 3 folds")
+    parser.add_argument("--subjects", type=int, help=f"COPD subjects (default {FULL[0].subjects})")
+    parser.add_argument("--steps", type=int,
+                        help=f"COPD pretraining steps (default {FULL[0].steps})")
+    parser.add_argument("--covid-subjects", type=int,
+                        help=f"COVID-19 subjects (default {FULL[1].subjects}; 0 skips that arm)")
+    parser.add_argument("--covid-steps", type=int,
+                        help=f"COVID-19 pretraining steps (default {FULL[1].steps})")
+    parser.add_argument("--folds", type=int, help="cross-validation folds (default 5, quick 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of cohorts, training, folds")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes for cohort generation and preprocessing")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the encoder runs (auto: CUDA when present)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from drasclr.evaluation.report import format_text_table, write_report
+    from drasclr.evaluation.subject import COHORT_SECTION
+
+    copd, covid = QUICK if args.quick else FULL
+    copd = Arm("copd", _positive(args.subjects, copd.subjects, "--subjects"),
+               _positive(args.steps, copd.steps, "--steps"))
+    covid_subjects = covid.subjects if args.covid_subjects is None else args.covid_subjects
+    if isinstance(covid_subjects, bool) or covid_subjects < 0:
+        raise ValueError(f"--covid-subjects: expected 0 or more, got {covid_subjects!r}")
+    covid = Arm("covid", covid_subjects, _positive(args.covid_steps, covid.steps, "--covid-steps"))
+    folds = _positive(args.folds, 3 if args.quick else 5, "--folds")
+    for arm in (copd, covid):
+        if arm.subjects and arm.subjects < 2 * folds:
+            raise ValueError(f"{arm.kind} subjects: need at least {2 * folds} for {folds}-fold "
+                             f"cross-validation, got {arm.subjects}")
+    report_dir = args.out / "report"
+    started, timings, sections = time.perf_counter(), {}, []
+    atlas_path = args.out / "atlas.npz"
+    for arm in (copd, covid):
+        if arm.subjects:
+            sections += _run_arm(arm, args, atlas_path, report_dir, folds, timings)
+    settings = {"copd": vars(copd), "covid": vars(covid), "folds": folds, "seed": args.seed}
+    report = write_report(sections, report_dir, settings, title="drasclr demo: evaluation report")
+
+    print()
+    for section in sections:
+        if section.title != COHORT_SECTION:  # its file paths are in the report
+            for table in section.tables:
+                print(format_text_table(table) + "\n")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+          + f"; total {time.perf_counter() - started:.0f}")
+    print(f"report: {report}")
+    return 0
+
+
+def _run_arm(arm: Arm, args: argparse.Namespace, atlas_path: Path, report_dir: Path, folds: int,
+             timings: dict[str, float]) -> list:
+    """One cohort from scans to its report sections; returns them."""
     from drasclr import extract_features, train
     from drasclr.data.atlas import Atlas, build_atlas
     from drasclr.data.preprocess import preprocess
-    from drasclr.data.store import PatchStore
     from drasclr.data.synthetic import generate_cohort
+    from drasclr.evaluation import evaluate
 
-    if args.subjects < 2:
-        raise ValueError(f"--subjects: need at least 2 subjects, got {args.subjects}")
-    out: Path = args.out
-    cohort, atlas_path, store_path = out / "cohort", out / "atlas.npz", out / "store"
-    timings: dict[str, float] = {}
+    out = args.out / arm.kind
+    cohort, store = out / "cohort", out / "store"
 
-    def stage(name: str) -> float:
-        print(f"\n== {name}", flush=True)
-        return time.perf_counter()
+    with _stage(f"{arm.kind}: synthetic cohort of {arm.subjects} small subjects -> {cohort}",
+                timings, f"{arm.kind} cohort"):
+        if not (cohort / "cohort.json").exists():
+            generate_cohort(cohort, arm.subjects, seed=args.seed, kind=arm.kind, size="small",
+                            workers=args.workers)
+        # The template depends only on the size: one atlas serves both cohorts.
+        if not atlas_path.exists():
+            build_atlas(cohort / "template" / "lung_mask.nii.gz").save(atlas_path)
+        atlas = Atlas.load(atlas_path)
+        print(f"{atlas.num_landmarks} atlas landmarks")
 
-    start = stage(f"synthetic cohort: {args.subjects} small COPD subjects -> {cohort}")
-    if not (cohort / "cohort.json").exists():
-        generate_cohort(cohort, args.subjects, seed=args.seed, kind="copd", size="small",
-                        workers=args.workers)
-    timings["cohort"] = time.perf_counter() - start
+    with _stage(f"{arm.kind}: segment, register, cut patches, density measures -> {store}",
+                timings, f"{arm.kind} preprocess"):
+        summary = preprocess(cohort / "images", atlas_path, store, workers=args.workers)
+        print(f"{summary.done + summary.skipped} subjects in the store, {summary.failed} failed")
 
-    start = stage(f"atlas landmarks from the template lung mask -> {atlas_path}")
-    if not atlas_path.exists():
-        build_atlas(cohort / "template" / "lung_mask.nii.gz").save(atlas_path)
-    atlas = Atlas.load(atlas_path)
-    print(f"{atlas.num_landmarks} landmarks")
-    timings["atlas"] = time.perf_counter() - start
+    with _stage(f"{arm.kind}: MoCo pretraining, {arm.steps} steps -> {out / 'train'}",
+                timings, f"{arm.kind} pretrain"):
+        landmarks_per_batch, queue_size = min(4, atlas.num_landmarks), 64
+        result = train(store=str(store), atlas=str(atlas_path), out_dir=str(out / "train"),
+                       max_steps=arm.steps, landmarks_per_batch=landmarks_per_batch,
+                       batch_size=4 * landmarks_per_batch, queue_size=queue_size,
+                       seed=args.seed, device=args.device, tensorboard=False)
+        _summarise_training(result.history, queue_size)
 
-    start = stage(f"preprocessing: segment, register, cut patches -> {store_path}")
-    preprocess(cohort / "images", atlas_path, store_path, workers=args.workers)
-    store = PatchStore(store_path)
-    failed = [row for row in store.manifest if row["status"] != "done"]
-    print(f"{store.num_subjects} subjects in the store, {len(failed)} failed")
-    timings["preprocess"] = time.perf_counter() - start
+    with _stage(f"{arm.kind}: subject features, DrasCLR and random init", timings,
+                f"{arm.kind} features"):
+        feature_files = [out / "features_drasclr.npz", out / "features_random_init.npz"]
+        extract_features(result.checkpoint, store, out=feature_files[0], device=args.device)
+        extract_features(result.checkpoint, store, out=feature_files[1], random_init=args.seed,
+                         device=args.device)
 
-    start = stage(f"MoCo pretraining, {args.steps} steps -> {out / 'train'}")
-    landmarks_per_batch, queue_size = min(4, atlas.num_landmarks), 64
-    subjects_per_batch = min(4, store.num_subjects)
-    result = train(
-        store=str(store_path), atlas=str(atlas_path), out_dir=str(out / "train"),
-        max_steps=args.steps, landmarks_per_batch=landmarks_per_batch,
-        batch_size=landmarks_per_batch * subjects_per_batch, queue_size=queue_size,
-        seed=args.seed, device=args.device,
-    )
-    first, last = result.history[0], result.history[-1]
+    with _stage(f"{arm.kind}: evaluation against the density measures", timings,
+                f"{arm.kind} evaluate"):
+        evaluation = evaluate(feature_files, cohort / "clinical.csv", store, report_dir,
+                              folds=folds, seed=args.seed)
+        sections = evaluation.sections
+        if arm.kind == "copd":
+            sections.append(_detection_section(cohort, store, result.checkpoint, folds, args))
+    return sections
+
+
+def _detection_section(cohort: Path, store: Path, checkpoint: Path, folds: int, args):
+    """Emphysema subtype detection with the linear probes (the paper's Table 5, first rows)."""
+    from drasclr.evaluation.detection import (
+        PROBE_DRASCLR, PROBE_RANDOM, DetectionConfig, evaluate_detection)
+    from drasclr.evaluation.detection_patches import detection_patches
+    from drasclr.checkpoint import load_any_encoder
+
+    data = detection_patches(cohort / "annotations.csv", store)
+    encoder, _ = load_any_encoder(checkpoint)
+    config = DetectionConfig(folds=folds, seed=args.seed, random_init=args.seed,
+                             device=None if args.device == "auto" else args.device)
+    result = evaluate_detection(data, encoder, config, methods=[PROBE_DRASCLR, PROBE_RANDOM])
+    return result.section()
+
+
+def _summarise_training(history: list[dict], queue_size: int) -> None:
+    first, last = history[0], history[-1]
     chance_loss, chance_top1 = 2 * math.log(1 + queue_size), 1 / (1 + queue_size)
-    print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} over {len(result.history)} steps "
-          f"(chance level about {chance_loss:.2f})")
-    print("  the per-landmark queues start as random unit vectors (easy negatives); the loss "
-          "rises while they fill with other subjects' keys at the same landmark (hard negatives)")
-    print(f"top-1 in the last step: local {last['local_top1']:.2f}, neighbour "
-          f"{last['neighbour_top1']:.2f} (chance {chance_top1:.3f})")
-    print(f"checkpoint: {result.checkpoint}")
-    timings["pretrain"] = time.perf_counter() - start
+    print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} over {len(history)} steps "
+          f"(chance level about {chance_loss:.2f}); top-1 in the last step: local "
+          f"{last['local_top1']:.2f}, neighbour {last['neighbour_top1']:.2f} "
+          f"(chance {chance_top1:.3f})")
 
-    start = stage("subject features: mean patch representation over all landmarks")
-    features = extract_features(result.checkpoint, store_path, out=out / "features.npz",
-                                device=args.device)
-    print(f"features {features.features.shape} -> {out / 'features.npz'}")
-    timings["features"] = time.perf_counter() - start
 
-    print("\n== timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    return 0
+class _stage:
+    """Print a stage's heading and add its wall time to ``timings[key]``."""
+
+    def __init__(self, heading: str, timings: dict[str, float], key: str) -> None:
+        self.heading, self.timings, self.key = heading, timings, key
+
+    def __enter__(self) -> None:
+        print(f"\n== {self.heading}", flush=True)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.key] = time.perf_counter() - self.start
+
+
+def _positive(value: int | None, default: int, flag: str) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag}: expected a positive integer, got {value!r}")
+    return value

@@ -23,6 +23,7 @@ from drasclr.evaluation.survival import (
 from drasclr.features import FeatureSet
 
 FIGURES = Path("figures")
+COHORT_SECTION = "Cohort and representations"
 _LIBRARIES = ("numpy", "pandas", "scikit-learn", "scikit-survival", "lifelines", "matplotlib")
 
 
@@ -89,7 +90,7 @@ def _cohort_section(cohort: Cohort) -> Section:
                  len(cohort.density_columns)])
     intro = (f"{len(cohort.subject_ids)} subjects of a {cohort.kind.upper()} cohort; labels from "
              f"{cohort.clinical_path}. " + " ".join(cohort.notes)).strip()
-    return Section("Cohort and representations", intro,
+    return Section(COHORT_SECTION, intro,
                    [Table("Representations", ["Name", "Source", "Dimension"], rows)])
 
 
