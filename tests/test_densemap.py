@@ -429,6 +429,8 @@ def test_head_file_round_trip(tmp_path):
     torch.testing.assert_close(head(h), torch.sigmoid(h @ torch.arange(8.0) + 0.5))
     head2, encoder2, _ = head_and_encoder(path)  # no checkpoint needed
     assert encoder2 is not None and head2.rep_dim == 8
+    with pytest.warns(UserWarning, match="carries its fine-tuned encoder; other.pt is not used"):
+        head_and_encoder(path, "other.pt")
 
 
 def test_head_errors_name_the_file(tmp_path):

@@ -2,14 +2,14 @@
 Section 4.4, Figure 6), written on the input scan's own grid so it overlays the scan.
 
     drasclr densemap --head HEAD.pt [--checkpoint CKPT] --image SCAN --store STORE \\
-        --out MAP.nii.gz [--subject ID] [--step S] [--mode exact|fast] [--device auto] [--batch N]
+        --out MAP.nii.gz [--subject ID] [--step S] [--device auto] [--batch N]
 
 ``--subject`` defaults to the store subject whose manifest ``source`` is ``--image`` (or
 whose id is the file's name); ``--checkpoint`` is needed only for a linear-probe head (a
 fine-tuned head carries its encoder). ``--lesions`` scores the map against a true lesion
 label file on the scan's grid (the synthetic cohort's ``lesions/<id>.nii.gz``). An
-interrupted run resumes from the chunks kept beside the output. See
-``drasclr.evaluation.densemap`` for the method and the fast mode's measured agreement.
+interrupted run resumes from the chunks kept beside the output. There is no fast mode: the
+fully convolutional pass did not agree with the exact window (``drasclr.evaluation.densemap``).
 """
 from __future__ import annotations
 
@@ -36,14 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output map, .nii.gz or .nii")
     parser.add_argument("--step", type=_positive_int, default=1,
                         help="evaluate every S-th voxel and interpolate (default 1: every voxel)")
-    parser.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                        help="exact sliding window (default) or the fully convolutional "
-                             "approximation (see benchmarks/RESULTS.md for its agreement)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
     parser.add_argument("--batch", type=_positive_int, default=None,
-                        help="patches per forward pass (default 32 on CPU, 512 on CUDA)")
-    parser.add_argument("--block", type=_positive_int, default=None,
-                        help="fast mode: voxels per block edge (default 32 on CPU, 96 on CUDA)")
+                        help="patches per forward pass (default 16 on CPU, 512 on CUDA)")
     parser.add_argument("--lung-mask", help="lung label file on the scan's grid (default: segment)")
     parser.add_argument("--percent", action="store_true", help="write uint8 percent, not float32")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
@@ -66,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = device.type == "cuda"
     result = dm.densemap(
         args.image, args.store, args.out, args.head, args.checkpoint, args.subject,
-        mode=args.mode, step=args.step, batch=args.batch or (512 if on_gpu else 32),
-        block=args.block or (96 if on_gpu else 32), device=device, amp=not args.fp32,
+        step=args.step, batch=args.batch or (512 if on_gpu else 16), device=device,
+        amp=not args.fp32,
         lung_mask=args.lung_mask, percent=args.percent, progress=not args.no_progress,
     )
-    print(f"{result.path}: P({result.label}) of subject {result.subject_id}, {result.mode} mode, "
-          f"step {result.step}, {result.voxels} lung voxels in {result.seconds:.1f} s")
+    print(f"{result.path}: P({result.label}) of subject {result.subject_id}, step "
+          f"{result.step}, {result.voxels} lung voxels in {result.seconds:.1f} s")
     if args.lesions:
         value = args.lesion_value if args.lesion_value is not None else dm.lesion_value(result.label)
         truth = read_ct(args.lesions)

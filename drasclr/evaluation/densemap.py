@@ -4,8 +4,8 @@ The paper slides its subtype classifier over the lung with step 1: every lung vo
 probability computed from the 32^3 patch centred on it, the encoder conditioned on that
 voxel's own atlas location. Here:
 
-- **Exact mode** (default, :func:`exact_probabilities`): precisely that. Voxel v (index of
-  the 1 mm resampled scan) is the patch ``v - 16 .. v + 15`` on every axis (v at index
+- **Exact window** (:func:`exact_probabilities`, what every map uses): precisely that.
+  Voxel v (index of the 1 mm resampled scan) is the patch ``v - 16 .. v + 15`` on every axis (v at index
   ``P // 2``; scans are padded with air, -1024 HU, as the store's patches), windowed to int16
   HU exactly like the store (``drasclr.data.subject``) and normalised with
   ``drasclr.intensity.normalise_hu``; its coordinate is v's world point (scan affine) mapped
@@ -13,16 +13,22 @@ voxel's own atlas location. Here:
   Voxels are evaluated in batches (each sample with its own coordinate: the encoder mixes one
   kernel per sample, ``drasclr.nn.grouping``), in chunks whose results are saved atomically in
   a work folder, so memory stays bounded for a whole lung and an interrupted job resumes.
+  On CUDA the volume lives on the device, patches are gathered there and the encoder runs
+  under bf16 autocast (``amp=False`` for float32).
   ``step=S`` evaluates the voxels of the grid ``S * k`` (global voxel indices, so the values
   there are the step-1 values) around the lung and fills every lung voxel by trilinear
   interpolation.
-- **Fast mode** (:func:`fast_probabilities`): the encoder run fully convolutionally over a
-  block of voxels (the "dilation trick": each stride-2 layer becomes stride 1 and the later
-  layers are dilated by the accumulated stride), its Loc-CondConv kernels mixed once per block
-  at the block centre's coordinate. One pass gives every voxel of the block; it differs from
-  the exact window because a patch's zero padding (at every layer) is replaced by the real
-  neighbourhood, and because a block shares one coordinate. The difference is measured, not
-  assumed (:func:`agreement`, ``benchmarks/RESULTS.md``).
+- **Fully convolutional pass** (:func:`fast_probabilities`, API only, NOT offered as a map
+  mode): the encoder run over a block of voxels with the "dilation trick" (each stride-2 layer
+  becomes stride 1, later layers dilated by the accumulated stride; verified against the
+  strided network), Loc-CondConv kernels mixed once per block at the block centre. It is
+  4-8x faster per voxel on CPU, but it is a different estimator: the exact window zero-pads
+  the patch at every layer (at the 2^3 and 1^3 levels most taps are padding), the dense pass
+  sees the real neighbourhood there. Measured on synthetic subjects (``benchmarks/RESULTS.md``,
+  random-weight encoder with a linear-probe head) its voxel-wise Pearson r with the exact map
+  was -0.09 to 0.06 and its AUC against the true lesions 0.50, against 0.55-0.72 for the exact
+  map; running only the first layers densely and the rest per voxel still gave r 0.36-0.68.
+  So ``drasclr densemap`` has no fast mode; the function stays for research and the benchmark.
 
 Why not MONAI's ``sliding_window_inference``: it tiles the image with ROI-sized windows and
 blends ROI-sized outputs; a step-1 map would be a window per voxel whose predictor returns a
@@ -73,7 +79,6 @@ DETECTION_THRESHOLD = 0.5
 DETECTION_FRACTION = 0.25
 #: Lesion labels of the synthetic COPD cohort (``drasclr.data.synthetic``).
 LESION_LABELS = {"centrilobular": 1, "paraseptal": 2, "panlobular": 3}
-MODES = ("exact", "fast")
 WORK_FORMAT = "drasclr-densemap-work"
 
 
@@ -306,7 +311,7 @@ def exact_probabilities(
     scan: PreparedScan,
     voxels: np.ndarray,
     *,
-    batch: int = 32,
+    batch: int = 16,
     device: str | torch.device = "auto",
     amp: bool = True,
     chunk_voxels: int = 4096,
@@ -412,7 +417,7 @@ def dense_layers(encoder: nn.Module, coord: Tensor) -> list[DenseLayer]:
         elif isinstance(conv, PlainConv3d):
             weight = conv.weight
         else:
-            raise ValueError(f"fast mode does not know the layer type {type(conv).__name__}")
+            raise ValueError(f"the dense pass does not know the layer type {type(conv).__name__}")
         stride = conv.stride[0] if isinstance(conv.stride, tuple) else conv.stride
         layers.append(DenseLayer(weight, conv.bias, dilation, bn))
         dilation *= stride
@@ -460,11 +465,11 @@ def fast_probabilities(
     work_dir: Optional[str | os.PathLike] = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Fast-mode probabilities at ``voxels`` (N, 3): one dense pass per ``block``^3 tile of the
-    1 mm grid that holds any of them, kernels mixed at the tile centre's coordinate.
+    """Probabilities at ``voxels`` (N, 3) from one dense pass per ``block``^3 tile of the 1 mm
+    grid that holds any of them, kernels mixed at the tile centre's coordinate.
 
-    An approximation of :func:`exact_probabilities` (see the module docstring); tiles are the
-    resumable chunks. Memory grows with (block + 152)^3 x 128 channels at the last layers.
+    Not an approximation of :func:`exact_probabilities` (see the module docstring for the
+    measured disagreement); tiles are the resumable chunks. Memory grows with (block + 152)^3 x 128 channels at the last layers.
     """
     voxels = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
     device = resolve_device(device)
@@ -537,11 +542,9 @@ def probability_map(
     head: nn.Module,
     scan: PreparedScan,
     *,
-    mode: str = "exact",
     step: int = 1,
     region: Optional[np.ndarray] = None,
-    batch: int = 32,
-    block: int = 32,
+    batch: int = 16,
     device: str | torch.device = "auto",
     amp: bool = True,
     chunk_voxels: int = 4096,
@@ -552,24 +555,14 @@ def probability_map(
     """The probability map on the 1 mm grid of ``scan``: values at its lung voxels (within
     ``region`` when given, a bool mask of the same grid), 0 elsewhere.
 
-    ``mode="exact"`` with ``step=S`` evaluates the grid ``S * k`` and interpolates; the
-    result equals the step-1 map on the grid voxels. ``mode="fast"`` ignores ``step``.
-    ``coordinate_block`` > 1 is the shared-coordinate approximation of
-    :func:`exact_probabilities` (exact mode only).
+    ``step=S`` evaluates the grid ``S * k`` and interpolates; the result equals the step-1
+    map on the grid voxels. ``coordinate_block`` > 1 is the shared-coordinate approximation
+    of :func:`exact_probabilities`.
     """
     check_step(step)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     targets = scan.lung if region is None else scan.lung & np.asarray(region, dtype=bool)
     if not targets.any():
         raise ValueError(f"{scan.original.source}: no lung voxels to map")
-    if mode == "fast":
-        voxels = np.argwhere(targets)
-        values = fast_probabilities(encoder, head, scan, voxels, block=block, device=device,
-                                    amp=amp, work_dir=work_dir, progress=progress)
-        out = np.zeros(targets.shape, dtype=np.float32)
-        out[targets] = values
-        return out
     voxels = np.argwhere(targets) if step == 1 else grid_points_for(targets, step)
     values = exact_probabilities(encoder, head, scan, voxels, batch=batch, device=device, amp=amp,
                                  chunk_voxels=chunk_voxels, work_dir=work_dir, progress=progress,
@@ -621,12 +614,11 @@ def write_map(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
 
 @dataclass
 class DenseMapResult:
-    """What :func:`densemap` did: the map file, its subject, mode, timings."""
+    """What :func:`densemap` did: the map file, its subject, step, timings."""
 
     path: Path
     subject_id: str
     label: str
-    mode: str
     step: int
     voxels: int
     seconds: float
@@ -648,10 +640,8 @@ def densemap(
     checkpoint: Optional[str | os.PathLike] = None,
     subject_id: Optional[str] = None,
     *,
-    mode: str = "exact",
     step: int = 1,
-    batch: int = 32,
-    block: int = 32,
+    batch: int = 16,
     device: str | torch.device = "auto",
     amp: bool = True,
     lung_mask: Optional[str | os.PathLike] = None,
@@ -682,15 +672,15 @@ def densemap(
         check_head_matches(head, encoder, head_path, "the given encoder")
     scan = prepare_scan(image, store, subject_id, lung_mask)
     work = work_dir_for(out)
-    map_iso = probability_map(encoder, head, scan, mode=mode, step=step, region=region,
-                              batch=batch, block=block, device=device, amp=amp,
+    map_iso = probability_map(encoder, head, scan, step=step, region=region,
+                              batch=batch, device=device, amp=amp,
                               chunk_voxels=chunk_voxels, work_dir=work, progress=progress)
     original = scan.original
     on_grid = to_original_grid(map_iso, scan.iso.affine, original.array.shape, original.affine)
     path = write_map(out, on_grid, original.affine, percent=percent)
     shutil.rmtree(work, ignore_errors=True)
     targets = scan.lung if region is None else scan.lung & region
-    return DenseMapResult(path, subject_id, metadata["label"], mode, step, int(targets.sum()),
+    return DenseMapResult(path, subject_id, metadata["label"], step, int(targets.sum()),
                           time.perf_counter() - started, map_iso, scan)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -182,23 +183,12 @@ def check_head_matches(head: SubtypeHead, encoder: nn.Module, head_path: str | o
 
 
 def load_encoder_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """An encoder from any checkpoint drasclr reads: a pretraining checkpoint or epoch file
-    (``drasclr.pretrain.load_encoder``), else an authors' checkpoint
-    (``drasclr.load_reference_checkpoint``); eval mode."""
-    from drasclr.checkpoint import load_reference_checkpoint
-    from drasclr.pretrain.checkpoints import load_encoder
+    """An encoder from any checkpoint drasclr reads (training checkpoint, per-epoch encoder
+    file, authors' checkpoint: ``drasclr.checkpoint.load_any_encoder``), in eval mode."""
+    from drasclr.checkpoint import load_any_encoder
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        return load_encoder(path, device)
-    except ValueError as ours:
-        try:
-            return load_reference_checkpoint(path, map_location=device).eval()
-        except ValueError:
-            raise ValueError(f"{path}: neither a drasclr pretraining checkpoint nor an authors' "
-                             f"checkpoint ({ours})") from None
+    encoder, _ = load_any_encoder(path, map_location=device)
+    return encoder.eval()
 
 
 def head_and_encoder(head_path: str | os.PathLike, checkpoint: Optional[str | os.PathLike] = None,
@@ -211,6 +201,9 @@ def head_and_encoder(head_path: str | os.PathLike, checkpoint: Optional[str | os
         ValueError: a linear-probe head without ``checkpoint``, or rep_dims that differ.
     """
     head, encoder, metadata = load_head(head_path, map_location=device)
+    if encoder is not None and checkpoint is not None:
+        warnings.warn(f"{head_path} carries its fine-tuned encoder; {checkpoint} is not used",
+                      stacklevel=2)
     if encoder is None:
         if checkpoint is None:
             raise ValueError(f"{head_path}: this head is a linear probe without encoder weights; "
