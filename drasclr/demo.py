@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     for section in sections:
-        if section.title != COHORT_SECTION:  # its file paths are in the report
+        if not section.title.endswith(COHORT_SECTION):  # its file paths are in the report
             for table in section.tables:
                 print(format_text_table(table) + "\n")
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
@@ -143,6 +143,8 @@ def _run_arm(arm: Arm, args: argparse.Namespace, atlas_path: Path, report_dir: P
         sections = evaluation.sections
         if arm.kind == "copd":
             sections.append(_detection_section(cohort, store, result.checkpoint, folds, args))
+    for section in sections:  # both arms share one report
+        section.title = f"{arm.kind.upper()}: {section.title}"
     return sections
 
 
