@@ -21,13 +21,13 @@ voxel's own atlas location. Here:
 - **Fully convolutional pass** (:func:`fast_probabilities`, API only, NOT offered as a map
   mode): the encoder run over a block of voxels with the "dilation trick" (each stride-2 layer
   becomes stride 1, later layers dilated by the accumulated stride; verified against the
-  strided network), Loc-CondConv kernels mixed once per block at the block centre. It is
-  4-8x faster per voxel on CPU, but it is a different estimator: the exact window zero-pads
-  the patch at every layer (at the 2^3 and 1^3 levels most taps are padding), the dense pass
-  sees the real neighbourhood there. Measured on synthetic subjects (``benchmarks/RESULTS.md``,
-  random-weight encoder with a linear-probe head) its voxel-wise Pearson r with the exact map
-  was -0.09 to 0.06 and its AUC against the true lesions 0.50, against 0.55-0.72 for the exact
-  map; running only the first layers densely and the rest per voxel still gave r 0.36-0.68.
+  strided network), Loc-CondConv kernels mixed once per block at the block centre. Per voxel
+  it ran at 3.7x the exact window on CPU (same run, ``benchmarks/RESULTS.md``), but it is a
+  different estimator: the exact window zero-pads the patch at every layer (at the 2^3 and
+  1^3 levels most taps are padding), the dense pass sees the real neighbourhood there.
+  Measured on synthetic subjects (random-weight encoder, linear-probe head) its voxel-wise
+  Pearson r with the exact map was -0.09 to 0.06 and its AUC against the true lesions 0.50,
+  against 0.55-0.72 for the exact map.
   So ``drasclr densemap`` has no fast mode; the function stays for research and the benchmark.
 
 Why not MONAI's ``sliding_window_inference``: it tiles the image with ROI-sized windows and
