@@ -375,6 +375,18 @@ def test_box_scores_from_maps():
     assert scores["precision"] == scores["recall"] == scores["f1"] == pytest.approx(0.5)
 
 
+def test_subject_boxes_from_an_annotation_csv(tmp_path):
+    path = tmp_path / "boxes.csv"
+    path.write_text("subject_id,label,x_mm,y_mm,z_mm\na,centrilobular,1,2,3\na,healthy,4,5,6\n"
+                    "a,paraseptal,7,8,9\nb,centrilobular,0,0,0\n")
+    centres, positive = dm.subject_boxes(path, "a", "centrilobular")
+    np.testing.assert_array_equal(centres, [[1, 2, 3], [4, 5, 6]])
+    assert positive.tolist() == [True, False]
+    (tmp_path / "bad.csv").write_text("subject,where\na,1\n")
+    with pytest.raises(ValueError, match="bad.csv: not an annotation CSV"):
+        dm.subject_boxes(tmp_path / "bad.csv", "a", "centrilobular")
+
+
 def test_truth_scores_on_a_hand_made_case():
     lung = np.ones((2, 2, 3), bool)
     lung[1, 1, 2] = False
@@ -524,8 +536,10 @@ def test_cli_maps_and_scores_a_scan(cohort, tmp_path, monkeypatch, capsys):
     code = main(["densemap", "--head", str(head_path), "--image", str(cohort["image"]),
                  "--store", str(cohort["store"]), "--out", str(out), "--step", "6",
                  "--device", "cpu", "--lung-mask", str(cohort["mask"]), "--no-progress",
-                 "--lesions", str(cohort["lesions"]), "--batch", "256"])
+                 "--lesions", str(cohort["lesions"]), "--batch", "256",
+                 "--annotations", str(cohort["root"] / "cohort" / "annotations.csv")])
     printed = capsys.readouterr().out
     assert code == 0 and out.is_file() and stub.calls > 0
     assert f"of subject {cohort['subject']}" in printed and "voxel AUC" in printed
+    assert "0 centrilobular, 12 healthy; precision" in printed  # an emphysema-free subject
     assert nib.load(out).shape == nib.load(cohort["image"]).shape

@@ -7,7 +7,8 @@ Section 4.4, Figure 6), written on the input scan's own grid so it overlays the 
 ``--subject`` defaults to the store subject whose manifest ``source`` is ``--image`` (or
 whose id is the file's name); ``--checkpoint`` is needed only for a linear-probe head (a
 fine-tuned head carries its encoder). ``--lesions`` scores the map against a true lesion
-label file on the scan's grid (the synthetic cohort's ``lesions/<id>.nii.gz``). An
+label file on the scan's grid (the synthetic cohort's ``lesions/<id>.nii.gz``) and
+``--annotations`` the subject's 32 mm boxes by the paper's detection rule. An
 interrupted run resumes from the chunks kept beside the output. There is no fast mode: the
 fully convolutional pass did not agree with the exact window (``drasclr.evaluation.densemap``).
 """
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lesion-value", type=int, default=None,
                         help="label of the subtype in --lesions (default: from the head's label, "
                              "centrilobular 1, paraseptal 2, panlobular 3)")
+    parser.add_argument("--annotations",
+                        help="CSV of boxes (subject_id, label, x_mm, y_mm, z_mm): print box-level "
+                             "precision, recall, F1 by the paper's rule (25%% of voxels > 0.5)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -82,4 +86,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"against {args.lesions} (label {value}): voxel AUC {scores['auc']:.3f}, "
               f"Dice {scores['dice']:.3f}, lesion {100 * scores['prevalence']:.2f}% of "
               f"{scores['voxels']} lung voxels")
+    if args.annotations:
+        original = result.scan.original
+        prob = dm.to_original_grid(result.map_iso, result.scan.iso.affine, original.array.shape,
+                                   original.affine)
+        centres, positive = dm.subject_boxes(args.annotations, result.subject_id, result.label)
+        detected, _ = dm.box_detections(prob, original.affine, centres)
+        boxes = dm.box_scores(detected, positive)
+        print(f"boxes of {args.annotations}: {positive.sum()} {result.label}, "
+              f"{(~positive).sum()} healthy; precision {boxes['precision']:.3f}, recall "
+              f"{boxes['recall']:.3f}, F1 {boxes['f1']:.3f}")
     return 0

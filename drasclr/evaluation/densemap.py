@@ -739,6 +739,25 @@ def box_scores(detected: np.ndarray, positive: np.ndarray) -> dict[str, float]:
     return {"f1": f1, "precision": precision, "recall": recall, "tp": tp, "fp": fp, "fn": fn}
 
 
+def subject_boxes(annotations: str | os.PathLike, subject_id: str, label: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Box centres (N, 3) world mm of one subject from an annotation CSV (``subject_id, label,
+    x_mm, y_mm, z_mm``, as the synthetic cohort's ``annotations.csv``) and whether each is a
+    ``label`` box; only ``label`` and ``healthy`` boxes, as the paper's subtype-vs-healthy task."""
+    import csv
+
+    path = Path(annotations)
+    try:
+        with open(path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        mine = [r for r in rows if r["subject_id"] == subject_id and r["label"] in (label, "healthy")]
+        centres = np.array([[float(r["x_mm"]), float(r["y_mm"]), float(r["z_mm"])] for r in mine])
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: not an annotation CSV with subject_id, label, x_mm, y_mm, "
+                         f"z_mm ({error!r})") from None
+    return centres.reshape(-1, 3), np.array([r["label"] == label for r in mine], dtype=bool)
+
+
 def truth_scores(prob: np.ndarray, truth: np.ndarray, lung: np.ndarray,
                  threshold: float = DETECTION_THRESHOLD) -> dict[str, float]:
     """Voxel-level agreement of a map with the true lesion mask, within the lung.
@@ -892,7 +911,7 @@ def lesion_value(label: str) -> int:
 
 __all__ = [
     "DenseMapResult", "MapEvaluation", "PatchGatherer", "PreparedScan", "agreement",
-    "box_detections", "box_scores", "box_voxels", "check_step", "dense_features",
+    "box_detections", "box_scores", "box_voxels", "subject_boxes", "check_step", "dense_features",
     "densemap", "exact_probabilities", "fast_probabilities", "interpolate_grid",
     "overlay_figure", "prepare_scan", "probability_map", "report_sections", "subject_of_image",
     "to_original_grid", "truth_scores", "write_map",
