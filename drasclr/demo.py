@@ -9,8 +9,9 @@ cohort (pretrained on its own scans, as the paper pretrains on MosMed), for the 
 Everything ends in one report (``<out>/report/report.html``) and the readout tables printed.
 
 Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they are
-already there, so an interrupted demo picks up where it was. The defaults fit the 2-core CPU
-machine in about ten minutes; ``--quick`` is a one-minute smoke run whose numbers mean little.
+already there, so an interrupted demo picks up where it was. The defaults took 11.2 minutes on
+the 2-core CPU machine with another job holding one core (benchmarks/RESULTS.md); ``--quick``
+is a smoke run of a few minutes whose numbers mean little.
 """
 from __future__ import annotations
 
