@@ -9,9 +9,9 @@ cohort (pretrained on its own scans, as the paper pretrains on MosMed), for the 
 Everything ends in one report (``<out>/report/report.html``) and the readout tables printed.
 
 Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they are
-already there, so an interrupted demo picks up where it was. The defaults took 11.2 minutes on
-the 2-core CPU machine with another job holding one core (benchmarks/RESULTS.md); ``--quick``
-is a smoke run of a few minutes whose numbers mean little.
+already there, so an interrupted demo picks up where it was. The defaults took 5.5 minutes on
+the idle 2-core CPU machine (benchmarks/RESULTS.md); ``--quick`` is a shorter smoke run whose
+numbers mean little.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ QUICK = (Arm("copd", 12, 20), Arm("covid", 15, 10))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
     parser.add_argument("--quick", action="store_true",
-                        help=f"a one-minute smoke run: {QUICK[0].subjects} + {QUICK[1].subjects} "
+                        help=f"a short smoke run: {QUICK[0].subjects} + {QUICK[1].subjects} "
                              f"subjects, {QUICK[0].steps} + {QUICK[1].steps} steps, 3 folds")
     parser.add_argument("--subjects", type=int, help=f"COPD subjects (default {FULL[0].subjects})")
     parser.add_argument("--steps", type=int,
