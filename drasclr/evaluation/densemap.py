@@ -124,10 +124,9 @@ def store_atlas_and_transform(store: str | os.PathLike, subject_id: str
                               ) -> tuple[Atlas, np.ndarray]:
     """The store's atlas and the subject's saved subject-to-atlas matrix (clear errors)."""
     from drasclr.data.registration import load_subject_to_atlas
-    from drasclr.data.store import read_store_config
+    from drasclr.data.store import PatchStore
 
-    config = read_store_config(store)
-    atlas = Atlas.load(config["atlas"])
+    atlas = PatchStore(store).atlas()
     transforms = Path(store) / "transforms" / subject_id
     if not transforms.is_dir():
         raise FileNotFoundError(f"{transforms}: subject {subject_id!r} has no saved registration "

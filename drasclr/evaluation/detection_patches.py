@@ -241,11 +241,10 @@ def compute_detection_patches(
     from tqdm import tqdm
 
     store = Path(store)
-    config = read_store_config(store)
-    atlas = atlas if atlas is not None else Atlas.load(config["atlas"])
-    if atlas_checksum(atlas) != config["atlas_checksum"]:
-        raise ValueError(f"{store}: the store was made for another atlas ({config['atlas']}) "
-                         "than the one given")
+    if atlas is None:
+        atlas = PatchStore(store).atlas()
+    elif atlas_checksum(atlas) != read_store_config(store)["atlas_checksum"]:
+        raise ValueError(f"{store}: the store was made for another atlas than the one given")
     sources = _subject_sources(annotations, store)
     # Registrations first: they are cheap, so a missing one fails before any scan is read.
     to_atlas = {}
@@ -286,8 +285,8 @@ def compute_detection_patches(
         points_mm=annotations.points_mm, atlas_points_mm=atlas_points,
         coords=atlas.coords_of_points(atlas_points), patches=patches,
         metadata={"annotations": str(annotations.path), "store": str(store),
-                  "atlas": str(config["atlas"]), "lung_tolerance_mm": lung_tolerance_mm,
-                  "segmentation": segmentation},
+                  "atlas": read_store_config(store)["atlas"],
+                  "lung_tolerance_mm": lung_tolerance_mm, "segmentation": segmentation},
     )
 
 
