@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from drasclr.atomic import atomic_path, atomic_write_bytes
 from drasclr.data.store import PatchStore
+from drasclr.device import resolve_device
 from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
@@ -151,7 +152,6 @@ def extract_features(
             a missing or unknown checkpoint, a store without finished subjects, its atlas gone
             or changed, bad arguments.
     """
-    from drasclr.pretrain.trainer import _resolve_device  # not at import: it pulls in MONAI
 
     started = time.perf_counter()
     if patch_dtype not in PATCH_DTYPES:
@@ -175,7 +175,7 @@ def extract_features(
         raise ValueError(f"{store.root / 'manifest.csv'}: the store has no finished subjects "
                          "(run `drasclr preprocess`)")
     coords = store.atlas().coords
-    device = _resolve_device(str(device))
+    device = resolve_device(device)
     batch_size = batch_size or DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
     encoder, metadata = _working_encoder(source, random_init)
     encoder = encoder.to(device).eval()

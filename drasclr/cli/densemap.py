@@ -57,11 +57,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from drasclr.data.io import read_ct
+    from drasclr.device import resolve_device
     from drasclr.evaluation import densemap as dm
 
     if args.step < 1:  # argparse already refuses; the API is called with the same check
         raise ValueError(f"--step: expected at least 1, got {args.step}")
-    device = dm.resolve_device(args.device)
+    device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     result = dm.densemap(
         args.image, args.store, args.out, args.head, args.checkpoint, args.subject,

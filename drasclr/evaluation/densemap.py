@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from drasclr.atomic import atomic_path, atomic_write_bytes
 from drasclr.data.atlas import Atlas
+from drasclr.device import resolve_device
 from drasclr.data.io import CTVolume, read_ct
 from drasclr.data.patches import AIR_HU
 from drasclr.intensity import HU_WINDOW, normalise_hu
@@ -222,12 +223,6 @@ class PatchGatherer:
             2, PATCH_SIZE, 1)
         patches = windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         return normalise_hu(patches)[:, None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -34,6 +34,7 @@ from drasclr.evaluation.detection_models import (  # noqa: F401 (re-exported: th
     probe_weights,
 )
 from drasclr.evaluation.detection_patches import DetectionPatches
+from drasclr.device import resolve_device
 from drasclr.features import calibrate_batchnorm, random_encoder
 from drasclr.evaluation.report import Score, Section, Table
 from drasclr.intensity import normalise_hu
@@ -69,7 +70,7 @@ class DetectionConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return resolve_device(self.device or "auto")
 
 
 @dataclass(frozen=True)

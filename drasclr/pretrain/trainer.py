@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, load_checkpoint, save_checkpoint
 from drasclr.pretrain.config import TrainConfig, describe
@@ -63,7 +64,7 @@ def train(config: TrainConfig | str | Path | None = None, **overrides: Any) -> T
         config = TrainConfig.load(config)
     if overrides:
         config = config.replace(**overrides)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     process = init_distributed(device.type == "cuda")
     if device.type == "cuda" and process.world_size > 1:
         device = torch.device("cuda", process.local_rank)
@@ -317,15 +318,6 @@ def _check_inputs(config: TrainConfig, store, atlas) -> None:
     if config.landmarks_per_batch > store.num_landmarks:
         raise ValueError(f"landmarks_per_batch {config.landmarks_per_batch} exceeds the store's "
                          f"{store.num_landmarks} landmarks")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available here")
-    return device
 
 
 def _generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
