@@ -20,7 +20,7 @@ paper: 20 epochs of batch 128 over the whole cohort), with hundreds of subjects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -181,10 +181,11 @@ def _locations_section(config: AblationConfig, checkpoint: Path) -> Section:
     detection = DetectionConfig(folds=config.folds, seed=config.seed)
     f1: dict[str, dict[str, Score]] = {}
     for locations in config.inference_locations:
+        boxes = data
         if locations == "random":
             rng = np.random.default_rng(config.seed)
-            data.coords = rng.uniform(-1, 1, size=data.coords.shape).astype(np.float32)
-        result = evaluate_detection(data, encoder, detection, methods=[PROBE_DRASCLR])
+            boxes = replace(data, coords=rng.uniform(-1, 1, data.coords.shape).astype(np.float32))
+        result = evaluate_detection(boxes, encoder, detection, methods=[PROBE_DRASCLR])
         f1[locations] = {s: result.scores[PROBE_DRASCLR][s].f1 for s in SUBTYPES}
     columns = [f"{'patch' if loc == 'true' else 'random'} location F1"
                for loc in config.inference_locations]
