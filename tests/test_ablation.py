@@ -67,15 +67,17 @@ def test_variants_differ_in_one_thing_and_resume(ablation_inputs, tmp_path):
         assert len(row) == len(conditioning.columns) and all(isinstance(c, Score) for c in row[1:])
         assert all(len(c.values) == 2 for c in row[1:])  # one value per fold
 
-    runs = tmp_path / "runs"
-    for study, value, expected in (("conditioning", "none", {"conditioning": "none"}),
-                                   ("conditioning", "loc_condconv", {"conditioning": "loc_condconv"}),
-                                   ("neighbours", "0", {"k_neighbors": 0})):
-        state = torch.load(runs / study / value / "train" / "checkpoint_last.pt", weights_only=True)
+    runs = tmp_path / "runs" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["loc_condconv-k0", "loc_condconv-k2",
+                                                      "none-k2"]
+    for run, expected in (("none-k2", {"conditioning": "none", "k_neighbors": 2}),
+                          ("loc_condconv-k2", {"conditioning": "loc_condconv", "k_neighbors": 2}),
+                          ("loc_condconv-k0", {"conditioning": "loc_condconv", "k_neighbors": 0})):
+        state = torch.load(runs / run / "train" / "checkpoint_last.pt", weights_only=True)
         for key, setting in expected.items():
             assert state["config"][key] == setting
         assert state["config"]["max_steps"] == 2 and state["config"]["rep_dim"] == 16
-    checkpoint = runs / "conditioning" / "none" / "train" / "checkpoint_last.pt"
+    checkpoint = runs / "none-k2" / "train" / "checkpoint_last.pt"
     before = checkpoint.stat().st_mtime_ns
     run_ablations(config, progress=False)
     assert checkpoint.stat().st_mtime_ns == before  # a finished variant is not pretrained again

@@ -54,9 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from drasclr.data.io import read_ct
     from drasclr.device import resolve_device
     from drasclr.evaluation import densemap as dm
 
@@ -73,26 +70,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result.path}: P({result.label}) of subject {result.subject_id}, step "
           f"{result.step}, {result.voxels} lung voxels in {result.seconds:.1f} s")
     if args.lesions:
-        value = args.lesion_value if args.lesion_value is not None else dm.lesion_value(result.label)
-        truth = read_ct(args.lesions)
-        original = result.scan.original
-        if truth.array.shape != original.array.shape:
-            raise ValueError(f"{args.lesions}: lesion grid {truth.array.shape} differs from the "
-                             f"scan's {original.array.shape}")
-        prob = dm.to_original_grid(result.map_iso, result.scan.iso.affine, original.array.shape,
-                                   original.affine)
-        lung = dm.to_original_grid(result.scan.lung.astype(np.float32), result.scan.iso.affine,
-                                   original.array.shape, original.affine) >= 0.5
-        scores = dm.truth_scores(prob, np.rint(truth.array) == value, lung)
-        print(f"against {args.lesions} (label {value}): voxel AUC {scores['auc']:.3f}, "
-              f"Dice {scores['dice']:.3f}, lesion {100 * scores['prevalence']:.2f}% of "
-              f"{scores['voxels']} lung voxels")
+        evaluation = dm.evaluate_map(result, args.lesions, lesion_label=args.lesion_value)
+        scores = dm.truth_scores(evaluation.prob, evaluation.truth, evaluation.lung)
+        print(f"against {args.lesions}: voxel AUC {scores['auc']:.3f}, Dice {scores['dice']:.3f}, "
+              f"lesion {100 * scores['prevalence']:.2f}% of {scores['voxels']} lung voxels")
     if args.annotations:
-        original = result.scan.original
-        prob = dm.to_original_grid(result.map_iso, result.scan.iso.affine, original.array.shape,
-                                   original.affine)
         centres, positive = dm.subject_boxes(args.annotations, result.subject_id, result.label)
-        detected, _ = dm.box_detections(prob, original.affine, centres)
+        detected, _ = dm.box_detections(result.on_scan_grid(result.map_iso),
+                                        result.scan.original.affine, centres)
         boxes = dm.box_scores(detected, positive)
         print(f"boxes of {args.annotations}: {positive.sum()} {result.label}, "
               f"{(~positive).sum()} healthy; precision {boxes['precision']:.3f}, recall "

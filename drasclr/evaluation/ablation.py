@@ -11,8 +11,9 @@ Three studies, each a table in the report's layout:
 The measures are the paper's: the subject-level linear readout (R^2 of log FEV1pp and log
 FEV1/FVC, accuracy of GOLD and CLE) of the first two studies, and the detection linear probe's
 F1 for the third. Every variant pretrains into ``out/<study>/<value>/`` with the shared
-settings of ``train`` (so a re-run resumes from each run's checkpoint, and a finished run is not
-redone) and saves its features beside.
+settings of ``train`` into ``out/runs/<conditioning>-k<neighbours>/`` (so a re-run resumes from
+each run's checkpoint, a finished run is not redone, and DrasCLR's own settings are trained
+once for all three studies) and saves its features beside.
 
 ``drasclr ablate --config ABLATION.yaml`` runs it from a file; ``examples/ablation.yaml`` is a
 small one for the CPU. For a real study, pretrain each variant as long as the main model (the
@@ -116,22 +117,19 @@ def run_ablations(config: AblationConfig, progress: bool = True) -> list[Section
     clinical = load_clinical(config.clinical)  # checked before any pretraining
     sections = []
     if config.conditioning:
-        runs = {value: _pretrain(config, "conditioning", value, progress,
-                                 conditioning=value) for value in config.conditioning}
+        runs = {value: _pretrain(config, progress, conditioning=value)
+                for value in config.conditioning}
         sections.append(_readout_section(
             config, clinical, "Conditioning: how location enters the encoder (Table 6)",
             {_CONDITIONING_NAMES[v]: path for v, path in runs.items()}, progress))
     if config.neighbours:
-        runs = {k: _pretrain(config, "neighbours", k, progress, k_neighbors=k)
-                for k in config.neighbours}
+        runs = {k: _pretrain(config, progress, k_neighbors=k) for k in config.neighbours}
         sections.append(_readout_section(
             config, clinical, "Neighbouring contrastive loss: number of neighbours (Table 8)",
             {("no neighbouring contrast" if k == 0 else f"{k} neighbour(s)"): path
              for k, path in runs.items()}, progress))
     if config.inference_locations and config.annotations:
-        checkpoint = _pretrain(config, "conditioning", "loc_condconv", progress,
-                               conditioning="loc_condconv")
-        sections.append(_locations_section(config, checkpoint))
+        sections.append(_locations_section(config, _pretrain(config, progress)))
     return sections
 
 
@@ -139,27 +137,36 @@ _CONDITIONING_NAMES = {"none": "no conditioning", "concat": "concatenation",
                        "hypernetwork": "hypernetwork", "loc_condconv": "Loc-CondConv (DrasCLR)"}
 
 
-def _pretrain(config: AblationConfig, study: str, value, progress: bool, **variant) -> Path:
-    """The checkpoint of one variant, pretrained (or resumed) in ``out/<study>/<value>``."""
-    from drasclr.pretrain import train
+def _pretrain(config: AblationConfig, progress: bool, conditioning: str = "loc_condconv",
+              k_neighbors: int | None = None) -> Path:
+    """The checkpoint of one variant, pretrained (or resumed) in
+    ``out/runs/<conditioning>-k<k>/train``: the studies share the run of DrasCLR's own
+    settings (Loc-CondConv with the default neighbours) instead of training it twice."""
+    from drasclr.pretrain import TrainConfig, train
 
-    run_dir = Path(config.out) / study / str(value) / "train"
-    settings = {"seed": config.seed, "progress": progress, "tensorboard": False, **config.train,
-                **variant}
+    if k_neighbors is None:
+        k_neighbors = TrainConfig.__dataclass_fields__["k_neighbors"].default
+    run_dir = Path(config.out) / "runs" / f"{conditioning}-k{k_neighbors}" / "train"
+    settings = {"seed": config.seed, "progress": progress, "tensorboard": False, **config.train}
     return Path(train(store=config.store, atlas=config.atlas, out_dir=str(run_dir),
-                      **settings).checkpoint)
+                      conditioning=conditioning, k_neighbors=k_neighbors, **settings).checkpoint)
 
 
 def _readout_section(config: AblationConfig, clinical, title: str, checkpoints: dict,
                      progress: bool) -> Section:
     from drasclr.evaluation.readout import readout_scores
-    from drasclr.features import extract_features
+    from drasclr.features import FeatureSet, extract_features
 
     rows = []
     for name, checkpoint in checkpoints.items():
         features_path = checkpoint.parent.parent / "features.npz"
-        features = extract_features(checkpoint, config.store, out=features_path, name=name,
-                                    progress=progress)
+        if (features_path.exists()
+                and features_path.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns):
+            features = FeatureSet.load(features_path)  # a shared run, already extracted
+            features.metadata["name"] = name
+        else:
+            features = extract_features(checkpoint, config.store, out=features_path, name=name,
+                                        progress=progress)
         scores = readout_scores(features, clinical, ABLATION_TASKS, folds=config.folds,
                                 seed=config.seed)
         rows.append([name, *(scores[task] for task in ABLATION_TASKS)])

@@ -618,6 +618,13 @@ class DenseMapResult:
     seconds: float
     map_iso: np.ndarray = field(repr=False)
     scan: PreparedScan = field(repr=False)
+    mapped: np.ndarray = field(repr=False)  # bool, the 1 mm voxels that have a value
+
+    def on_scan_grid(self, volume: np.ndarray) -> np.ndarray:
+        """A volume of the 1 mm grid (the map, ``mapped``) on the scan's own grid."""
+        original = self.scan.original
+        return to_original_grid(np.asarray(volume, dtype=np.float32), self.scan.iso.affine,
+                                original.array.shape, original.affine)
 
 
 def work_dir_for(out: str | os.PathLike) -> Path:
@@ -675,7 +682,7 @@ def densemap(
     shutil.rmtree(work, ignore_errors=True)
     targets = scan.lung if region is None else scan.lung & region
     return DenseMapResult(path, subject_id, metadata["label"], step, int(targets.sum()),
-                          time.perf_counter() - started, map_iso, scan)
+                          time.perf_counter() - started, map_iso, scan, targets)
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -819,8 +826,33 @@ class MapEvaluation:
         return scores
 
 
+def evaluate_map(result: DenseMapResult, lesions: str | os.PathLike,
+                 annotations: Optional[str | os.PathLike] = None,
+                 lesion_label: Optional[int] = None) -> MapEvaluation:
+    """Score a :func:`densemap` result against a true lesion label file on the scan's grid
+    (the synthetic cohort's ``lesions/<id>.nii.gz``), within the mapped lung voxels, and
+    against the subject's boxes in ``annotations`` when given.
+
+    ``lesion_label`` is the subtype's value in ``lesions`` (default :func:`lesion_value` of the
+    map's label). Everything is put on the scan's own grid, as the map file is.
+    """
+    value = lesion_value(result.label) if lesion_label is None else lesion_label
+    original = result.scan.original
+    truth = read_ct(lesions)
+    if truth.array.shape != original.array.shape or not np.allclose(truth.affine, original.affine,
+                                                                    atol=1e-3):
+        raise ValueError(f"{lesions}: lesion grid {truth.array.shape} differs from the scan's "
+                         f"{original.array.shape} ({original.source})")
+    centres, positive = (subject_boxes(annotations, result.subject_id, result.label)
+                         if annotations is not None else (np.zeros((0, 3)), np.zeros(0, bool)))
+    return MapEvaluation(result.subject_id, result.label, original.array,
+                         result.on_scan_grid(result.map_iso), np.rint(truth.array) == value,
+                         result.on_scan_grid(result.mapped) >= 0.5, original.affine, centres,
+                         positive)
+
+
 def overlay_figure(evaluation: MapEvaluation, path: str | os.PathLike) -> Path:
-    """PNG of the axial slice with the most true lesion (else most lung): the scan in grey,
+    """PNG of the axial slice with the most true lesion in the mapped lung (else most lung): the scan in grey,
     the true lesion outline, the probability map semi-transparent (matplotlib Agg)."""
     import matplotlib
 
@@ -829,7 +861,7 @@ def overlay_figure(evaluation: MapEvaluation, path: str | os.PathLike) -> Path:
 
     z_axis = int(np.argmax(np.abs(evaluation.affine[2, :3])))  # the axis along world z
     reduce_axes = tuple(a for a in range(3) if a != z_axis)
-    counts = evaluation.truth.sum(axis=reduce_axes)
+    counts = (evaluation.truth & evaluation.lung).sum(axis=reduce_axes)
     if counts.max() == 0:
         counts = evaluation.lung.sum(axis=reduce_axes)
     z = int(np.argmax(counts))
@@ -906,7 +938,7 @@ def lesion_value(label: str) -> int:
 __all__ = [
     "DenseMapResult", "MapEvaluation", "PatchGatherer", "PreparedScan", "agreement",
     "box_detections", "box_scores", "box_voxels", "subject_boxes", "check_step", "dense_features",
-    "densemap", "exact_probabilities", "fast_probabilities", "interpolate_grid",
+    "densemap", "evaluate_map", "exact_probabilities", "fast_probabilities", "interpolate_grid",
     "overlay_figure", "prepare_scan", "probability_map", "report_sections", "subject_of_image",
     "to_original_grid", "truth_scores", "write_map",
 ]

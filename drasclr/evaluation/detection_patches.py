@@ -91,6 +91,12 @@ class DetectionPatches:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: np.ndarray) -> "DetectionPatches":
+        """The points ``rows`` (indices or a bool mask), metadata shared."""
+        return DetectionPatches(self.subject_ids[rows], self.labels[rows], self.points_mm[rows],
+                                self.atlas_points_mm[rows], self.coords[rows], self.patches[rows],
+                                dict(self.metadata))
+
     def save(self, path: str | Path) -> Path:
         """Write one uncompressed ``.npz`` atomically (uncompressed: loading is the hot path)."""
         header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **self.metadata}
