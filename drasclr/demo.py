@@ -37,6 +37,21 @@ FULL = (Arm("copd", 40, 240), Arm("covid", 24, 120))
 QUICK = (Arm("copd", 12, 20), Arm("covid", 15, 10))
 
 
+@dataclass(frozen=True)
+class PatchLevel:
+    """Sizes of the COPD arm's patch- and voxel-level evaluation."""
+
+    epochs: int  # fine-tuning epochs of detection, label efficiency and the map heads
+    fractions: tuple[float, ...]  # label-efficiency fractions of the training boxes
+    map_subjects: int  # held-out subjects mapped per subtype
+    map_step: int  # every map_step-th voxel computed exactly, the rest interpolated
+    ablation_steps: int  # pretraining steps of every ablation variant
+
+
+PATCH_LEVEL = PatchLevel(5, (0.1, 0.25, 0.5, 1.0), 2, 4, 120)
+QUICK_PATCH_LEVEL = PatchLevel(1, (0.25, 1.0), 1, 8, 4)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
     parser.add_argument("--quick", action="store_true",
@@ -142,26 +157,87 @@ def _run_arm(arm: Arm, args: argparse.Namespace, atlas_path: Path, report_dir: P
         evaluation = evaluate(feature_files, cohort / "clinical.csv", store, report_dir,
                               folds=folds, seed=args.seed)
         sections = evaluation.sections
-        if arm.kind == "copd":
-            sections.append(_detection_section(cohort, store, result.checkpoint, folds, args))
+    if arm.kind == "copd":
+        sizes = QUICK_PATCH_LEVEL if args.quick else PATCH_LEVEL
+        sections += _patch_level_sections(cohort, store, atlas_path, result.checkpoint, out,
+                                          report_dir, sizes, folds, args, timings)
     for section in sections:  # both arms share one report
         section.title = f"{arm.kind.upper()}: {section.title}"
     return sections
 
 
-def _detection_section(cohort: Path, store: Path, checkpoint: Path, folds: int, args):
-    """Emphysema subtype detection with the linear probes (the paper's Table 5, first rows)."""
-    from drasclr.evaluation.detection import (
-        PROBE_DRASCLR, PROBE_RANDOM, DetectionConfig, evaluate_detection)
-    from drasclr.evaluation.detection_patches import detection_patches
+def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoint: Path,
+                          out: Path, report_dir: Path, sizes: PatchLevel, folds: int, args,
+                          timings: dict[str, float]) -> list:
+    """The paper's patch- and voxel-level evaluation of the COPD arm, one stage each: subtype
+    detection (Table 5), label efficiency (Figure 5), dense maps of held-out subjects against
+    their true lesions (Figure 6) and the ablations (Tables 6-8). Each stage's sections are
+    kept in ``out/sections/<stage>.json`` so a re-run skips finished stages."""
     from drasclr.checkpoint import load_any_encoder
+    from drasclr.evaluation.ablation import AblationConfig, run_ablations
+    from drasclr.evaluation.densemap import report_sections
+    from drasclr.evaluation.detection import (
+        SUBTYPES, DetectionConfig, FineTuneConfig, evaluate_detection)
+    from drasclr.evaluation.detection_efficiency import label_efficiency
+    from drasclr.evaluation.detection_patches import detection_patches
+    from drasclr.evaluation.map_study import held_out_maps
 
-    data = detection_patches(cohort / "annotations.csv", store)
+    annotations = cohort / "annotations.csv"
+    data = detection_patches(annotations, store)
     encoder, _ = load_any_encoder(checkpoint)
     config = DetectionConfig(folds=folds, seed=args.seed, random_init=args.seed,
+                             finetune=FineTuneConfig(epochs=sizes.epochs),
                              device=None if args.device == "auto" else args.device)
-    result = evaluate_detection(data, encoder, config, methods=[PROBE_DRASCLR, PROBE_RANDOM])
-    return result.section()
+
+    def curves() -> list:
+        sections = []
+        for subtype in SUBTYPES:
+            curve = label_efficiency(data, encoder, subtype, sizes.fractions, config)
+            name = f"detection/label_efficiency_{subtype}.png"
+            curve.plot(report_dir / name)
+            sections.append(curve.section(name))
+        return sections
+
+    def maps() -> list:
+        evaluations = held_out_maps(data, encoder, cohort, store, out / "maps", annotations,
+                                    config, subjects=sizes.map_subjects, step=sizes.map_step)
+        return report_sections(evaluations, report_dir)
+
+    def ablations() -> list:
+        train = {"max_steps": sizes.ablation_steps, "batch_size": 16, "landmarks_per_batch": 4,
+                 "queue_size": 64, "device": args.device}
+        return run_ablations(AblationConfig(
+            str(store), str(atlas_path), str(cohort / "clinical.csv"), str(out / "ablation"),
+            str(annotations), train, folds=folds, seed=args.seed))
+
+    stages = {
+        "detection": ("subtype detection, linear probes and fine-tuning (Table 5)",
+                      lambda: [evaluate_detection(data, encoder, config).section()]),
+        "label_efficiency": (f"label efficiency at {', '.join(f'{f:g}' for f in sizes.fractions)}"
+                             " of the training boxes (Figure 5)", curves),
+        "maps": (f"dense maps of {sizes.map_subjects} held-out subject(s) per subtype, step "
+                 f"{sizes.map_step}, against their true lesions (Figure 6)", maps),
+        "ablations": (f"ablations, every variant pretrained {sizes.ablation_steps} steps "
+                      "(Tables 6-8)", ablations),
+    }
+    sections = []
+    for name, (heading, compute) in stages.items():
+        with _stage(f"copd: {heading}", timings, f"copd {name}"):
+            sections += _kept_sections(out / "sections" / f"{name}.json", compute)
+    return sections
+
+
+def _kept_sections(path: Path, compute) -> list:
+    """The sections kept at ``path`` by an earlier run, else ``compute()``'s, then kept."""
+    from drasclr.evaluation.report import read_results, write_results
+
+    if path.exists():
+        print(f"kept from an earlier run: {path}")
+        return read_results(path)[0]
+    sections = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_results(sections, path, {})
+    return sections
 
 
 def _summarise_training(history: list[dict], queue_size: int) -> None:

@@ -176,25 +176,35 @@ def test_shared_coordinates_only_when_asked(cohort):
 
 # -- geometry of the written map --------------------------------------------------------------
 
-def test_written_map_overlays_the_scan(cohort, tmp_path):
+def planted_blob(cohort: dict, folder: Path, radius_mm: float = 4.0):
+    """The subject's scan with a bright ball (100 HU) planted inside the lung, and the ball as
+    a lesion file of centrilobular's label; returns (scan path, lesion path, ball centre mm,
+    a 19^3 region of the 1 mm grid around it)."""
+    from scipy import ndimage
+
     image = nib.load(cohort["image"])
     data = np.asarray(image.dataobj).astype(np.int16)
     mask = np.asarray(nib.load(cohort["mask"]).dataobj) > 0
-    from scipy import ndimage
-
     lung_voxels = np.argwhere(ndimage.binary_erosion(mask, iterations=5))
-    blob_voxel = lung_voxels[len(lung_voxels) // 3]
-    blob_world = image.affine @ np.r_[blob_voxel, 1.0]
+    blob_world = image.affine @ np.r_[lung_voxels[len(lung_voxels) // 3], 1.0]
     world = np.einsum("ij,jxyz->ixyz", image.affine[:3, :3], np.indices(data.shape)) \
         + image.affine[:3, 3, None, None, None]
-    data[np.linalg.norm(world - blob_world[:3, None, None, None], axis=0) <= 4.0] = 100
-    planted = tmp_path / "planted.nii.gz"
-    nib.save(nib.Nifti1Image(data, image.affine), planted)
-
+    ball = np.linalg.norm(world - blob_world[:3, None, None, None], axis=0) <= radius_mm
+    data[ball] = 100
+    scan_path, lesion_path = folder / "planted.nii.gz", folder / "planted_lesions.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), scan_path)
+    lesions = (ball * dm.lesion_value("centrilobular")).astype(np.uint8)
+    nib.save(nib.Nifti1Image(lesions, image.affine), lesion_path)
     scan = cohort["scan"]
     iso_blob = np.rint(np.linalg.solve(scan.iso.affine, blob_world)[:3]).astype(int)
     region = np.zeros(scan.lung.shape, bool)
     region[tuple(slice(c - 9, c + 10) for c in iso_blob)] = True
+    return scan_path, lesion_path, blob_world[:3], region
+
+
+def test_written_map_overlays_the_scan(cohort, tmp_path):
+    image = nib.load(cohort["image"])
+    planted, _, blob_world, region = planted_blob(cohort, tmp_path)
     out = tmp_path / "map.nii.gz"
     result = dm.densemap(planted, cohort["store"], out, intensity_head(tmp_path / "head.pt"),
                          subject_id=cohort["subject"], lung_mask=cohort["mask"], region=region,
@@ -206,10 +216,35 @@ def test_written_map_overlays_the_scan(cohort, tmp_path):
     assert written.get_data_dtype() == np.float32 and prob.max() > 0.9
     hot = np.argwhere(prob > 0.5)
     centre = written.affine[:3, :3] @ hot.mean(axis=0) + written.affine[:3, 3]
-    assert np.linalg.norm(centre - blob_world[:3]) < 1.5  # mm: the blob, where it was planted
+    assert np.linalg.norm(centre - blob_world) < 1.5  # mm: the blob, where it was planted
     assert result.subject_id == cohort["subject"] and not dm.work_dir_for(out).exists()
     percent = dm.write_map(tmp_path / "pct.nii.gz", prob, written.affine, percent=True)
     assert nib.load(percent).get_data_dtype() == np.uint8
+
+
+def test_map_scored_against_its_lesion_file_within_the_mapped_voxels(cohort, tmp_path):
+    """A planted lesion is found (AUC ~1, Dice high) when the lesion file marks it, not when
+    the file marks another subtype's label; only mapped voxels are scored."""
+    planted, lesions, _, region = planted_blob(cohort, tmp_path, radius_mm=5.0)
+    result = dm.densemap(planted, cohort["store"], tmp_path / "map.nii.gz",
+                         intensity_head(tmp_path / "head.pt"), subject_id=cohort["subject"],
+                         lung_mask=cohort["mask"], region=region, step=2, device="cpu",
+                         progress=False, encoder=IntensityEncoder())
+    evaluation = dm.evaluate_map(result, lesions)
+    scan_voxel_mm3 = abs(np.linalg.det(evaluation.affine[:3, :3]))
+    mapped_mm3 = evaluation.lung.sum() * scan_voxel_mm3
+    assert 0.8 * (region & cohort["scan"].lung).sum() < mapped_mm3 < 1.25 * region.sum()
+    scores = evaluation.scores()
+    assert scores["auc"] > 0.95 and scores["dice"] > 0.6 and 0 < scores["prevalence"] < 0.5
+
+    other = dm.evaluate_map(result, lesions, lesion_label=dm.lesion_value("paraseptal"))
+    assert not other.truth.any() and np.isnan(other.scores()["auc"])
+
+    image = nib.load(lesions)
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[1:], image.affine), shifted)
+    with pytest.raises(ValueError, match="shifted.nii.gz: lesion grid"):
+        dm.evaluate_map(result, shifted)
 
 
 def test_subject_found_from_the_image(cohort):

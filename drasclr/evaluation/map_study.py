@@ -47,7 +47,8 @@ def subjects_with_most(cohort: str | Path, subtype: str, count: int,
 
 
 def held_out_maps(data: DetectionPatches, encoder: nn.Module, cohort: str | Path,
-                  store: str | Path, out: str | Path, annotations: str | Path | None = None, config: DetectionConfig = DetectionConfig(),
+                  store: str | Path, out: str | Path, annotations: str | Path | None = None,
+                  config: DetectionConfig = DetectionConfig(),
                   subtypes: Sequence[str] = SUBTYPES, subjects: int = 2, step: int = 4,
                   source: str = "encoder", progress: bool = False) -> list[MapEvaluation]:
     """Per subtype, fine-tune on the boxes of all but ``subjects`` held-out subjects, map those
@@ -57,7 +58,12 @@ def held_out_maps(data: DetectionPatches, encoder: nn.Module, cohort: str | Path
     evaluations = []
     for subtype in subtypes:
         rows, _, groups = task_subset(data, subtype)
-        held_out = subjects_with_most(cohort, subtype, subjects, np.unique(groups))
+        candidates = np.unique(groups)
+        if not 1 <= subjects < len(candidates):
+            raise ValueError(f"subjects: expected 1 to {len(candidates) - 1} held out of the "
+                             f"{len(candidates)} subjects with {subtype} or healthy boxes, got "
+                             f"{subjects!r}")
+        held_out = subjects_with_most(cohort, subtype, subjects, candidates)
         training = data.subset(~np.isin(data.subject_ids, held_out))
         head_dir = out / f"heads_without_{'_'.join(held_out)}"
         head_path = head_dir / f"head_{subtype}_finetune.pt"

@@ -128,12 +128,20 @@ def write_report(sections: list[Section], out: str | Path, settings: dict,
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"title": title, "settings": _json_safe(settings),
-               "sections": [_section_to_json(s) for s in sections]}
-    atomic_write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
+    write_results(sections, out / "results.json", settings, title)
     atomic_write_bytes(out / "report.md", _markdown(sections, out, settings, title).encode())
     atomic_write_bytes(out / "report.html", _html(sections, out, settings, title).encode())
     return out / "report.html"
+
+
+def write_results(sections: list[Section], path: str | Path, settings: dict,
+                  title: str = "DrasCLR evaluation report") -> Path:
+    """Write the sections and settings as JSON atomically, every number kept (scores with
+    their fold values); :func:`read_results` reads them back."""
+    results = {"title": title, "settings": _json_safe(settings),
+               "sections": [_section_to_json(s) for s in sections]}
+    atomic_write_bytes(path, json.dumps(results, indent=1).encode())
+    return Path(path)
 
 
 def read_results(path: str | Path) -> tuple[list[Section], dict]:
