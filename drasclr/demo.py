@@ -4,14 +4,20 @@ For a COPD cohort: synthetic scans -> atlas landmarks from the template lung mas
 store (segmentation, registration, patch cutting, density measures) -> MoCo pretraining with
 the per-landmark memory bank -> subject features of the trained encoder and of a randomly
 initialised one -> the paper's subject-level evaluation (readout, survival) against the
-density measures -> emphysema subtype detection with a linear probe. The same for a COVID-19
-cohort (pretrained on its own scans, as the paper pretrains on MosMed), for the severity task.
-Everything ends in one report (``<out>/report/report.html``) and the readout tables printed.
+density measures -> the patch- and voxel-level evaluation: emphysema subtype detection by
+linear probes and fine-tuning (Yu et al. 2023, Section 4.3.1, Table 5), label efficiency
+(Section 4.3.2, Fig. 5), dense probability maps of held-out subjects scored against their true
+lesions (Section 4.3.1, Fig. 3; the paper could not score them) and the ablations of how
+location enters the network (Section 4.4, Tables 6-8).
+The same subject-level evaluation for a COVID-19 cohort (pretrained on its own scans, as the
+paper pretrains on MosMed), for the severity task. Everything ends in one report
+(``<out>/report/report.html``) and the tables printed.
 
 Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they are
-already there, so an interrupted demo picks up where it was. The defaults took 5.5 minutes on
-the idle 2-core CPU machine (benchmarks/RESULTS.md); ``--quick`` is a shorter smoke run whose
-numbers mean little.
+already there, so an interrupted demo picks up where it was. The stage times on the 2-core CPU
+machine are in benchmarks/RESULTS.md; the patch-level sizes (:data:`PATCH_LEVEL`) are small for
+that machine, and ``drasclr detect``, ``drasclr densemap`` and ``drasclr ablate`` run each part
+at any size. ``--quick`` is a shorter smoke run whose numbers mean little.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import argparse
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -43,13 +49,15 @@ class PatchLevel:
 
     epochs: int  # fine-tuning epochs of detection, label efficiency and the map heads
     fractions: tuple[float, ...]  # label-efficiency fractions of the training boxes
+    curve_folds: int  # folds of the label-efficiency curves (each point costs a fine-tuning)
     map_subjects: int  # held-out subjects mapped per subtype
     map_step: int  # every map_step-th voxel computed exactly, the rest interpolated
     ablation_steps: int  # pretraining steps of every ablation variant
 
 
-PATCH_LEVEL = PatchLevel(5, (0.1, 0.25, 0.5, 1.0), 2, 4, 120)
-QUICK_PATCH_LEVEL = PatchLevel(1, (0.25, 1.0), 1, 8, 4)
+# Sized for the 2-core CPU, where the fine-tunings dominate (stage times: benchmarks/RESULTS.md).
+PATCH_LEVEL = PatchLevel(3, (0.1, 0.2, 0.5, 1.0), 3, 2, 4, 60)
+QUICK_PATCH_LEVEL = PatchLevel(1, (0.5, 1.0), 2, 1, 8, 4)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,8 +178,8 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
                           out: Path, report_dir: Path, sizes: PatchLevel, folds: int, args,
                           timings: dict[str, float]) -> list:
     """The paper's patch- and voxel-level evaluation of the COPD arm, one stage each: subtype
-    detection (Table 5), label efficiency (Figure 5), dense maps of held-out subjects against
-    their true lesions (Figure 6) and the ablations (Tables 6-8). Each stage's sections are
+    detection (Table 5), label efficiency (Fig. 5), dense maps of held-out subjects against
+    their true lesions (Fig. 3) and the ablations (Tables 6-8). Each stage's sections are
     kept in ``out/sections/<stage>.json`` so a re-run skips finished stages."""
     from drasclr.checkpoint import load_any_encoder
     from drasclr.evaluation.ablation import AblationConfig, run_ablations
@@ -192,7 +200,8 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
     def curves() -> list:
         sections = []
         for subtype in SUBTYPES:
-            curve = label_efficiency(data, encoder, subtype, sizes.fractions, config)
+            curve = label_efficiency(data, encoder, subtype, sizes.fractions,
+                                     replace(config, folds=sizes.curve_folds))
             name = f"detection/label_efficiency_{subtype}.png"
             curve.plot(report_dir / name)
             sections.append(curve.section(name))
@@ -214,9 +223,9 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
         "detection": ("subtype detection, linear probes and fine-tuning (Table 5)",
                       lambda: [evaluate_detection(data, encoder, config).section()]),
         "label_efficiency": (f"label efficiency at {', '.join(f'{f:g}' for f in sizes.fractions)}"
-                             " of the training boxes (Figure 5)", curves),
+                             " of the training boxes (Fig. 5)", curves),
         "maps": (f"dense maps of {sizes.map_subjects} held-out subject(s) per subtype, step "
-                 f"{sizes.map_step}, against their true lesions (Figure 6)", maps),
+                 f"{sizes.map_step}, against their true lesions (Fig. 3)", maps),
         "ablations": (f"ablations, every variant pretrained {sizes.ablation_steps} steps "
                       "(Tables 6-8)", ablations),
     }

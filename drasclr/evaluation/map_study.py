@@ -1,4 +1,5 @@
-"""Dense maps of held-out subjects, scored against their true lesions (Yu et al. 2023, Figure 6).
+"""Dense maps of held-out subjects, scored against their true lesions (Yu et al. 2023,
+Section 4.3.1, Fig. 3).
 
 The paper shows probability maps of its fine-tuned subtype classifiers; on a synthetic cohort
 the true lesion of every voxel is known, so the maps can be scored. For each subtype, the
