@@ -1,5 +1,5 @@
 """Dense voxel maps on CPU: throughput against a reference-style sliding window, and how far
-fast mode is from the exact map (Yu et al. 2023, Section 4.4, Figure 6).
+fast mode is from the exact map (Yu et al. 2023, Section 4.3.1, Fig. 3).
 
 Speed (same run, interleaved rounds A, B, C, D, A, B, ...; ratio = voxels/s of a variant over
 voxels/s of the reference in the same round; median and min-max over rounds):
