@@ -59,6 +59,8 @@ def measure(layouts: list[str], rounds: int, batch: int, loop: bool) -> list[str
                             rounds)
         cells = [f"{result.median(name) * 1e3 / batch:.1f} ms" for name in encoders]
         ratios = [result.describe(name, "none") for name in encoders if name != "none"]
+        if loop:
+            ratios.append(result.describe("loop", "grouped"))
         rows.append(f"| {layout} | " + " | ".join(cells + ratios) + " |")
         print(rows[-1], flush=True)
     return rows
@@ -77,9 +79,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     print(f"encoder fwd+bwd, batch {args.batch}, {torch.get_num_threads()} torch threads, "
           f"{args.rounds} interleaved rounds; median ms per patch, ratio to none: median "
           "(min-max) of the per-round ratios")
-    print("| landmarks | " + " | ".join(f"{n} ms/patch" for n in names) + " | "
-          + " | ".join(f"{n} / none" for n in names[1:]) + " |")
-    print("|---" * (2 * len(names)) + "|")
+    ratios = [f"{n} / none" for n in names[1:]] + ([] if args.no_loop else ["loop / grouped"])
+    print("| landmarks | " + " | ".join([f"{n} ms/patch" for n in names] + ratios) + " |")
+    print("|---" * (1 + len(names) + len(ratios)) + "|")
     return measure(layouts, args.rounds, args.batch, not args.no_loop)
 
 

@@ -38,7 +38,7 @@ def one_thread():
 def test_readme_lists_every_example():
     readme = (EXAMPLES / "README.md").read_text()
     scripts = [p.relative_to(EXAMPLES).as_posix() for p in EXAMPLES.rglob("*")
-               if p.is_file() and p.name != "README.md"]
+               if p.is_file() and p.name != "README.md" and "__pycache__" not in p.parts]
     assert scripts and [s for s in scripts if s not in readme] == []
 
 
@@ -117,25 +117,11 @@ def test_example_refuses_a_missing_scan_folder(tmp_path, capsys):
 
 # -- (c) the authors' checkpoint -> features ---------------------------------------------------
 
-def authors_checkpoint_file(encoder, path: Path) -> Path:
-    """``encoder`` saved as the authors' training script saves its model
-    (docs/method.md#the-authors-checkpoints)."""
-    state = {}
-    for key, value in encoder.state_dict().items():
-        name = key.replace(".routing.", "._routing_fn.fc.")
-        name = "fc." + name[len("head."):] if name.startswith("head.") else name
-        state[f"module.encoder_q.{name}"] = value.clone()
-        state[f"module.encoder_k.{name}"] = torch.randn_like(value.float())
-    state["module.queue"] = torch.randn(128, 16, 4)
-    state["module.queue_ptr"] = torch.zeros(4, dtype=torch.long)
-    torch.save({"epoch": 20, "arch": "custom", "optimizer": {}, "state_dict": state}, path)
-    return path
-
-
 def test_authors_checkpoint_gives_the_features_of_its_weights(pretrained, tmp_path, one_thread):
     from drasclr.data.atlas import Atlas
     from drasclr.intensity import normalise_hu
     from drasclr.nn import Encoder
+    from test_features import authors_layout  # docs/method.md#the-authors-checkpoints
 
     _, result = pretrained
     torch.manual_seed(3)
@@ -145,7 +131,8 @@ def test_authors_checkpoint_gives_the_features_of_its_weights(pretrained, tmp_pa
             if isinstance(module, nn.BatchNorm3d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
-    checkpoint = authors_checkpoint_file(encoder, tmp_path / "checkpoint_0019.pth.tar")
+    checkpoint = tmp_path / "checkpoint_0019.pth.tar"
+    torch.save(authors_layout(encoder), checkpoint)  # as the authors' training script saves it
 
     features = load_example("authors_checkpoint_features").main([
         "--checkpoint", str(checkpoint), "--store", str(result["store"]),
