@@ -7,7 +7,7 @@ Resampling a CT to 1 mm (cubic B-spline), on synthetic subjects of ``drasclr syn
   interpolator of order 3;
 - ``monai``: ``monai.transforms.Spacing(pixdim=1, mode=3, padding_mode="mirror")``: spline
   order 3 through scipy's ``map_coordinates`` (MONAI's numpy backend), with the same boundary
-  rule as ours and ITK's (MONAI's default, "border", changes the values near the scan's edge).
+  rule as ours and ITK's (another rule changes the values near the scan's edge).
 
 All three keep the input's origin and step 1 mm along its axes; they differ only in how far the
 grid extends (a voxel more or less at the far end), so values are compared on the voxels all
