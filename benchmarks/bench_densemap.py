@@ -1,8 +1,9 @@
 """Dense voxel maps on CPU: throughput against a reference-style sliding window, and how far
-fast mode is from the exact map (Yu et al. 2023, Section 4.4, Figure 6).
+fast mode is from the exact map (Yu et al. 2023, Section 4.3.1, Fig. 3).
 
-Speed (same run, interleaved rounds A, B, C, D, A, B, ...; ratio = voxels/s of a variant over
-voxels/s of the reference in the same round; median and min-max over rounds):
+Speed (same run, interleaved rounds A, B, C, D, A, B, ... by benchmarks/interleave.py; ratio =
+voxels/s of a variant over voxels/s of the reference in the same round; median and min-max over
+rounds):
 
 - ``reference``: the paper's sliding window as the authors' code would run it: one patch per
   forward pass, loop backend, each patch cut from the volume on its own;
@@ -39,6 +40,7 @@ from scipy import ndimage
 from drasclr.evaluation import densemap as dm
 from drasclr.evaluation.head import SubtypeHead
 from drasclr.nn import Encoder
+from interleave import interleave
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,16 +118,10 @@ def speed(root: Path, rounds: int, block: int, exact_edge: int, reference_voxels
         "fast": (lambda: dm.fast_probabilities(encoder, head, scan, tile_voxels, block=block,
                                                device="cpu", progress=False), len(tile_voxels)),
     }
-    for run, _ in variants.values():  # warm-up: oneDNN builds its kernels on first use
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(rounds):
-        for name, (run, count) in variants.items():
-            start = time.perf_counter()
-            run()
-            rates[name].append(count / (time.perf_counter() - start))
-        print(f"round {round_index + 1}: " + ", ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()),
-              flush=True)
+    # the warm-up lets oneDNN build its kernels on first use
+    timed = interleave({name: run for name, (run, _) in variants.items()}, rounds,
+                       report=lambda line: print(line, flush=True))
+    rates = {name: [count / s for s in timed.seconds[name]] for name, (_, count) in variants.items()}
     reference = np.array(rates["reference"])
     print(f"\nvoxels per round: reference {reference_voxels}, exact/shared4 {len(cube)} "
           f"(batch {batch}), fast {len(tile_voxels)} (one {block}^3 tile)")

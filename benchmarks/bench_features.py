@@ -10,20 +10,18 @@ paper's encoder (8 experts, rep_dim 128) with the same weights in both variants:
                default is small;
     reference  the authors' way: the loop backend, one patch at a time (eval, no_grad).
 
-The variants run interleaved round by round (ours, ours-256, reference, ours, ...), so that a
-change of load on the shared machine hits all alike; each round's ratios compare neighbours
-in time. Printed: patches/s per round, the median of the per-round ratios to the reference
-and their min-max, and the largest difference between ours' and the reference's subject
-features (a correctness check).
+The variants run interleaved round by round (ours, ours-256, reference, ours, ...;
+benchmarks/interleave.py), so that a change of load on the shared machine hits all alike; each
+round's ratios compare neighbours in time. Printed: patches/s per round, the median of the
+per-round ratios to the reference and their min-max, and the largest difference between ours' and
+the reference's subject features (a correctness check).
 
     .venv/bin/python benchmarks/bench_features.py [--subjects 16] [--rounds 5]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -35,6 +33,7 @@ from drasclr.data.store import PatchStore, create_store, write_subject
 from drasclr.features import extract_features
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
+from interleave import interleave
 
 
 def synthetic_store(folder: Path, subjects: int) -> PatchStore:
@@ -88,21 +87,14 @@ def main() -> None:
         expected = variants["reference"]()  # also the warm-up of every variant
         difference = max(np.abs(variants[name]().features - expected).max()
                          for name in ("ours", "ours-256")) / np.abs(expected).max()
-        rates: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                rates[name].append(patches / (time.perf_counter() - start))
+        rounds = interleave(variants, args.rounds, warmup=False)  # warmed up just above
 
     print(f"{store.num_subjects} subjects x {store.num_landmarks} landmarks = {patches} patches, "
           f"{torch.get_num_threads()} torch threads, {args.rounds} interleaved rounds")
-    for name, values in rates.items():
-        print(f"  {name:>9}: patches/s per round " + ", ".join(f"{v:.1f}" for v in values))
-    for name in ("ours", "ours-256"):
-        ratios = [a / b for a, b in zip(rates[name], rates["reference"])]
-        print(f"  ratio {name} / reference: median {statistics.median(ratios):.2f}x "
-              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    for name, seconds in rounds.seconds.items():
+        print(f"  {name:>9}: patches/s per round " + ", ".join(f"{patches / s:.1f}" for s in seconds))
+    for name in ("ours", "ours-256"):  # speed-up: the reference's time over the variant's
+        print(f"  ratio {name} / reference: {rounds.describe('reference', name)}")
     print(f"  largest subject-feature difference to the reference, relative to the largest "
           f"feature: {difference:.1e}")
 

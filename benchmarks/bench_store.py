@@ -1,7 +1,7 @@
 """Patch store random access: patches/second for random (subject, landmark) pairs + 2 neighbours.
 
-Training draws a batch of random (subject, landmark) pairs and needs each pair's patch and its
-k = 2 neighbours' patches of the same subject (SPEC section 7). Compared, in the same run:
+Training draws a batch of random (subject, landmark) pairs and needs each pair's patch and its k =
+2 neighbours' patches of the same subject (Yu et al. 2023, Section 2.4). Compared, in the same run:
 
 - ``gather``: ``PatchStore.gather`` on memory-mapped per-subject files (this project);
 - ``load_per_pair``: the reference's per-subject access (``data/copd_patch.py`` testing path):

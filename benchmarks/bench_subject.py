@@ -7,8 +7,8 @@ Measured in one run, on one core (one ITK thread):
    (air around the body, as in a scanner's field of view) and 0.7 mm slices, saved as NIfTI.
 2. Resampling to 1 mm: the separable B-spline (``resample_isotropic``) against
    ``scipy.ndimage.zoom(order=3)``, the one-call library equivalent, on the same volume.
-3. Registration on a small synthetic subject: the ``fast`` schedule against the
-   ``reference`` schedule (SPEC section 4), with both landmark errors against the truth.
+3. Registration on a small synthetic subject: the ``fast`` schedule against the ``reference``
+   schedule (docs/method.md#registration), with both landmark errors against the truth.
 
     .venv/bin/python benchmarks/bench_subject.py [--skip-reference]
 """

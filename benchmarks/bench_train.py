@@ -3,19 +3,20 @@
 Ours: landmark-grouped batch (4 landmarks x 4 subjects), "grouped" (CPU) or "auto" (GPU,
 Triton) Loc-CondConv backend, bf16 autocast on GPU. Reference-style: one landmark per batch
 (16 subjects), the "loop" backend (one sample at a time), float32. Both run the full step:
-augmentation, query/neighbour/key encoders, both losses, enqueue, backward, SGD.
+augmentation, query/neighbour/key encoders, both losses, enqueue, backward, SGD. The two steps
+alternate (reference, ours, reference, ...; benchmarks/interleave.py) after one warm-up each;
+the speed-up is the median of the per-round ratios, with their min-max.
 
     .venv/bin/python -m pytest benchmarks/bench_train.py --benchmark-only -s
 """
-import time
-
 import torch
 
 from drasclr.nn import Encoder
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.moco import DrasCLR
+from interleave import interleave
 
-BATCH, K_NEIGHBOURS, LANDMARKS, STEPS = 16, 2, 8, 3
+BATCH, K_NEIGHBOURS, LANDMARKS, STEPS = 16, 2, 8, 5
 
 
 def _step_fn(backend: str, landmarks_per_batch: int, device: torch.device, amp: bool):
@@ -43,23 +44,15 @@ def _step_fn(backend: str, landmarks_per_batch: int, device: torch.device, amp: 
     return step
 
 
-def _patches_per_second(step) -> float:
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        step()
-    return STEPS * BATCH / (time.perf_counter() - start)
-
-
 def test_train_step_throughput(benchmark):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    ours = _step_fn("auto" if gpu else "grouped", 4, device, amp=gpu)
-    reference = _step_fn("loop", 1, device, amp=False)
-    reference_rate = _patches_per_second(reference)
-    ours_rate = _patches_per_second(ours)
-    benchmark.pedantic(ours, rounds=1, iterations=1)
-    benchmark.extra_info.update(ours_patches_per_s=ours_rate, reference_patches_per_s=reference_rate,
-                                ratio=ours_rate / reference_rate)
-    print(f"\n{device}: ours {ours_rate:.1f} patches/s, reference-style {reference_rate:.1f} patches/s, "
-          f"ratio {ours_rate / reference_rate:.2f}x")
+    steps = {"reference": _step_fn("loop", 1, device, amp=False),
+             "ours": _step_fn("auto" if gpu else "grouped", 4, device, amp=gpu)}
+    rounds = benchmark.pedantic(lambda: interleave(steps, STEPS), rounds=1, iterations=1)
+    rates = {name: BATCH / rounds.median(name) for name in steps}
+    speedup = rounds.describe("reference", "ours")
+    benchmark.extra_info.update(ours_patches_per_s=rates["ours"],
+                                reference_patches_per_s=rates["reference"], speedup=speedup)
+    print(f"\n{device}: ours {rates['ours']:.1f} patches/s, reference-style "
+          f"{rates['reference']:.1f} patches/s (medians); ours / reference: {speedup}")

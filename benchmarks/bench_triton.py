@@ -1,6 +1,6 @@
-"""pytest-benchmark: fused Triton Loc-CondConv against the grouped backend on the GPU (issue 3).
+"""pytest-benchmark: fused Triton Loc-CondConv against the grouped backend on the GPU.
 
-Each encoder layer shape (SPEC section 6), batch 128 as 16 landmarks x 8 subjects, bf16
+Each encoder layer shape (docs/method.md#encoder), batch 128 as 16 landmarks x 8 subjects, bf16
 autocast, forward+backward. Compare the two backends per layer in the pytest-benchmark table
 (same run, same device). The standalone ``gpu_encoder_benchmark.py`` covers the full matrix.
 

@@ -1,4 +1,4 @@
-"""Loc-CondConv backends on every encoder layer and the whole encoder (issue 3, item 4).
+"""Loc-CondConv backends on every encoder layer and the whole encoder.
 
 One unattended run (budgeted to fit one 10-minute device call) times, for a batch of 128 patches
 grouped as 16 landmarks x 8 subjects, 128 distinct landmarks and 1 landmark, in bf16 (autocast)
@@ -39,7 +39,8 @@ from torch import nn
 
 from drasclr.nn import LandmarkGroups, LocCondConv3d
 
-# (name, C_in, C_out, stride, input size) of every convolution, SPEC section 6 (k=3, padding 1).
+# (name, C_in, C_out, stride, input size) of every convolution (k=3, padding 1),
+# docs/method.md#encoder.
 ENCODER_LAYERS = [
     ("conv1", 1, 8, 1, 32), ("conv2", 8, 8, 2, 32),
     ("downsample1.conv1", 8, 16, 1, 16), ("downsample1.conv2", 16, 16, 1, 16),

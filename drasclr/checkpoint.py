@@ -1,4 +1,5 @@
-"""Encoders from checkpoints written by the authors' DrasCLR code (SPEC section 10).
+"""Encoders from checkpoints written by the authors' DrasCLR code
+(docs/method.md#the-authors-checkpoints).
 
 The reference saves ``{"epoch", "arch", "optimizer", "state_dict"}`` of a MoCo model wrapped in
 DistributedDataParallel: keys ``module.encoder_q.<layer>...`` (plus ``encoder_k``, ``queue``,

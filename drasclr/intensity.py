@@ -1,4 +1,5 @@
-"""CT intensity conventions (SPEC section 2): the HU window and the network's input scale.
+"""CT intensity conventions: the HU window and the network's input scale (Yu et al. 2023,
+Section 4.1).
 
 Patches are stored as int16 HU clipped to the window [-1024, 240]; the network sees
 (HU + 1024) / 632 - 1, i.e. the window mapped onto [-1, 1].

@@ -1,6 +1,6 @@
 """Fused Loc-CondConv 3D convolution in Triton: kernels, launchers, autograd wrapper.
 
-Loc-CondConv (SPEC section 5) convolves sample b with ``sum_e r[g, e] * W_e``, where
+Loc-CondConv (Yu et al. 2023, eqs. 3-4) convolves sample b with ``sum_e r[g, e] * W_e``, where
 ``g = index[b]`` is the sample's landmark and ``r`` the landmark's sigmoid routing weights.
 Samples of a landmark share that kernel exactly, so every kernel here is an implicit GEMM
 whose rows run over *all samples of one landmark* (``LandmarkGroups.order/offsets``); the deep
@@ -487,7 +487,7 @@ def loc_cond_conv3d_triton(
     padding: IntOrTriple = 0,
     dilation: IntOrTriple = 1,
 ) -> Tensor:
-    """Loc-CondConv with the fused Triton kernels (SPEC section 5).
+    """Loc-CondConv with the fused Triton kernels (Yu et al. 2023, eqs. 3-4).
 
     Sample b is convolved with ``sum_e routing[groups.index[b], e] * weight[e]``, plus ``bias``.
 

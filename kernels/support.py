@@ -1,4 +1,4 @@
-"""Which Loc-CondConv calls the fused Triton kernels handle (issue 3).
+"""Which Loc-CondConv calls the fused Triton kernels handle.
 
 Pure PyTorch on purpose: the caller asks this before it imports Triton, so a machine without
 Triton (or without a GPU) gets a reason to fall back instead of an ImportError.

@@ -1,4 +1,5 @@
-"""The landmark atlas (SPEC section 3): grid rule, threshold raising, coords, neighbours, file."""
+"""The landmark atlas (docs/method.md#atlas-and-landmarks): grid rule, threshold raising,
+coords, neighbours, file."""
 from itertools import product
 
 import nibabel as nib

@@ -1,4 +1,5 @@
-"""Checkpoints: the authors' layout (SPEC section 10) and our own state-dict round trip.
+"""Checkpoints: the authors' layout (docs/method.md#the-authors-checkpoints) and our own
+state-dict round trip.
 
 ``ReferenceMoCo`` below is an independent, per-sample re-statement of the reference semantics
 (their layer names, ``_routing_fn.fc``, ``fc.0``/``fc.2``, MoCo wrapper with ``encoder_k``,

@@ -1,6 +1,7 @@
-"""Emphysema subtype detection (issue 10): patches and atlas coordinates of annotated points on
-a small synthetic cohort with known truth, the cache, subject-disjoint folds, the linear probe
-and fine-tuning on planted signals, label efficiency, the CLI and every input error."""
+"""Emphysema subtype detection (Yu et al. 2023, Section 4.3): patches and atlas coordinates of
+annotated points on a small synthetic cohort with known truth, the cache, subject-disjoint folds,
+the linear probe and fine-tuning on planted signals, label efficiency, the CLI and every input
+error."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,4 @@
-"""Encoder (SPEC section 6): shapes, backends, conditioning variants, config, errors."""
+"""Encoder (Yu et al. 2023, Section 3): shapes, backends, conditioning variants, config, errors."""
 import pytest
 import torch
 

@@ -121,8 +121,8 @@ def test_patch_file_round_trips_as_float16(tiny_store, encoder_and_reference, tm
 
 
 def authors_layout(encoder: Encoder) -> dict:
-    """The encoder's weights as the reference implementation saves them (SPEC of the authors'
-    checkpoint, see tests/test_checkpoint.py): DDP prefix, ``_routing_fn.fc``, ``fc`` head,
+    """The encoder's weights as the reference implementation saves them
+    (docs/method.md#the-authors-checkpoints): DDP prefix, ``_routing_fn.fc``, ``fc`` head,
     plus a key encoder and queue that loading must ignore."""
     state = {}
     for key, value in encoder.state_dict().items():

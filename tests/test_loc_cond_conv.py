@@ -1,4 +1,4 @@
-"""LocCondConv3d: every backend against a direct float64 formula of SPEC section 5."""
+"""LocCondConv3d: every backend against a direct float64 formula of Yu et al. 2023, eqs. 3-4."""
 import math
 import warnings
 import zlib
@@ -13,7 +13,7 @@ from drasclr.nn import loc_cond_conv as lcc
 
 def reference(x, loc, weight, routing_weight, routing_bias, bias, stride, padding, dilation,
               groups):
-    """SPEC section 5 in float64, one sample at a time: r = sigmoid(W_r p + b_r),
+    """Yu et al. 2023, eqs. 3-4 in float64, one sample at a time: r = sigmoid(W_r p + b_r),
     kernel = sum_e r_e W_e, conv3d with the shared bias."""
     x, weight, routing_weight, routing_bias = (t.double() for t in (x, weight, routing_weight,
                                                                     routing_bias))
@@ -255,7 +255,7 @@ def test_bfloat16_autocast_matches_float64_formula(backend):
     ("stride", True, "stride: expected an int or 3 ints"),
 ])
 def test_layers_refuse_bad_geometry_when_built(argument, value, message):
-    """Issue 11: bad geometry is refused at construction with the argument's name, by the
+    """Bad geometry is refused at construction with the argument's name, by the
     layer, the hypernetwork variant and the functional form alike."""
     from drasclr.nn.conditioning import HyperConv3d
 

@@ -1,4 +1,4 @@
-"""Batched augmentation: MONAI's matrices, SPEC 7's ranges, per-sample independent draws."""
+"""Batched augmentation: MONAI's matrices, the authors' ranges, per-sample independent draws."""
 import math
 
 import numpy as np

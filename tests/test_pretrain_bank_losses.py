@@ -1,4 +1,4 @@
-"""Memory bank and losses against plain Python / float64 formulas (SPEC section 7)."""
+"""Memory bank and losses against plain Python / float64 formulas (Yu et al. 2023, eqs. 6 and 8)."""
 import pytest
 import torch
 import torch.nn.functional as F

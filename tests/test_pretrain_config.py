@@ -76,7 +76,7 @@ NUMERIC_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.metadata["vali
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -1, 0, "1", True, [1]],
                          ids=["nan", "inf", "-inf", "negative", "zero", "text", "bool", "list"])
 def test_every_numeric_field_is_checked_for_meaning(field, bad):
-    """Issue 11: NaN, infinities, out-of-range and wrong-type values are refused before any work,
+    """NaN, infinities, out-of-range and wrong-type values are refused before any work,
     naming the field (a NaN lr once passed `lr <= 0` and trained into a NaN checkpoint)."""
     valid = field.metadata["valid"]
     good = TrainConfig(store="s", atlas="a")

@@ -58,7 +58,8 @@ def _train(store_atlas, out_dir, **overrides):
 
 def _contrastive_task(encoder, store):
     """InfoNCE loss and top-1 of matching two augmented views of every patch among the
-    patches of the same landmark (the local task of SPEC 7), on a fixed set of draws."""
+    patches of the same landmark (the local task, Yu et al. 2023, eq. 6), on a fixed set of
+    draws."""
     from drasclr.data.atlas import Atlas
     from drasclr.data.store import PatchStore
 

@@ -1,5 +1,5 @@
 """``drasclr densemap``: voxel-wise probability map of an emphysema subtype (Yu et al. 2023,
-Section 4.4, Figure 6), written on the input scan's own grid so it overlays the scan.
+Section 4.3.1, Fig. 3), written on the input scan's own grid so it overlays the scan.
 
     drasclr densemap --head HEAD.pt [--checkpoint CKPT] --image SCAN --store STORE \\
         --out MAP.nii.gz [--subject ID] [--step S] [--device auto] [--batch N]

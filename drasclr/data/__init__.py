@@ -1,4 +1,4 @@
-"""From CT files to a landmark patch store (SPEC sections 2-4).
+"""From CT files to a landmark patch store (Yu et al. 2023, Sections 2.1, 3, 4.1).
 
 ``build_atlas`` turns an atlas lung mask into landmarks; ``preprocess`` turns a cohort of CT
 files into a patch store that ``PatchStore`` reads. Sub-modules are imported on first use, so

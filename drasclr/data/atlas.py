@@ -1,12 +1,13 @@
 """The landmark atlas: patch corners on an atlas lung mask, their coordinates and neighbours.
 
-SPEC section 3: scan the atlas lung mask with ``patch_size``^3 patches on a ``step`` grid and
-keep a patch when more than ``min_lung_fraction`` of its voxels are lung; the reference raises
-that threshold by 0.1 until fewer than ``max_landmarks`` patches remain. A landmark is the
-patch's corner index (i, j, k) in the mask array's own axis order; the network sees the
-normalised coordinate ``corner / corner.max(axis=0) * 2 - 1`` (the reference convention, kept
-so that reference weights work as they are). Neighbours are the nearest other landmarks by
-Euclidean distance between corners (the paper uses k = 2).
+Yu et al. 2023, Sections 2.1 and 3, by the authors' grid rule (docs/method.md#atlas-and-landmarks):
+scan the atlas lung mask with ``patch_size``^3 patches on a ``step`` grid and keep a patch when
+more than ``min_lung_fraction`` of its voxels are lung; the reference raises that threshold by 0.1
+until fewer than ``max_landmarks`` patches remain. A landmark is the patch's corner index (i, j, k)
+in the mask array's own axis order; the network sees the normalised coordinate ``corner /
+corner.max(axis=0) * 2 - 1`` (the reference convention, kept so that reference weights work as they
+are). Neighbours are the nearest other landmarks by Euclidean distance between corners (the paper
+uses k = 2).
 
 On the authors' atlas mask (387 x 387 x 319) this gives 575 landmarks.
 
@@ -37,7 +38,7 @@ THRESHOLD_STEP = 0.1
 
 @dataclass
 class Atlas:
-    """Landmarks on an atlas lung mask (SPEC section 3).
+    """Landmarks on an atlas lung mask (Yu et al. 2023, Section 3).
 
     Attributes:
         corners: (L, 3) int64 patch corners, voxel indices in the mask array's axis order.
@@ -90,7 +91,7 @@ class Atlas:
         The coordinate of the patch centred at each point, in the landmarks' own convention:
         its corner (centre - (patch_size - 1) / 2, in atlas voxel indices) scaled by the
         landmarks' largest corner per axis. At a landmark's centre this is exactly that
-        landmark's coordinate; any other point (SPEC section 8: voxel representations) gets
+        landmark's coordinate; any other point (voxel representations, Yu et al. 2023, eq. 10) gets
         the continuous coordinate between its neighbours'.
         """
         points = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
@@ -160,7 +161,7 @@ def build_atlas(
     max_landmarks: int = 1000,
     k_max: int = 8,
 ) -> Atlas:
-    """Build the landmark atlas from an atlas lung mask file (SPEC section 3).
+    """Build the landmark atlas from an atlas lung mask file (docs/method.md#atlas-and-landmarks).
 
     Args:
         mask_path: lung mask readable by nibabel; voxels > 0 are lung.
@@ -241,7 +242,8 @@ def _window_sums(values: np.ndarray, starts: np.ndarray, size: int, axis: int) -
 
 
 def normalised_coords(corners: np.ndarray) -> np.ndarray:
-    """``corners / corners.max(0) * 2 - 1`` as float32 (SPEC section 3, reference convention).
+    """``corners / corners.max(0) * 2 - 1`` as float32 (the authors' convention,
+    docs/method.md#atlas-and-landmarks).
 
     An axis whose maximum corner is 0 (a single grid position) maps to -1 instead of 0/0.
     """

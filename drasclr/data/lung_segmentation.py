@@ -1,9 +1,9 @@
 """Lung segmentation: a classical threshold-and-components method (default) or lungmask.
 
-The paper segments with the lungmask U-net (SPEC section 4), whose weights are downloaded at
-run time; the default here needs no weights. Segmentation only feeds the registration, which
-works on coarse masks (about 5 mm for an adult), so it runs on a 2 mm block-averaged copy of
-the volume: eight times fewer voxels.
+The paper segments with the lungmask U-net (Yu et al. 2023, Section 3), whose weights are
+downloaded at run time; the default here needs no weights. Segmentation only feeds the
+registration, which works on coarse masks (about 5 mm for an adult), so it runs on a 2 mm
+block-averaged copy of the volume: eight times fewer voxels.
 
 The classical method: air below -400 HU; air touching the edge of its axial slice is outside
 the body; the trachea and main bronchi are followed down from the top slice as thin air regions

@@ -1,4 +1,5 @@
-"""Cutting the landmark patches out of a subject's 1 mm volume (SPEC sections 2 and 4).
+"""Cutting the landmark patches out of a subject's 1 mm volume (Yu et al. 2023, eq. 2;
+docs/method.md#patches).
 
 All patches are gathered at once through a strided view of every possible patch position
 (``sliding_window_view``): one fancy-index, no per-landmark loop. The reference pads each

@@ -1,8 +1,8 @@
 """The preprocessing pipeline: a cohort of CT files -> a landmark patch store, in parallel.
 
-For every subject, ``drasclr.data.subject.process_subject`` reads, resamples, segments,
-registers to the atlas and cuts one patch per landmark (SPEC sections 2-4); this module runs
-it over a cohort and records the results with ``drasclr.data.store``:
+For every subject, ``drasclr.data.subject.process_subject`` reads, resamples, segments, registers
+to the atlas and cuts one patch per landmark (Yu et al. 2023, Sections 2.1, 3, 4.1); this module
+runs it over a cohort and records the results with ``drasclr.data.store``:
 
 - ``workers`` fresh (spawned) processes, each loading the atlas once and giving ITK one
   thread, which makes the registration repeatable: a store does not depend on the number of
@@ -112,7 +112,8 @@ def preprocess(
         out: the store folder.
         workers: worker processes, each with one ITK thread (one core).
         shard: ``"i/n"`` or ``(i, n)``: process only shard i (0-based) of n.
-        schedule: the registration schedule, ``"fast"`` or ``"reference"`` (SPEC section 4).
+        schedule: the registration schedule, ``"fast"`` or ``"reference"``
+            (docs/method.md#registration).
         segmentation: ``"classical"`` or ``"lungmask"``.
         progress: show a tqdm bar with done, failed and time left.
 
@@ -389,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--shard", help="i/n: process only shard i (0-based) of n")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="fast",
-                        help="registration schedule (SPEC section 4)")
+                        help="registration schedule (docs/method.md#registration)")
     parser.add_argument("--segmentation", choices=SEGMENTATIONS, default="classical")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -1,8 +1,9 @@
 """Affine registration of a subject's lung mask (moving) onto the atlas lung mask (fixed).
 
-SPEC section 4: affine transform, mutual information, centre-of-mass initialisation, the two
-lungs labelled 50 (right) and 100 (left) as in the reference. ``antsRegistration`` runs with
-explicit arguments so that both schedules are exactly what they say:
+Yu et al. 2023, Sections 2.1 (eq. 1) and 3, with the authors' settings
+(docs/method.md#registration): affine transform, mutual information, centre-of-mass initialisation,
+the two lungs labelled 50 (right) and 100 (left) as in the authors' code. ``antsRegistration`` runs
+with explicit arguments so that both schedules are exactly what they say:
 
 - ``"reference"``: the authors' ``-t Affine[0.01] -m MI[fixed,moving,1,32,Regular,0.5]
   -c [500x250x100] -s 2x1x0 -f 4x2x1`` on the masks as given: the atlas on its own grid, the

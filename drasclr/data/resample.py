@@ -1,4 +1,5 @@
-"""Resampling a CT volume to isotropic voxels with cubic B-spline interpolation (SPEC section 2).
+"""Resampling a CT volume to isotropic voxels with cubic B-spline interpolation
+(Yu et al. 2023, Section 4.1; the interpolation is the authors' code's, docs/method.md#intensities).
 
 The output grid keeps the input's origin (the centre of voxel 0) and axis directions and
 steps ``spacing`` mm along each axis, so every voxel keeps its physical position; it covers the

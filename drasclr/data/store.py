@@ -7,7 +7,7 @@ Layout of a store folder ``root/``:
 - ``manifest.csv``: one row per subject: ``subject_id, source, status`` (``done`` or
   ``failed``), ``error``, ``seconds`` and quality columns (e.g. ``dice``, ``lung_volume_ml``);
 - ``patches/<subject_id>.npy``: (L, P, P, P) int16 HU in ``np.save`` format, so that
-  ``np.load(mmap_mode="r")`` maps it without reading it (SPEC section 2: patches are stored
+  ``np.load(mmap_mode="r")`` maps it without reading it (docs/method.md#patches: patches are stored
   as int16 HU and normalised on the fly).
 
 Every file is written atomically (temp file in the same folder, then ``os.replace``); the

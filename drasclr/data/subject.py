@@ -1,4 +1,4 @@
-"""One subject from CT file to landmark patches (SPEC sections 2-4).
+"""One subject from CT file to landmark patches (Yu et al. 2023, Sections 2.1, 3, 4.1).
 
 read -> resample to 1 mm (cubic B-spline) -> lung segmentation -> density measures of the lungs
 (``drasclr.data.density``) -> affine registration of the lung mask onto the atlas mask -> each
@@ -24,8 +24,6 @@ from drasclr.data.patches import cut_patches
 from drasclr.data.registration import FORWARD_FILE, INVERSE_FILE, SCHEDULES, register_to_atlas
 from drasclr.data.resample import resample_isotropic
 from drasclr.intensity import HU_WINDOW
-
-#: SPEC section 2: HU window applied before patches are stored.
 
 
 class SubjectError(ValueError):
@@ -66,7 +64,8 @@ def process_subject(
     Args:
         source: a CT file or DICOM folder (see ``read_ct``), or an already read volume.
         atlas: a ``drasclr.data.atlas.Atlas`` (mask, affine, landmark centres, patch size).
-        schedule: registration schedule, ``"fast"`` or ``"reference"`` (SPEC section 4).
+        schedule: registration schedule, ``"fast"`` or ``"reference"``
+            (docs/method.md#registration).
         segmentation: ``"classical"`` or ``"lungmask"``.
         transforms_dir: if given, the forward (``atlas_to_subject.mat``, ANTs' fwdtransform)
             and inverse (``subject_to_atlas.mat``) affine transforms are written there.

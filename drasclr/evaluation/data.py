@@ -304,7 +304,7 @@ def _labels(task: Task, table: pd.DataFrame, path: Path, folds: int) -> Labels:
     values = _numeric(table, task.column, path)
     keep, note = np.ones(len(values), dtype=bool), ""
     if task.key == "gold":
-        # PRISm (preserved ratio, impaired spirometry) has no GOLD stage (Yu et al. 2023, Table 2).
+        # PRISm (preserved ratio, impaired spirometry) has no GOLD stage (Yu et al. 2023, Fig. 4).
         keep = values != -1
         note = f"{int((~keep).sum())} PRISm subjects left out of GOLD."
     values = values[keep]

@@ -1,4 +1,4 @@
-"""Dense voxel probability maps of an emphysema subtype (Yu et al. 2023, Section 4.4, Figure 6).
+"""Dense voxel probability maps of an emphysema subtype (Yu et al. 2023, Section 4.3.1, Fig. 3).
 
 The paper slides its subtype classifier over the lung with step 1: every lung voxel gets the
 probability computed from the 32^3 patch centred on it, the encoder conditioned on that
@@ -75,7 +75,7 @@ from drasclr.intensity import HU_WINDOW, normalise_hu
 PATCH_SIZE = 32
 #: Voxel v is patch index HALF of its patch: the patch covers v - HALF .. v + HALF - 1.
 HALF = PATCH_SIZE // 2
-#: The paper's detection rule (Section 4.4): box detected when >= 25 % of voxels are > 0.5.
+#: The paper's detection rule (Section 4.3.1): box detected when >= 25 % of voxels are > 0.5.
 DETECTION_THRESHOLD = 0.5
 DETECTION_FRACTION = 0.25
 #: Lesion labels of the synthetic COPD cohort (``drasclr.data.synthetic``).
@@ -315,7 +315,7 @@ def exact_probabilities(
     _coords: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Probability of the head's label at each voxel, from the 32^3 patch centred on it with
-    the voxel's own atlas coordinate (Yu et al. 2023, Section 4.4, sliding window of step 1).
+    the voxel's own atlas coordinate (Yu et al. 2023, Section 4.3.1, sliding window of step 1).
 
     Args:
         voxels: (N, 3) int voxel indices of ``scan.iso`` (any, also outside the scan: the
@@ -711,7 +711,7 @@ def box_voxels(shape: Sequence[int], affine: np.ndarray, centre_mm: np.ndarray,
 def box_detections(prob: np.ndarray, affine: np.ndarray, centres_mm: np.ndarray,
                    box_mm: float = 32.0, threshold: float = DETECTION_THRESHOLD,
                    min_fraction: float = DETECTION_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's detection rule (Yu et al. 2023, Section 4.4): a box is detected when at
+    """The paper's detection rule (Yu et al. 2023, Section 4.3.1): a box is detected when at
     least ``min_fraction`` of its voxels have probability above ``threshold``.
 
     Returns:
@@ -917,12 +917,12 @@ def report_sections(evaluations: Sequence[MapEvaluation], report_dir: str | os.P
                     ["subject", "subtype", "voxel AUC", "Dice (p > 0.5)", "lesion % of lung",
                      "box F1", "box precision", "box recall"], rows,
                     "Within the lung; boxes: 32 mm, detected when >= 25% of voxels have p > 0.5 "
-                    "(Yu et al. 2023, Section 4.4).")]
+                    "(Yu et al. 2023, Section 4.3.1).")]
     if agreement_rows:
         tables.append(Table("Fast against exact maps", ["subject", "Pearson r", "Dice (p > 0.5)"],
                             [list(row) for row in agreement_rows]))
     intro = ("Probability of each emphysema subtype at every lung voxel, from the 32^3 patch "
-             "centred on it with its own atlas coordinate (the paper's sliding window, Figure 6), "
+             "centred on it with its own atlas coordinate (the paper's sliding window, Fig. 3), "
              "scored against the synthetic cohort's true lesion masks.")
     return [Section("Dense voxel maps", intro, tables, figures)]
 

@@ -1,4 +1,4 @@
-"""Label efficiency of fine-tuning (Yu et al. 2023, the label-efficiency experiment).
+"""Label efficiency of fine-tuning (Yu et al. 2023, Section 4.3.2, Fig. 5).
 
 Fine-tune from the DrasCLR weights on 10 %, 20 %, ... 100 % of the labelled training boxes of
 each subject-disjoint fold, and from scratch on all of them; report F1 against the fraction

@@ -1,8 +1,8 @@
 """The subtype head file: a linear classifier on the encoder's representation h.
 
-Yu et al. 2023 (Section 4.4, emphysema subtype detection) classify 32 mm boxes with a linear
+Yu et al. 2023 (Section 4.3.1, emphysema subtype detection) classify 32 mm boxes with a linear
 layer on the frozen representation (linear probe) or on a fine-tuned encoder; the dense maps
-(Section 4.4, Figure 6) slide that classifier over every lung voxel. Detection writes the
+(Section 4.3.1, Fig. 3) slide that classifier over every lung voxel. Detection writes the
 classifier in this format and ``drasclr densemap`` reads it.
 
 A head file is a ``torch.save`` dict (readable with ``weights_only=True``)::

@@ -1,5 +1,5 @@
-"""Neural-network building blocks: Loc-CondConv (SPEC section 5) and the DrasCLR encoder
-(SPEC section 6) with its conditioning variants."""
+"""Neural-network building blocks: Loc-CondConv (Yu et al. 2023, Section 2.2, eqs. 3-4) and the
+DrasCLR encoder (Section 3; docs/method.md#encoder) with its conditioning variants."""
 from drasclr.nn.conditioning import CONDITIONINGS, HyperConv3d, PlainConv3d
 from drasclr.nn.encoder import Encoder
 from drasclr.nn.grouped_conv import InterleavedGroups, conv3d_by_group, interleave

@@ -1,9 +1,9 @@
 """How the atlas location enters each convolution: the encoder's ablation variants.
 
 Every convolution of the encoder is called as ``conv(x, groups)``, so one backbone serves all
-variants (``Encoder(conditioning=...)``, Yu et al. 2023, ablation of the conditioning):
+variants (``Encoder(conditioning=...)``, Yu et al. 2023, Section 4.4.1, Table 6):
 
-    "loc_condconv"  ``LocCondConv3d``, the method (SPEC section 5);
+    "loc_condconv"  ``LocCondConv3d``, the method (Section 2.2);
     "hypernetwork"  ``HyperConv3d``: a small MLP maps the coordinate to the layer's kernel;
     "none"/"concat" ``PlainConv3d``, location-blind ("concat" adds the coordinate after the
                     backbone, in the encoder).
@@ -77,7 +77,7 @@ class HyperConv3d(nn.Module):
 
 def make_conv3x3(conditioning: str, in_channels: int, out_channels: int, stride: int,
                  num_experts: int, backend: str) -> nn.Module:
-    """The encoder's 3x3x3, padding 1 convolution (SPEC section 6) for a conditioning."""
+    """The encoder's 3x3x3, padding 1 convolution (Yu et al. 2023, Section 3) for a conditioning."""
     if conditioning == "loc_condconv":
         return LocCondConv3d(in_channels, out_channels, 3, stride, 1,
                              num_experts=num_experts, backend=backend)

@@ -1,7 +1,8 @@
 """The DrasCLR encoder: 3D CNN over 32^3 patches, conditioned on the atlas location.
 
-Architecture of SPEC section 6 (the authors' ``models/cnn3d.py``); layer attribute names are
-the reference's so its checkpoints load by a key rename (``drasclr.checkpoint``), with
+Architecture of Yu et al. 2023, Section 3, as the authors' ``models/cnn3d.py`` builds it
+(docs/method.md#encoder); layer attribute names are the reference's so its checkpoints load
+by a key rename (``drasclr.checkpoint``), with
 ``head`` for its projection ``fc``. Every convolution is 3x3x3, padding 1, then BatchNorm3d
 and ELU (after ``bn4`` too):
 
@@ -48,7 +49,8 @@ class ConvBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """DrasCLR encoder (SPEC section 6): ``encoder(x, loc) -> h``, ``encoder.head(h) -> z``.
+    """DrasCLR encoder (Yu et al. 2023, Section 3): ``encoder(x, loc) -> h``,
+    ``encoder.head(h) -> z``.
 
     Args:
         rep_dim: size of the representation h (128 in the paper).

@@ -2,7 +2,7 @@
 
 Every location-conditioned layer of this package (Loc-CondConv, the hypernetwork ablation)
 ends in the same step: G per-landmark kernels, B samples, sample b convolved with the kernel
-of its landmark. Calling ``F.conv3d`` once per sample (as the reference does, SPEC section 5)
+of its landmark. Calling ``F.conv3d`` once per sample (as the authors' code does)
 leaves the hardware idle between tiny calls. Instead, the batch is *interleaved*: groups of
 equal size n form a bucket, laid out sample-major (sample 0 of each group of the bucket, then
 sample 1, ...). A bucket is then a free view

@@ -1,7 +1,7 @@
 """Grouping of a batch by landmark, computed once per batch and shared by every layer.
 
 Samples of one landmark share the same atlas coordinate and hence, in Loc-CondConv, exactly
-the same mixed kernel (SPEC section 5). Every backend exploits that: the routing and the
+the same mixed kernel (Yu et al. 2023, eqs. 3-4). Every backend exploits that: the routing and the
 kernel mixture run once per distinct landmark, and the convolution runs over the samples of a
 landmark together. ``LandmarkGroups`` holds that partition; the encoder builds it once in its
 ``forward`` and hands it to each layer, so the (host-synchronising) ``torch.unique`` runs once

@@ -1,6 +1,7 @@
 """Loc-CondConv: a 3D convolution whose kernel depends on the patch's atlas location.
 
-SPEC section 5 (Yu et al. 2023, eq. 1-2): for a patch at normalised atlas coordinate p,
+Yu et al. 2023, Section 2.2, eqs. 3-4 (docs/method.md#loc-condconv): for a patch at normalised
+atlas coordinate p,
 
     r = sigmoid(W_r p + b_r)              (E,)  one unnormalised weight per expert
     kernel = sum_e r_e * W_e               mixture of E expert kernels
@@ -10,7 +11,7 @@ Backends (same numbers, different speed):
     "loop":    one sample at a time, like the reference; the test and benchmark baseline.
     "grouped": routing and mixture once per distinct landmark, then all samples in a few
                grouped convolutions (``conv3d_by_group``).
-    "triton":  the fused kernels of ``drasclr.kernels`` (issue 3); falls back to "grouped"
+    "triton":  the fused kernels of ``drasclr.kernels``; falls back to "grouped"
                with a warning when they are missing or do not cover the call.
     "auto":    "triton" for supported CUDA calls, otherwise "grouped".
 """
@@ -47,7 +48,7 @@ def loc_cond_conv3d(
     groups: int = 1,
     backend: str = "auto",
 ) -> Tensor:
-    """Functional Loc-CondConv (SPEC section 5).
+    """Functional Loc-CondConv (Yu et al. 2023, eqs. 3-4).
 
     Args:
         x: (B, C_in, D, H, W) input patches.
@@ -88,10 +89,11 @@ def loc_cond_conv3d(
 
 
 class LocCondConv3d(nn.Module):
-    """Loc-CondConv layer (SPEC section 5), a drop-in for ``nn.Conv3d`` taking ``(x, loc)``.
+    """Loc-CondConv layer (Yu et al. 2023, eqs. 3-4), a drop-in for ``nn.Conv3d`` taking
+    ``(x, loc)``.
 
     Parameters are laid out so an authors' checkpoint loads by a key rename
-    (``<layer>._routing_fn.fc.*`` -> ``<layer>.routing.*``, SPEC section 10):
+    (``<layer>._routing_fn.fc.*`` -> ``<layer>.routing.*``, docs/method.md#the-authors-checkpoints):
 
     Attributes:
         weight: (E, C_out, C_in / groups, k, k, k), the experts; each initialised exactly as

@@ -1,4 +1,5 @@
-"""MoCo pretraining of the DrasCLR encoder (SPEC section 7): `train`, `TrainConfig`, `load_encoder`.
+"""MoCo pretraining of the DrasCLR encoder (Yu et al. 2023, Sections 2.3-2.5, 3): `train`,
+`TrainConfig`, `load_encoder`.
 
     import drasclr
     result = drasclr.train(store="store/", atlas="atlas.npz", out_dir="runs/a", epochs=20)

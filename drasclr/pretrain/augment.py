@@ -1,6 +1,6 @@
 """Batched on-device augmentation of HU patches, every sample with its own draws.
 
-SPEC section 7 (the reference applies MONAI's RandAffine, RandGaussianNoise and
+Yu et al. 2023, Section 3 (the authors' code applies MONAI's RandAffine, RandGaussianNoise and
 RandAdjustContrast to one patch at a time on the CPU). Here the same transforms run on a whole
 batch on the batch's device, on the HU + 1024 scale, in the reference's order:
 
@@ -13,8 +13,8 @@ batch on the batch's device, on the HU + 1024 scale, in the reference's order:
 - contrast, probability 0.25: x <- ((x - min) / range) ** gamma * range + min per sample,
   gamma ~ U(0.5, 4.5) (MONAI's ``RandAdjustContrast`` defaults).
 
-Then the network input is x / 632 - 1 (SPEC section 2; like the reference, values that noise
-pushed outside the window are not clipped again).
+Then the network input is x / 632 - 1 (Yu et al. 2023, Section 4.1; like the authors' code, values
+that noise pushed outside the window are not clipped again).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def compose_affine(angles: Tensor, translation: Tensor, scale: Tensor) -> Tensor
 
 
 def draw_affine(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """(n, 4, 4) random affine matrices with SPEC 7's ranges, one draw per sample."""
+    """(n, 4, 4) random affine matrices with the authors' ranges, one draw per sample."""
     uniform = lambda: torch.rand(n, 3, generator=generator, device=device) * 2 - 1  # noqa: E731
     return compose_affine(
         uniform() * ROTATION_RANGE, uniform() * TRANSLATION_RANGE, 1 + uniform() * SCALE_RANGE

@@ -58,8 +58,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu"):
     """The trained query encoder of a checkpoint, as a `drasclr.nn.Encoder` in eval mode.
 
-    Use ``encoder(x, loc)`` for the representation h (SPEC section 8); the projection head is
-    loaded too but downstream tasks do not use it.
+    Use ``encoder(x, loc)`` for the representation h (Yu et al. 2023, eq. 10); the projection
+    head is loaded too but downstream tasks do not use it.
     """
     return encoder_from_state(load_checkpoint(path, map_location=device)).to(device).eval()
 

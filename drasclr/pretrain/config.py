@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, every field documented, YAML/JSON round trip.
 
-Defaults follow SPEC section 7 (MoCo v2 with per-landmark queues: K = 4096, m = 0.999,
+Defaults follow Yu et al. 2023, Section 3 (MoCo v2 with per-landmark queues: K = 4096, m = 0.999,
 T = 0.2, SGD lr 0.01 / momentum 0.9 / weight decay 1e-4, batch 128, beta = 1, k = 2
 neighbours). Input checks that need no file access live in `TrainConfig.validate`; checks
 against the store and the atlas run in the trainer before any work starts.
@@ -61,29 +61,31 @@ class TrainConfig:
     max_steps: int | None = _doc(
         "stop after this many optimiser steps in total (None: no cap)", None, AT_LEAST_ONE
     )
-    batch_size: int = _doc("patches per step over all processes (SPEC 7: 128)", 128, AT_LEAST_ONE)
+    batch_size: int = _doc("patches per step over all processes (paper: 128)", 128, AT_LEAST_ONE)
     landmarks_per_batch: int = _doc(
         "landmarks per batch; batch_size must be a multiple. 1 = the reference's mode", 16
     , AT_LEAST_ONE)
-    queue_size: int = _doc("negatives per landmark queue, K (SPEC 7: 4096)", 4096, AT_LEAST_ONE)
+    queue_size: int = _doc("negatives per landmark queue, K (paper: 4096)", 4096, AT_LEAST_ONE)
     bank_dtype: str = _doc("memory bank storage: float32 or bfloat16", "float32")
-    rep_dim: int = _doc("representation size h (SPEC 6)", 128, AT_LEAST_ONE)
-    moco_dim: int = _doc("projection size z, also the bank's key size (SPEC 6)", 128, AT_LEAST_ONE)
-    num_experts: int = _doc("experts per Loc-CondConv layer (SPEC 5)", 8, AT_LEAST_ONE)
+    rep_dim: int = _doc("representation size h (authors' code: 128)", 128, AT_LEAST_ONE)
+    moco_dim: int = _doc(
+        "projection size z, also the bank's key size (authors' code: 128)", 128, AT_LEAST_ONE
+    )
+    num_experts: int = _doc("experts per Loc-CondConv layer (authors' code: 8)", 8, AT_LEAST_ONE)
     conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv")
     backend: str = _doc("Loc-CondConv backend: auto, loop, grouped, triton", "auto")
     k_neighbors: int = _doc(
-        "neighbour patches per central patch (SPEC 7: 2); 0 disables", 2, NON_NEGATIVE
+        "neighbour patches per central patch (paper: 2); 0 disables", 2, NON_NEGATIVE
     )
-    beta: float = _doc("weight of the neighbour loss (SPEC 7: 1.0)", 1.0, NON_NEGATIVE)
+    beta: float = _doc("weight of the neighbour loss (1.0: eq. 9's plain sum)", 1.0, NON_NEGATIVE)
     neighbour_loss: str = _doc(
         "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum"
     )
-    temperature: float = _doc("softmax temperature T (SPEC 7: 0.2)", 0.2, POSITIVE)
-    momentum: float = _doc("key encoder momentum m (SPEC 7: 0.999)", 0.999, FRACTION)
-    lr: float = _doc("peak learning rate (SPEC 7: 0.01)", 0.01, POSITIVE)
-    sgd_momentum: float = _doc("SGD momentum (SPEC 7: 0.9)", 0.9, FRACTION)
-    weight_decay: float = _doc("SGD weight decay (SPEC 7: 1e-4)", 1e-4, NON_NEGATIVE)
+    temperature: float = _doc("softmax temperature T (paper: 0.2)", 0.2, POSITIVE)
+    momentum: float = _doc("key encoder momentum m (paper: 0.999)", 0.999, FRACTION)
+    lr: float = _doc("peak learning rate (paper: 0.01)", 0.01, POSITIVE)
+    sgd_momentum: float = _doc("SGD momentum (paper: 0.9)", 0.9, FRACTION)
+    weight_decay: float = _doc("SGD weight decay (paper: 1e-4)", 1e-4, NON_NEGATIVE)
     warmup_steps: int = _doc(
         "linear warm-up steps before the per-step cosine decay", 0, NON_NEGATIVE
     )

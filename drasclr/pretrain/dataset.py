@@ -1,7 +1,7 @@
 """Training batches from the patch store: central patches, their neighbours, coordinates.
 
 For each (subject i, landmark j) of a batch: the patch x_ij, the patches of the k landmarks
-nearest to j in the same subject (SPEC sections 3 and 7) and the landmarks' normalised atlas
+nearest to j in the same subject (Yu et al. 2023, Section 2.4) and the landmarks' normalised atlas
 coordinates. One vectorised ``PatchStore.gather`` reads a whole batch (centres and neighbours
 together); there is no per-sample Python work.
 """

@@ -1,4 +1,5 @@
-"""DrasCLR's two contrastive losses against per-landmark queues (SPEC section 7).
+"""DrasCLR's two contrastive losses against per-landmark queues
+(Yu et al. 2023, eqs. 6 and 8; docs/method.md#losses).
 
 For a central patch x_ij with query q = e_q(view 1), positive key k+ = e_k(view 2) and the
 queue n_1..n_K of landmark j (all unit vectors):
@@ -58,7 +59,7 @@ def drasclr_loss(
     beta: float = 1.0,
     neighbour_mode: str = "sum",
 ) -> LossOutput:
-    """Local + beta * neighbour loss for a batch (SPEC section 7).
+    """Local + beta * neighbour loss for a batch (Yu et al. 2023, eq. 9).
 
     Args:
         query: (B, D) unit query embeddings of the central patches.

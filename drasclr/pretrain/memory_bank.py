@@ -1,8 +1,9 @@
 """Per-landmark memory bank: one (L, K, D) ring buffer per landmark, updated in one op.
 
-SPEC section 7: one queue of K = 4096 L2-normalised keys per landmark, filled with random unit
-vectors at start; each step enqueues the new keys into their own landmark's queue. The
-reference stores (D, K, L) and trains one landmark per batch; here a batch mixes landmarks, so
+Yu et al. 2023, Section 3 (the conditional memory bank): one queue of K = 4096 L2-normalised keys
+per landmark, filled with random unit vectors at start; each step enqueues the new keys into their
+own landmark's queue. The authors' code stores (D, K, L) and trains one landmark per batch; here a
+batch mixes landmarks, so
 
 - `enqueue` places a mixed-landmark batch with one scatter: each key's slot is its landmark's
   pointer plus its rank among the batch's keys of that landmark (a cumulative count over the

@@ -1,10 +1,10 @@
 """The DrasCLR model: query encoder, momentum key encoder, per-landmark memory bank.
 
-SPEC section 7 (MoCo v2 with a conditional memory bank). One ``forward`` is one training
-step's computation: encode both views and the neighbours, update the key encoder, compute the
-local and neighbour losses against the landmarks' queues, enqueue the keys of all processes.
-Keys go through the key encoder with the same landmark grouping as the queries; under DDP
-with ``shuffle_bn`` the keys are encoded on a batch shuffled across processes (MoCo's shuffled
+Yu et al. 2023, Sections 2.3-2.5 and 3 (MoCo v2 with a conditional memory bank). One ``forward`` is
+one training step's computation: encode both views and the neighbours, update the key encoder,
+compute the local and neighbour losses against the landmarks' queues, enqueue the keys of all
+processes. Keys go through the key encoder with the same landmark grouping as the queries; under
+DDP with ``shuffle_bn`` the keys are encoded on a batch shuffled across processes (MoCo's shuffled
 BatchNorm) and un-shuffled afterwards.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class DrasCLR(nn.Module):
     Args:
         encoder: the query encoder (a `drasclr.nn.Encoder`); the key encoder is its copy.
         num_landmarks: L, one queue per landmark.
-        queue_size: K (SPEC 7: 4096).
+        queue_size: K (4096 in the paper).
         temperature: T (0.2).
         momentum: m of the key encoder update (0.999).
         beta: weight of the neighbour loss (1.0).

@@ -1,4 +1,5 @@
-"""MoCo pretraining loop, `drasclr.train()` and the `drasclr train` command (SPEC section 7).
+"""MoCo pretraining loop, `drasclr.train()` and the `drasclr train` command (Yu et al. 2023,
+Section 3).
 
     drasclr train --config run.yaml [--set key=value ...]
     torchrun --nproc_per_node=4 -m drasclr.cli train --config run.yaml   # DDP, see distributed.py
@@ -34,7 +35,7 @@ from drasclr.pretrain.distributed import ProcessInfo, init_distributed
 from drasclr.pretrain.moco import DrasCLR
 from drasclr.pretrain.sampler import LandmarkBatchSampler
 
-ENCODER_INPUT = 32  # SPEC section 6: the encoder takes 32^3 patches
+ENCODER_INPUT = 32  # the encoder takes 32^3 patches (Yu et al. 2023, Section 3)
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
 # fields a resumed run must share with the checkpoint it continues
 RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype", "rep_dim",

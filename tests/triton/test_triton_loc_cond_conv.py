@@ -1,8 +1,8 @@
-"""Fused Triton Loc-CondConv (issue 3) against a float64 reference.
+"""Fused Triton Loc-CondConv against a float64 reference.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes are tiny;
 with CUDA the same tests run the compiled kernels (``device`` fixture). The reference is the
-direct formula of SPEC section 5: each sample convolved with its own mixed kernel.
+direct formula of Yu et al. 2023, eqs. 3-4: each sample convolved with its own mixed kernel.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LocCondConv3d(backend="triton") end to end (issue 3, item 2), against the grouped backend
+"""LocCondConv3d(backend="triton") end to end, against the grouped backend
 run in float64 on a copy of the same layer, and its fallback warning."""
 import copy
 import warnings

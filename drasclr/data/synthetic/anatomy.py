@@ -11,7 +11,7 @@ discs, heart and aorta, two lungs (curved apices, dome-shaped diaphragm, cardiac
 posterior recesses), parenchymal texture (filtered noise, denser posteriorly as in a supine
 scan), fissures, a space-filling pulmonary vessel tree (``vessels.py``), trachea and main
 bronchi (air with walls). Lengths scale with ``SizeSpec.scale``: the small size is a physically half-size chest,
-so that tests and the demo get few landmarks (SPEC section 3) and small volumes.
+so that tests and the demo get few landmarks (docs/method.md#atlas-and-landmarks) and small volumes.
 """
 from __future__ import annotations
 
