@@ -46,11 +46,34 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def gather_sizes(count: int, device: torch.device) -> list[int]:
+    """Every rank's ``count`` (e.g. its batch size), in rank order."""
+    sizes = concat_all_gather(torch.tensor([count], device=device))
+    return sizes.tolist()
+
+
 @torch.no_grad()
-def concat_all_gather(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0, in rank order (no gradient)."""
+def concat_all_gather(tensor: Tensor, sizes: list[int] | None = None) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, in rank order (no gradient).
+
+    ``sizes``: every rank's length along dim 0 when they differ (`gather_sizes`); the parts
+    are padded to the longest for the collective and cut back after it.
+    """
     if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    longest = len(tensor) if sizes is None else max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    if sizes is None:
+        return torch.cat(parts)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def all_to_all(tensor: Tensor, send_sizes: list[int], receive_sizes: list[int]) -> Tensor:
+    """Send rows ``tensor[sum(send_sizes[:r]) : ...]`` to rank r; receive in rank order."""
+    received = tensor.new_empty((sum(receive_sizes), *tensor.shape[1:]))
+    dist.all_to_all_single(received, tensor.contiguous(), receive_sizes, send_sizes)
+    return received

@@ -13,6 +13,7 @@ reference stores (D, K, L) and trains one landmark per batch; here a batch mixes
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,15 +21,36 @@ from torch import Tensor, nn
 from drasclr.nn.grouping import LandmarkGroups
 
 
+def owned_landmarks(num_landmarks: int, rank: int, world_size: int) -> np.ndarray:
+    """The global indices of the landmarks process ``rank`` owns under landmark sharding.
+
+    Round robin, ``l % world_size == rank``: every process owns floor or ceil(L / W) landmarks
+    (never none), and a landmark's owner is ``l % W`` without a table.
+    """
+    if world_size > num_landmarks:
+        raise ValueError(
+            f"bank_sharding='landmark': {world_size} processes but only {num_landmarks} landmarks; "
+            "every process must own at least one landmark queue (use fewer processes or "
+            "bank_sharding='replicated')"
+        )
+    return np.arange(rank, num_landmarks, world_size)
+
+
 class LandmarkMemoryBank(nn.Module):
-    """``keys`` (L, K, D) and ``pointers`` (L,): the next slot to overwrite in each queue.
+    """``keys`` (L_local, K, D) and ``pointers`` (L_local,): the queues of the landmarks this
+    process holds, global indices ``landmarks`` (L_local,), and the next slot of each queue.
+
+    Methods take global landmark indices; every one must be held here.
 
     Args:
-        num_landmarks: L.
+        num_landmarks: L, landmarks of the atlas.
         queue_size: K, negatives per landmark.
         dim: D, key size (the projection head's output).
         dtype: storage dtype, float32 or bfloat16 (logits are computed in the query's dtype).
         generator: random source of the initial unit vectors (for reproducible runs).
+        landmarks: the global indices held here (sorted, distinct); None: all L (replicated).
+            Initial rows are drawn landmark by landmark for all L, so a shard's rows equal the
+            replicated bank's rows of the same landmarks, without ever allocating all of them.
     """
 
     def __init__(
@@ -38,6 +60,7 @@ class LandmarkMemoryBank(nn.Module):
         dim: int,
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        landmarks: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         if min(num_landmarks, queue_size, dim) < 1:
@@ -46,13 +69,31 @@ class LandmarkMemoryBank(nn.Module):
             )
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"memory bank: dtype must be float32 or bfloat16, got {dtype}")
-        keys = torch.randn(num_landmarks, queue_size, dim, generator=generator)
-        self.register_buffer("keys", F.normalize(keys, dim=-1).to(dtype))
-        self.register_buffer("pointers", torch.zeros(num_landmarks, dtype=torch.long))
+        held = np.arange(num_landmarks) if landmarks is None else np.asarray(landmarks, dtype=np.int64)
+        if len(held) == 0 or np.any(np.diff(held) <= 0) or held[0] < 0 or held[-1] >= num_landmarks:
+            raise ValueError(
+                f"memory bank: landmarks must be distinct sorted indices in 0..{num_landmarks - 1}, "
+                f"got {held.tolist()}"
+            )
+        keys = torch.empty(len(held), queue_size, dim, dtype=dtype)
+        row = 0
+        for landmark in range(num_landmarks):
+            draw = torch.randn(queue_size, dim, generator=generator)
+            if row < len(held) and held[row] == landmark:
+                keys[row] = F.normalize(draw, dim=-1)
+                row += 1
+        local_index = torch.full((num_landmarks,), -1, dtype=torch.long)
+        local_index[torch.from_numpy(held)] = torch.arange(len(held))
+        self.register_buffer("keys", keys)
+        self.register_buffer("pointers", torch.zeros(len(held), dtype=torch.long))
+        # derived from the constructor's arguments, so not part of the state dict
+        self.register_buffer("landmarks", torch.from_numpy(held), persistent=False)
+        self.register_buffer("local_index", local_index, persistent=False)
 
     @property
     def num_landmarks(self) -> int:
-        return self.keys.shape[0]
+        """L, all landmarks (``len(bank.landmarks)`` are held here)."""
+        return len(self.local_index)
 
     @property
     def queue_size(self) -> int:
@@ -66,10 +107,11 @@ class LandmarkMemoryBank(nn.Module):
         around the ring. A landmark must receive at most K keys per call (checked in
         `TrainConfig.validate`, not here, to keep this free of host syncs).
         """
-        num_landmarks, queue_size, _ = self.keys.shape
+        held, queue_size, _ = self.keys.shape
+        landmark = self.local_index[landmark]
         order = torch.argsort(landmark, stable=True)
         sorted_landmark = landmark[order]
-        counts = torch.bincount(landmark, minlength=num_landmarks)
+        counts = torch.bincount(landmark, minlength=held)
         first_of_landmark = torch.cumsum(counts, 0) - counts
         rank = torch.arange(len(landmark), device=landmark.device) - first_of_landmark[sorted_landmark]
         slot = (self.pointers[sorted_landmark] + rank) % queue_size
@@ -86,7 +128,7 @@ class LandmarkMemoryBank(nn.Module):
                 must hold a single landmark index.
         """
         sorted_group = groups.index[groups.order]
-        group_landmark = landmark[groups.order[groups.offsets[:-1]]]
+        group_landmark = self.local_index[landmark[groups.order[groups.offsets[:-1]]]]
         queues = self.keys.index_select(0, group_landmark).to(query.dtype)
         if groups.uniform:  # landmark-grouped batches: a plain reshape, no padding
             laid_out = query[groups.order].view(groups.num_groups, groups.counts[0], -1)
