@@ -171,8 +171,8 @@ class TrainConfig:
                 f"batch_size {self.batch_size} is not divisible by landmarks_per_batch "
                 f"{self.landmarks_per_batch}"
             )
-        if self.batch_size % world_size:
-            raise ValueError(
+        if self.bank_sharding == "replicated" and self.batch_size % world_size:
+            raise ValueError(  # a landmark-sharded plan gives processes batches of unequal sizes
                 f"batch_size {self.batch_size} is not divisible by the {world_size} processes"
             )
         per_landmark = self.batch_size // self.landmarks_per_batch

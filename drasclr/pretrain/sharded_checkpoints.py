@@ -27,8 +27,10 @@ encoder from it on a single process, without the bank or a process group.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns when it runs without a process group; a one-process run means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
@@ -73,7 +83,8 @@ def save_sharded(out_dir: str | Path, step: int, bank: LandmarkMemoryBank, train
     if rank == 0 and directory.exists():  # left by a save that was interrupted
         shutil.rmtree(directory)
     _barrier()
-    dcp.save(bank_entries(bank), checkpoint_id=directory / "bank", no_dist=not _distributed())
+    with _single_process_is_intended():
+        dcp.save(bank_entries(bank), checkpoint_id=directory / "bank")
     if rank == 0:
         save_checkpoint(trainer_state, directory / TRAINER_STATE)
         pointer = {"format": POINTER_FORMAT, "version": POINTER_VERSION,
@@ -106,5 +117,6 @@ def last_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_sharded(directory: Path, bank: LandmarkMemoryBank, map_location="cpu") -> dict[str, Any]:
     """Fill ``bank`` with its landmarks' queues from ``directory``; return the trainer state."""
-    dcp.load(bank_entries(bank), checkpoint_id=directory / "bank", no_dist=not _distributed())  # in place, through the views
+    with _single_process_is_intended():
+        dcp.load(bank_entries(bank), checkpoint_id=directory / "bank")  # in place, through the views
     return load_checkpoint(directory / TRAINER_STATE, map_location=map_location)
