@@ -25,7 +25,7 @@ from sharded_worker import TINY_SHARDED, train_and_record
 from test_pretrain_train import make_store
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
-NUM_LANDMARKS = 6
+NUM_LANDMARKS = 8  # 8 subjects x 8 landmarks: 8 steps of 8 pairs per epoch
 
 
 def free_port() -> int:
@@ -60,16 +60,16 @@ def run_processes(world_size, target, *args, timeout=120):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    store, atlas = make_store(tmp_path_factory.mktemp("sharded"), num_landmarks=NUM_LANDMARKS)
+    store, atlas = make_store(tmp_path_factory.mktemp("sharded"), num_subjects=8, num_landmarks=NUM_LANDMARKS)
     return str(store), str(atlas)
 
 
 @pytest.fixture(scope="module")
 def two_process_run(store, tmp_path_factory):
-    """An uninterrupted landmark-sharded run on 2 processes: 4 steps (epoch 1 and one step
-    of epoch 2), checkpoints at steps 2, 3 (epoch end) and 4."""
+    """An uninterrupted landmark-sharded run on 2 processes: 5 steps of epoch 1, checkpoints
+    at steps 2, 4 and 5."""
     out_dir = tmp_path_factory.mktemp("two")
-    run_processes(2, train_and_record, *store, str(out_dir), 4)
+    run_processes(2, train_and_record, *store, str(out_dir), 5)
     return out_dir
 
 
@@ -146,48 +146,57 @@ def _pairs(batches):
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_every_pair_once_per_epoch_on_its_owner(world_size):
-    every_pair = sorted((s, l) for s in range(7) for l in range(11))
+    every_pair = sorted((s, l) for s in range(9) for l in range(11))
     pairs, steps = [], set()
     for rank in range(world_size):
-        sampler = OwnedLandmarkBatchSampler(7, 11, 8, 2, seed=3, rank=rank, world_size=world_size)
+        sampler = OwnedLandmarkBatchSampler(9, 11, 12, 3, seed=3, rank=rank, world_size=world_size)
         batches = list(sampler.batches(epoch=1))
-        assert len(batches) == len(sampler) == 10
+        assert len(batches) == len(sampler) == 9
         assert all(np.all(b.landmarks % world_size == rank) for b in batches)
         pairs += _pairs(batches)
         steps.add(tuple(b.global_size for b in batches))
     assert sorted(pairs) == every_pair
-    assert len(steps) == 1 and sum(next(iter(steps))) == 77  # every process agrees on the sizes
+    assert len(steps) == 1 and sum(next(iter(steps))) == 99  # every process agrees on the sizes
 
 
 def test_epoch_continued_on_another_process_count_covers_every_pair_once():
     def sampler(rank, world_size):
-        return OwnedLandmarkBatchSampler(7, 11, 8, 2, seed=3, rank=rank, world_size=world_size)
+        return OwnedLandmarkBatchSampler(9, 11, 12, 3, seed=3, rank=rank, world_size=world_size)
 
     done = _pairs(b for r in range(2) for b in list(sampler(r, 2).batches(1))[:4])
     segment = sampler(0, 3).resegment(1, sampler(0, 2).first_segment(), 4)
     rest = _pairs(b for r in range(3) for b in sampler(r, 3).batches(1, 4, segment))
-    assert sorted(done + rest) == sorted((s, l) for s in range(7) for l in range(11))
-    assert len(list(sampler(0, 3).batches(1, 4, segment))) == 10 - 4
+    assert sorted(done + rest) == sorted((s, l) for s in range(9) for l in range(11))
+    assert len(list(sampler(0, 3).batches(1, 4, segment))) == 9 - 4
+
+
+def _expect_error(match, target, *args):
+    with pytest.raises(ValueError, match=match):
+        target(*args)
 
 
 def test_more_processes_than_landmarks_is_a_clear_error(store, tmp_path):
-    with pytest.raises(ValueError, match="7 processes but only 6 landmarks"):
-        owned_landmarks(6, 0, 7)
-    with pytest.raises(ValueError, match="7 processes but only 6 landmarks"):
-        OwnedLandmarkBatchSampler(4, 6, 8, 2, rank=0, world_size=7)
+    with pytest.raises(ValueError, match="9 processes but only 8 landmarks"):
+        OwnedLandmarkBatchSampler(4, 8, 8, 2, rank=0, world_size=9)
+    # from `drasclr.train` on every process, before any work
+    run_processes(9, _expect_error, "9 processes but only 8 landmarks", train_and_record, *store,
+                  str(tmp_path), 2)
+    assert not (tmp_path / POINTER).exists()
+    with pytest.raises(ValueError, match="fewer than 2 per batch"):
+        list(OwnedLandmarkBatchSampler(4, 8, 8, 2, rank=0, world_size=8).batches(0))
 
 
 # -- checkpoints -----------------------------------------------------------------------------
 def test_each_process_holds_its_landmarks_and_writes_its_shard(two_process_run):
     shards = results(two_process_run, 2)
     for rank, shard in enumerate(shards):
-        assert shard["landmarks"].tolist() == [rank, rank + 2, rank + 4]
-        assert shard["keys"].shape == (3, TINY_SHARDED["queue_size"], TINY_SHARDED["moco_dim"])
-        assert [h["step"] for h in shard["history"]] == [1, 2, 3, 4]
+        assert shard["landmarks"].tolist() == [rank, rank + 2, rank + 4, rank + 6]
+        assert shard["keys"].shape == (4, TINY_SHARDED["queue_size"], TINY_SHARDED["moco_dim"])
+        assert [h["step"] for h in shard["history"]] == [1, 2, 3, 4, 5]
     directory = last_checkpoint(two_process_run)
-    assert directory.name == "step_00000004"
+    assert directory.name == "step_00000005"
     assert sorted(p.name for p in (directory / "bank").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    assert [p.name for p in (two_process_run / "checkpoints").iterdir()] == ["step_00000004"]
+    assert [p.name for p in (two_process_run / "checkpoints").iterdir()] == ["step_00000005"]
     # the encoder loads on one process without the bank
     encoder = drasclr.pretrain.load_encoder(shards[0]["checkpoint"])
     for name, tensor in encoder.state_dict().items():
@@ -200,22 +209,22 @@ def test_saved_on_two_resumes_on_other_counts_with_the_same_queues(store, two_pr
     saved_keys, saved_pointers = global_bank(results(two_process_run, 2))
     # one more step: resharded by ownership, the epoch's plan continued on `world_size`
     if world_size == 1:
-        train_and_record(*store, str(tmp_path), 5)
+        train_and_record(*store, str(tmp_path), 6)
     else:
-        run_processes(world_size, train_and_record, *store, str(tmp_path), 5)
+        run_processes(world_size, train_and_record, *store, str(tmp_path), 6)
     shards = results(tmp_path, world_size)
     for rank, shard in enumerate(shards):
         assert shard["landmarks"].tolist() == owned_landmarks(NUM_LANDMARKS, rank, world_size).tolist()
-        assert [h["step"] for h in shard["history"]] == ([1, 2, 3, 4, 5] if rank == 0 else [5])
+        assert [h["step"] for h in shard["history"]] == ([1, 2, 3, 4, 5, 6] if rank == 0 else [6])
     keys, pointers = global_bank(shards)
     queue_size = TINY_SHARDED["queue_size"]
-    written = (pointers - saved_pointers) % queue_size  # keys step 5 put in each queue
+    written = (pointers - saved_pointers) % queue_size  # keys step 6 put in each queue
     assert written.sum() > 0
-    for landmark in range(NUM_LANDMARKS):  # every slot step 5 did not write is as saved
+    for landmark in range(NUM_LANDMARKS):  # every slot step 6 did not write is as saved
         slots = (saved_pointers[landmark] + torch.arange(queue_size)) % queue_size
         kept = slots[written[landmark]:]
         assert torch.equal(keys[landmark, kept], saved_keys[landmark, kept]), landmark
-    assert last_checkpoint(tmp_path).name == "step_00000005"
+    assert last_checkpoint(tmp_path).name == "step_00000006"
 
 
 # -- torchrun --------------------------------------------------------------------------------
@@ -233,23 +242,23 @@ def test_two_nodes_of_two_processes_over_loopback(store, tmp_path):
     ]
     assert [node.wait(timeout=180) for node in nodes] == [0, 0]
     shards = results(tmp_path, 4)
-    for rank, shard in enumerate(shards):  # a quarter of the bank each (6 = 2 + 2 + 1 + 1)
+    for rank, shard in enumerate(shards):  # a quarter of the bank each
         assert shard["landmarks"].tolist() == list(range(rank, NUM_LANDMARKS, 4))
     _, pointers = global_bank(shards)
-    assert pointers.sum() == 2 * 8  # two steps of 24 pairs / 3 steps, no queue wrapped yet
+    assert pointers.sum() == 2 * 8  # two steps of 8 pairs, no queue wrapped yet
     assert last_checkpoint(tmp_path).name == "step_00000002"
 
 
 def test_killed_worker_restarts_and_matches_the_uninterrupted_run(store, two_process_run, tmp_path):
     marker = tmp_path / "killed"
     launcher = torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", str(WORKER), *store,
-                        str(tmp_path / "run"), "4", "--kill-at=2", f"--marker={marker}")
+                        str(tmp_path / "run"), "5", "--kill-at=2", f"--marker={marker}")
     assert launcher.wait(timeout=240) == 0
     assert marker.exists()  # it did die once
     restarted, whole = results(tmp_path / "run", 2), results(two_process_run, 2)
     # resumed after step 2: rank 0 keeps the metrics rows of steps 1-2, nothing is repeated
-    assert [h["step"] for h in restarted[0]["history"]] == [1, 2, 3, 4]
-    assert [h["step"] for h in restarted[1]["history"]] == [3, 4]
+    assert [h["step"] for h in restarted[0]["history"]] == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in restarted[1]["history"]] == [3, 4, 5]
     for a, b in zip(restarted, whole):
         for name in ("keys", "pointers", "landmarks"):
             assert torch.equal(a[name], b[name]), name

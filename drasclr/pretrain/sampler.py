@@ -188,10 +188,11 @@ class OwnedLandmarkBatchSampler:
         landmarks = np.concatenate(landmarks) if landmarks else np.zeros(0, np.int64)
         steps = len(self) - segment.start
         sizes = np.full(steps, len(subjects) // steps) + (np.arange(steps) < len(subjects) % steps)
-        if sizes[-1] == 0:
+        if sizes[-1] < 2:  # BatchNorm needs two samples
             raise ValueError(
                 f"bank_sharding='landmark': process {rank} of {segment.world_size} has only "
-                f"{len(subjects)} pairs for {steps} steps; use fewer processes or a smaller batch"
+                f"{len(subjects)} pairs for {steps} steps, fewer than 2 per batch; use fewer "
+                "processes or a larger batch_size"
             )
         return subjects, landmarks, np.concatenate([[0], np.cumsum(sizes)])
 
