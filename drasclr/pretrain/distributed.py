@@ -38,8 +38,22 @@ def init_distributed(use_cuda: bool) -> ProcessInfo:
         return ProcessInfo()
     info = ProcessInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_attempt_store(),
+                                rank=info.rank, world_size=world_size)
     return info
+
+
+def _attempt_store() -> dist.Store:
+    """The rendezvous store torchrun describes, with keys scoped to this restart attempt.
+
+    torchrun's c10d rendezvous keeps one TCP store for all restarts of a group
+    (``--max-restarts``), so the Gloo/NCCL addresses the dead attempt published are still
+    there when the restarted workers look theirs up; a worker that reads a dead peer's address
+    first fails with "Connection refused". A prefix per attempt (TORCHELASTIC_RESTART_COUNT)
+    makes each attempt see only its own keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def world_size() -> int:
