@@ -259,8 +259,11 @@ def test_killed_worker_restarts_and_matches_the_uninterrupted_run(store, two_pro
     # resumed after step 2: rank 0 keeps the metrics rows of steps 1-2, nothing is repeated
     assert [h["step"] for h in restarted[0]["history"]] == [1, 2, 3, 4, 5]
     assert [h["step"] for h in restarted[1]["history"]] == [3, 4, 5]
-    for a, b in zip(restarted, whole):
+    for rank, (a, b) in enumerate(zip(restarted, whole)):
         for name in ("keys", "pointers", "landmarks"):
             assert torch.equal(a[name], b[name]), name
         for name in a["encoder_q"]:
-            assert torch.equal(a["encoder_q"][name], b["encoder_q"][name]), name
+            # BatchNorm running statistics are per process and checkpointed from rank 0 (they do
+            # not enter training, which normalises by batch statistics)
+            if rank == 0 or not ("running" in name or "num_batches" in name):
+                assert torch.equal(a["encoder_q"][name], b["encoder_q"][name]), (rank, name)
