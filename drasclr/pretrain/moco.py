@@ -151,16 +151,30 @@ class DrasCLR(nn.Module):
         shuffled_key = self.embed(
             self.encoder_k, all_views[mine], LandmarkGroups.from_loc(all_loc[mine], len(mine))
         )
-        if self.sharded:
-            key = return_to_drawers(shuffled_key, shuffle, offsets, rank)
-            return key, key, landmark
-        all_keys = concat_all_gather(shuffled_key, sizes)[torch.argsort(shuffle)]
-        key = all_keys[offsets[rank] : offsets[rank + 1]]
-        return key, all_keys, concat_all_gather(landmark, sizes)
+        return unshuffle_keys(shuffled_key, shuffle, offsets, landmark, self.sharded)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: Tensor, landmark: Tensor) -> None:
         self.bank.enqueue(keys, landmark)
+
+
+@torch.no_grad()
+def unshuffle_keys(
+    shuffled_key: Tensor, shuffle: Tensor, offsets: list[int], landmark: Tensor, sharded: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """After the shuffled-BN key encoding: this process's keys, and the keys and landmarks it
+    enqueues (all processes' for a replicated bank, its own for a landmark-sharded one).
+
+    ``shuffle`` (N,) maps shuffled positions to global sample indices; this process encoded
+    ``shuffled_key``, the samples ``shuffle[offsets[rank]:offsets[rank + 1]]``.
+    """
+    rank = torch.distributed.get_rank()
+    if sharded:
+        key = return_to_drawers(shuffled_key, shuffle, offsets, rank)
+        return key, key, landmark
+    sizes = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+    all_keys = concat_all_gather(shuffled_key, sizes)[torch.argsort(shuffle)]
+    return all_keys[offsets[rank] : offsets[rank + 1]], all_keys, concat_all_gather(landmark, sizes)
 
 
 def return_to_drawers(encoded: Tensor, shuffle: Tensor, offsets: list[int], rank: int) -> Tensor:
