@@ -3,12 +3,19 @@
 Launch one process per GPU with torchrun (NCCL on GPUs, Gloo on CPU, chosen automatically):
 
     # one node, 4 GPUs
-    torchrun --nproc_per_node=4 -m drasclr.cli train --config run.yaml
-    # two nodes, 4 GPUs each (run on every node, with its --node_rank)
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \
-        --nproc_per_node=4 -m drasclr.cli train --config run.yaml
+    torchrun --nproc-per-node=4 -m drasclr.cli train --config run.yaml
+    # two nodes, 4 GPUs each: the same line on every node; HOST is node 0's address
+    torchrun --nnodes=2 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d \
+        --rdzv-endpoint=HOST:29500 --rdzv-id=RUN_NAME --max-restarts=3 \
+        -m drasclr.cli train --config run.yaml --set bank_sharding=landmark
+    # (on node 1: --node-rank=1; the c10d rendezvous assigns the ranks)
 
-``batch_size`` in the config is the global batch; each process trains on its share.
+``batch_size`` in the config is the global batch; each process trains on its share. With
+``--max-restarts=N`` torchrun restarts the whole group when a worker dies, up to N times, and
+the run continues from its last checkpoint (``resume: true``, the default): the same steps
+follow, none lost or repeated. With several nodes ``out_dir`` must be on a file system every
+node sees. ``bank_sharding: landmark`` keeps ~1/W of the memory bank per process
+(`drasclr.pretrain.memory_bank`) and lets a run resume on a different number of processes.
 """
 from __future__ import annotations
 

@@ -10,6 +10,32 @@ reference stores (D, K, L) and trains one landmark per batch; here a batch mixes
 - `negative_logits` scores every query against its own landmark's queue only, without a
   (B, K, D) copy: queries are laid out as (G, n, D) by landmark group and multiplied with the
   G queues (G, D, K) in one bmm.
+
+Sharding across processes (``bank_sharding: landmark``). At the paper's size (L = 581, K =
+4096, D = 128, float32) the bank is 1162 MiB on every process when replicated. Sharded, each
+process holds the queues of the landmarks it owns, l % W == rank (`owned_landmarks`: round
+robin, so W processes own floor or ceil(L / W) each, never none): 582 MiB on 2 processes,
+292 MiB on 4. ``keys`` is then (L_local, K, D) and ``landmarks`` the global indices held.
+
+How queries meet their queues: every process draws batches of its own landmarks only
+(`drasclr.pretrain.sampler.OwnedLandmarkBatchSampler`), so scoring and enqueueing are local.
+The only key traffic left is shuffled BatchNorm's: keys encoded on a batch shuffled across
+processes go back to the process that drew their sample (`drasclr.pretrain.moco.
+return_to_drawers`, one all-to-all). Bytes one process sends per step (b = B / W samples,
+paper size, B = 128, W = 4, so b = 32):
+
+- chosen (own-landmark batches): b * D * 4 * (W - 1) / W = 12 KiB;
+- replicated bank (all keys and landmarks to every process): (W - 1) * b * (4D + 8) = 49 KiB;
+- batches of any landmark with an exchange with the owners: queries and summed neighbour
+  embeddings to the owners and their K logits back, 2 * b * (D + K) * 4 * (W - 1) / W = 792
+  KiB, plus the keys (12 KiB); shipping the owners' queues instead costs 2 MiB per landmark.
+
+The choice moves 4x less than the replicated bank and ~67x less than the exchange, needs no
+extra round trip in the loss, and keeps the loss in expectation: a query's negatives are its
+own landmark's queue either way, every (subject, landmark) pair is still drawn once per epoch,
+and keys are still encoded on batches mixed across processes. Measured with Gloo in
+`benchmarks/RESULTS.md` ("Memory bank sharding"; `benchmarks/bench_bank_sharding.py`). Common
+to all three and unchanged: shuffled BN gathers the key views, (W - 1) * b * 32^3 * 4 = 12 MiB.
 """
 from __future__ import annotations
 

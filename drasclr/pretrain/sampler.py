@@ -136,29 +136,18 @@ class Segment:
         return cls(values["start"], values["world_size"], np.asarray(values["consumed"], dtype=np.int64))
 
 
-class OwnedLandmarkBatchSampler:
+class OwnedLandmarkBatchSampler(LandmarkBatchSampler):
     """Deterministic, resumable plan of batches that hold only this process's own landmarks.
 
-    Args: as `LandmarkBatchSampler`; ``landmarks_per_batch`` sets the chunk size
-    n = batch_size / landmarks_per_batch (subjects of one landmark that travel together).
+    Same arguments as `LandmarkBatchSampler`; n = batch_size / landmarks_per_batch subjects of
+    one landmark travel together (a chunk), and ``plan`` is not used.
     """
 
-    def __init__(
-        self,
-        num_subjects: int,
-        num_landmarks: int,
-        batch_size: int,
-        landmarks_per_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        LandmarkBatchSampler(num_subjects, num_landmarks, batch_size, landmarks_per_batch, seed,
-                             rank, world_size)  # the same argument checks
-        owned_landmarks(num_landmarks, rank, world_size)
-        self.num_subjects, self.num_landmarks, self.batch_size = num_subjects, num_landmarks, batch_size
-        self.chunk = batch_size // landmarks_per_batch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        owned_landmarks(self.num_landmarks, self.rank, self.world_size)  # enough landmarks?
+        self.chunk = self.subjects_per_landmark
+        self.batch_size = self.chunk * self.landmarks_per_batch
 
     def __len__(self) -> int:
         """Steps per epoch, the same for every process count."""

@@ -38,7 +38,7 @@ from drasclr.pretrain.distributed import ProcessInfo, init_distributed
 from drasclr.pretrain.memory_bank import owned_landmarks
 from drasclr.pretrain.moco import DrasCLR
 from drasclr.pretrain.sampler import LandmarkBatchSampler, OwnedLandmarkBatchSampler, Segment
-from drasclr.pretrain.sharded_checkpoints import last_checkpoint, load_sharded, save_sharded
+from drasclr.pretrain.sharded_checkpoints import TRAINER_STATE, last_checkpoint, load_sharded, save_sharded
 
 ENCODER_INPUT = 32  # SPEC section 6: the encoder takes 32^3 patches
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
@@ -49,8 +49,9 @@ RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype",
 
 @dataclass
 class TrainResult:
-    """``checkpoint``: the final full checkpoint; ``history``: one metrics dict per step;
-    ``model``: the trained `DrasCLR` module (this process's copy)."""
+    """``checkpoint``: the final full checkpoint (with landmark sharding: its ``trainer.pt``,
+    everything but the bank); ``history``: one metrics dict per step; ``model``: the trained
+    `DrasCLR` module (this process's copy; ``model.bank`` holds this process's shard)."""
 
     checkpoint: Path
     history: list[dict[str, float]] = field(default_factory=list)
@@ -278,7 +279,7 @@ class Trainer:
         """The last complete checkpoint (its trainer state file when sharded), or None."""
         if self.sharded:
             directory = last_checkpoint(self.out_dir)
-            return None if directory is None else directory / "trainer.pt"
+            return None if directory is None else directory / TRAINER_STATE
         last = self.out_dir / LAST
         return last if last.exists() else None
 
