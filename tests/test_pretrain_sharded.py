@@ -244,9 +244,15 @@ def test_two_nodes_of_two_processes_over_loopback(store, tmp_path):
     shards = results(tmp_path, 4)
     for rank, shard in enumerate(shards):  # a quarter of the bank each
         assert shard["landmarks"].tolist() == list(range(rank, NUM_LANDMARKS, 4))
-    _, pointers = global_bank(shards)
+    keys, pointers = global_bank(shards)
     assert pointers.sum() == 2 * 8  # two steps of 8 pairs, no queue wrapped yet
     assert last_checkpoint(tmp_path).name == "step_00000002"
+    # saved on 4, resumed on 2: each process reads its landmarks' queues from the 4 shards
+    resumed = tmp_path / "on_two"
+    shutil.copytree(tmp_path, resumed, ignore=shutil.ignore_patterns("result_rank*", "on_two"))
+    run_processes(2, train_and_record, *store, str(resumed), 2)
+    resumed_keys, resumed_pointers = global_bank(results(resumed, 2))
+    assert torch.equal(resumed_keys, keys) and torch.equal(resumed_pointers, pointers)
 
 
 def test_killed_worker_restarts_and_matches_the_uninterrupted_run(store, two_process_run, tmp_path):
