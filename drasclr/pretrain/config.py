@@ -67,6 +67,11 @@ class TrainConfig:
     , AT_LEAST_ONE)
     queue_size: int = _doc("negatives per landmark queue, K (paper: 4096)", 4096, AT_LEAST_ONE)
     bank_dtype: str = _doc("memory bank storage: float32 or bfloat16", "float32")
+    bank_sharding: str = _doc(
+        "memory bank across processes: replicated (each holds all L queues) or landmark (each "
+        "holds ~L / processes queues and draws batches of its own landmarks; "
+        "drasclr.pretrain.memory_bank)", "replicated"
+    )
     rep_dim: int = _doc("representation size h (authors' code: 128)", 128, AT_LEAST_ONE)
     moco_dim: int = _doc(
         "projection size z, also the bank's key size (authors' code: 128)", 128, AT_LEAST_ONE
@@ -168,8 +173,8 @@ class TrainConfig:
                 f"batch_size {self.batch_size} is not divisible by landmarks_per_batch "
                 f"{self.landmarks_per_batch}"
             )
-        if self.batch_size % world_size:
-            raise ValueError(
+        if self.bank_sharding == "replicated" and self.batch_size % world_size:
+            raise ValueError(  # a landmark-sharded plan gives processes batches of unequal sizes
                 f"batch_size {self.batch_size} is not divisible by the {world_size} processes"
             )
         per_landmark = self.batch_size // self.landmarks_per_batch
@@ -178,7 +183,8 @@ class TrainConfig:
                 f"queue_size {self.queue_size} is smaller than the {per_landmark} keys a landmark "
                 "receives per step; a step would overwrite its own keys"
             )
-        choices = {"bank_dtype": ("float32", "bfloat16"), "neighbour_loss": ("sum", "mean"),
+        choices = {"bank_dtype": ("float32", "bfloat16"), "bank_sharding": ("replicated", "landmark"),
+                   "neighbour_loss": ("sum", "mean"),
                    "backend": BACKENDS, "conditioning": CONDITIONINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

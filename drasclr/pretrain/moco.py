@@ -6,17 +6,25 @@ compute the local and neighbour losses against the landmarks' queues, enqueue th
 processes. Keys go through the key encoder with the same landmark grouping as the queries; under
 DDP with ``shuffle_bn`` the keys are encoded on a batch shuffled across processes (MoCo's shuffled
 BatchNorm) and un-shuffled afterwards.
+
+With a landmark-sharded bank (``bank_landmarks`` given, see `drasclr.pretrain.memory_bank`)
+every process's batch holds only landmarks whose queues it holds, so queries are scored and
+keys enqueued locally; the only key traffic is returning each shuffled-BN key to the process
+that drew its sample (one all-to-all of B x D), instead of every process gathering all B keys.
+Processes may draw batches of different sizes (a landmark-sharded epoch splits each process's
+pairs evenly over the epoch's steps), so the exchanges carry every process's batch size.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drasclr.nn.grouping import LandmarkGroups
-from drasclr.pretrain.distributed import concat_all_gather, world_size
+from drasclr.pretrain.distributed import all_to_all, concat_all_gather, gather_sizes, world_size
 from drasclr.pretrain.losses import LossOutput, drasclr_loss
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank
 
@@ -35,6 +43,8 @@ class DrasCLR(nn.Module):
         bank_dtype: float32 or bfloat16 storage.
         shuffle_bn: shuffle keys across processes for BatchNorm under DDP.
         generator: random source of the bank's initial keys.
+        bank_landmarks: the landmarks whose queues this process holds (landmark sharding;
+            every batch it is given must hold only these), or None: all of them, replicated.
     """
 
     def __init__(
@@ -49,6 +59,7 @@ class DrasCLR(nn.Module):
         bank_dtype: torch.dtype = torch.float32,
         shuffle_bn: bool = True,
         generator: torch.Generator | None = None,
+        bank_landmarks=None,
     ) -> None:
         super().__init__()
         self.temperature, self.momentum, self.beta = temperature, momentum, beta
@@ -57,8 +68,9 @@ class DrasCLR(nn.Module):
         self.encoder_k = copy.deepcopy(encoder)
         for param in self.encoder_k.parameters():
             param.requires_grad_(False)
+        self.sharded = bank_landmarks is not None
         self.bank = LandmarkMemoryBank(
-            num_landmarks, queue_size, encoder.config["moco_dim"], bank_dtype, generator
+            num_landmarks, queue_size, encoder.config["moco_dim"], bank_dtype, generator, bank_landmarks
         )
 
     def embed(self, encoder: nn.Module, x: Tensor, groups: LandmarkGroups) -> Tensor:
@@ -97,13 +109,13 @@ class DrasCLR(nn.Module):
 
         with torch.no_grad():
             self._momentum_update_key_encoder()
-            key, all_keys, all_landmarks = self._encode_keys(view_k, loc, landmark, groups, shuffle_generator)
+            key, enqueued_keys, enqueued_landmarks = self._encode_keys(view_k, loc, landmark, groups, shuffle_generator)
 
         out = drasclr_loss(
             query, key, neighbour_query, self.bank, landmark, groups,
             self.temperature, self.beta, self.neighbour_mode,
         )
-        self._dequeue_and_enqueue(all_keys, all_landmarks)
+        self._dequeue_and_enqueue(enqueued_keys, enqueued_landmarks)
         return out
 
     @torch.no_grad()
@@ -118,26 +130,72 @@ class DrasCLR(nn.Module):
         self, view_k: Tensor, loc: Tensor, landmark: Tensor, groups: LandmarkGroups,
         shuffle_generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """This process's keys, and the keys and landmarks of all processes (rank order)."""
+        """This process's keys, and the keys and landmarks to enqueue here: all processes'
+        (rank order) for a replicated bank, this process's own for a landmark-sharded one."""
         processes = world_size()
         if processes == 1:
             key = self.embed(self.encoder_k, view_k, groups)
             return key, key, landmark
-        all_landmarks = concat_all_gather(landmark)
+        sizes = gather_sizes(len(view_k), view_k.device)
         if not self.shuffle_bn:
             key = self.embed(self.encoder_k, view_k, groups)
-            return key, concat_all_gather(key), all_landmarks
-        rank, batch = torch.distributed.get_rank(), len(view_k)
-        all_views, all_loc = concat_all_gather(view_k), concat_all_gather(loc)
+            if self.sharded:
+                return key, key, landmark
+            return key, concat_all_gather(key, sizes), concat_all_gather(landmark, sizes)
+        rank = torch.distributed.get_rank()
+        offsets = [0, *itertools.accumulate(sizes)]
+        all_views, all_loc = concat_all_gather(view_k, sizes), concat_all_gather(loc, sizes)
         # every process draws the same permutation from its identically seeded generator
-        shuffle = torch.randperm(len(all_views), generator=shuffle_generator, device=view_k.device)
-        mine = shuffle.view(processes, batch)[rank]
+        shuffle = torch.randperm(offsets[-1], generator=shuffle_generator, device=view_k.device)
+        mine = shuffle[offsets[rank] : offsets[rank + 1]]
         shuffled_key = self.embed(
-            self.encoder_k, all_views[mine], LandmarkGroups.from_loc(all_loc[mine], batch)
+            self.encoder_k, all_views[mine], LandmarkGroups.from_loc(all_loc[mine], len(mine))
         )
-        all_keys = concat_all_gather(shuffled_key)[torch.argsort(shuffle)]
-        return all_keys.view(processes, batch, -1)[rank], all_keys, all_landmarks
+        return unshuffle_keys(shuffled_key, shuffle, offsets, landmark, self.sharded)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: Tensor, landmark: Tensor) -> None:
         self.bank.enqueue(keys, landmark)
+
+
+@torch.no_grad()
+def unshuffle_keys(
+    shuffled_key: Tensor, shuffle: Tensor, offsets: list[int], landmark: Tensor, sharded: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """After the shuffled-BN key encoding: this process's keys, and the keys and landmarks it
+    enqueues (all processes' for a replicated bank, its own for a landmark-sharded one).
+
+    ``shuffle`` (N,) maps shuffled positions to global sample indices; this process encoded
+    ``shuffled_key``, the samples ``shuffle[offsets[rank]:offsets[rank + 1]]``.
+    """
+    rank = torch.distributed.get_rank()
+    if sharded:
+        key = return_to_drawers(shuffled_key, shuffle, offsets, rank)
+        return key, key, landmark
+    sizes = [hi - lo for lo, hi in itertools.pairwise(offsets)]
+    all_keys = concat_all_gather(shuffled_key, sizes)[torch.argsort(shuffle)]
+    return all_keys[offsets[rank] : offsets[rank + 1]], all_keys, concat_all_gather(landmark, sizes)
+
+
+def return_to_drawers(encoded: Tensor, shuffle: Tensor, offsets: list[int], rank: int) -> Tensor:
+    """Undo the key shuffle with one all-to-all: each process gets back only its own keys.
+
+    ``shuffle`` (N,) maps shuffled positions to global sample indices; process j encoded the
+    samples ``shuffle[offsets[j]:offsets[j + 1]]`` (``encoded`` holds this process's part)
+    and sample i was drawn by the process r with ``offsets[r] <= i < offsets[r + 1]``.
+    """
+    boundaries = torch.tensor(offsets[1:-1], device=shuffle.device)
+    drawer = torch.bucketize(shuffle, boundaries, right=True)  # who drew each shuffled sample
+    encoder_of = torch.bucketize(torch.arange(len(shuffle), device=shuffle.device), boundaries, right=True)
+    processes = len(offsets) - 1
+    my_drawers = drawer[offsets[rank] : offsets[rank + 1]]
+    send_order = torch.argsort(my_drawers, stable=True)
+    mine = drawer == rank  # positions of my samples, ascending: grouped by encoder, in its order
+    received = all_to_all(
+        encoded[send_order],
+        torch.bincount(my_drawers, minlength=processes).tolist(),
+        torch.bincount(encoder_of[mine], minlength=processes).tolist(),
+    )
+    key = torch.empty_like(received)
+    key[shuffle[mine] - offsets[rank]] = received
+    return key

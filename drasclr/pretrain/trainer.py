@@ -11,6 +11,10 @@ SGD with a per-step cosine schedule. Checkpoints (atomic) at every epoch's end a
 ``metrics.csv`` and TensorBoard; a tqdm bar shows loss, top-1 of both losses and patches/s.
 All randomness of a step (augmentation, key shuffling) comes from generators re-seeded from
 (seed, rank, step), so a resumed run repeats the uninterrupted run's draws.
+
+With ``bank_sharding: landmark`` each process holds only its landmarks' queues and draws
+batches of those landmarks (`OwnedLandmarkBatchSampler`); checkpoints are then sharded
+(`drasclr.pretrain.sharded_checkpoints`) and a run resumes on any number of processes.
 """
 from __future__ import annotations
 
@@ -32,20 +36,23 @@ from drasclr.pretrain.checkpoints import LAST, load_checkpoint, save_checkpoint
 from drasclr.pretrain.config import TrainConfig, describe
 from drasclr.pretrain.dataset import EpochBatches, PatchBatches
 from drasclr.pretrain.distributed import ProcessInfo, init_distributed
+from drasclr.pretrain.memory_bank import owned_landmarks
 from drasclr.pretrain.moco import DrasCLR
-from drasclr.pretrain.sampler import LandmarkBatchSampler
+from drasclr.pretrain.sampler import LandmarkBatchSampler, OwnedLandmarkBatchSampler, Segment
+from drasclr.pretrain.sharded_checkpoints import TRAINER_STATE, last_checkpoint, load_sharded, save_sharded
 
 ENCODER_INPUT = 32  # the encoder takes 32^3 patches (Yu et al. 2023, Section 3)
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
 # fields a resumed run must share with the checkpoint it continues
-RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype", "rep_dim",
+RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype", "bank_sharding", "rep_dim",
                 "moco_dim", "num_experts", "conditioning", "k_neighbors", "seed")
 
 
 @dataclass
 class TrainResult:
-    """``checkpoint``: the final full checkpoint; ``history``: one metrics dict per step;
-    ``model``: the trained `DrasCLR` module (this process's copy)."""
+    """``checkpoint``: the final full checkpoint (with landmark sharding: its ``trainer.pt``,
+    everything but the bank); ``history``: one metrics dict per step; ``model``: the trained
+    `DrasCLR` module (this process's copy; ``model.bank`` holds this process's shard)."""
 
     checkpoint: Path
     history: list[dict[str, float]] = field(default_factory=list)
@@ -87,7 +94,8 @@ class Trainer:
         _check_inputs(config, store, atlas)
         self.source = PatchBatches(store, atlas.coords, atlas.neighbor_table(config.k_neighbors),
                                    config.k_neighbors)
-        self.sampler = LandmarkBatchSampler(
+        self.sharded = config.bank_sharding == "landmark"
+        self.sampler = (OwnedLandmarkBatchSampler if self.sharded else LandmarkBatchSampler)(
             store.num_subjects, store.num_landmarks, config.batch_size, config.landmarks_per_batch,
             config.seed, process.rank, process.world_size,
         )
@@ -105,11 +113,17 @@ class Trainer:
             encoder, store.num_landmarks, config.queue_size, config.temperature, config.momentum,
             config.beta, config.neighbour_loss, getattr(torch, config.bank_dtype), config.shuffle_bn,
             generator=torch.Generator().manual_seed(config.seed),
+            bank_landmarks=owned_landmarks(store.num_landmarks, process.rank, process.world_size)
+            if self.sharded else None,
         ).to(device)
         self.step_model: nn.Module = self.model
         if process.world_size > 1:
-            # the bank stays identical on every rank by construction (all keys are gathered
-            # before enqueueing); broadcasting buffers would copy it every step
+            # A replicated bank stays identical on every rank by construction (all keys are
+            # gathered before enqueueing) and a sharded one differs by design: DDP must neither
+            # broadcast the bank at start nor its buffers every step.
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.model, [f"bank.{name}" for name, _ in self.model.bank.named_buffers()]
+            )
             self.step_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
@@ -121,6 +135,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step, self.epoch, self.next_batch = 0, 0, 0
+        self.segment = self.sampler.first_segment() if self.sharded else None
 
     # -- schedule -----------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -136,8 +151,8 @@ class Trainer:
         from tqdm import tqdm
 
         last = self.out_dir / LAST
-        if self.config.resume and last.exists():
-            self._restore(load_checkpoint(last, map_location=self.device))
+        if self.config.resume:
+            self._resume()
         metrics = MetricsLog(self.out_dir, self.step, self.process.is_main and self.config.tensorboard,
                              enabled=self.process.is_main)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="drasclr train", unit="step",
@@ -159,17 +174,29 @@ class Trainer:
                         self._save(last)
                 else:
                     self.epoch, self.next_batch = self.epoch + 1, 0
+                    self.segment = self.sampler.first_segment() if self.sharded else None
                     self._save(last)
                     self._save_encoder(self.out_dir / f"encoder_epoch_{self.epoch:04d}.pt")
-            if self.step > resumed_step or not last.exists():  # a finished run stays untouched
+            if self.step > resumed_step or self._last is None:  # a finished run stays untouched
                 self._save(last)
         finally:
             bar.close()
             metrics.close()
-        return TrainResult(last, metrics.history(), self.model)
+        return TrainResult(self._last if self.sharded else last, metrics.history(), self.model)
 
     def _loader(self):
-        planned = list(self.sampler.batches(self.epoch, self.next_batch))
+        if self.sharded:
+            planned = list(self.sampler.batches(self.epoch, self.next_batch, self.segment))
+            busiest = max((np.bincount(b.landmarks).max() for b in planned), default=0)
+            if busiest > self.config.queue_size:
+                raise ValueError(
+                    f"queue_size {self.config.queue_size} is smaller than the {busiest} keys a "
+                    "landmark receives in one step of this landmark-sharded plan; raise queue_size"
+                )
+        else:
+            planned = list(self.sampler.batches(self.epoch, self.next_batch))
+        world = self.process.world_size
+        self.global_sizes = {b.index: b.global_size or world * len(b.subjects) for b in planned}
         return torch.utils.data.DataLoader(
             EpochBatches(self.source, planned), batch_size=None, shuffle=False,
             num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
@@ -203,47 +230,82 @@ class Trainer:
                 "Try a lower lr or set grad_clip."
             )
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        # DDP averages the processes' gradients; weighting each process's mean loss by its
+        # share of the global batch makes that the gradient of the mean over all pairs
+        global_size = self.global_sizes[batch["index"]]
+        (out.loss * (n * self.process.world_size / global_size)).backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], config.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        patches_done = n * self.process.world_size
         return {"step": self.step, "epoch": self.epoch + 1, **dict(zip(METRICS, values)), "lr": lr,
-                "patches_per_s": patches_done / (time.perf_counter() - started)}
+                "patches_per_s": global_size / (time.perf_counter() - started)}
 
     # -- checkpoints ----------------------------------------------------------------------
     def _save(self, path: Path) -> None:
-        if not self.process.is_main:
+        """Checkpoint to ``path`` (replicated bank), or a sharded checkpoint (landmark sharding:
+        a collective call, every process writes its bank shard)."""
+        if not (self.sharded or self.process.is_main):
             return
-        save_checkpoint({
+        model = self.model.state_dict()
+        position = {"step": self.step, "epoch": self.epoch, "batch": self.next_batch}
+        if self.sharded:  # the bank goes into its own per-process files
+            model = {name: value for name, value in model.items() if not name.startswith("bank.")}
+            position["segment"] = self.segment.to_dict()
+        state = {
             "encoder_q": self.model.encoder_q.state_dict(),
             "encoder_config": dict(self.model.encoder_q.config),
-            "model": self.model.state_dict(),
+            "model": model,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "position": {"step": self.step, "epoch": self.epoch, "batch": self.next_batch},
+            "position": position,
             "config": self.config.to_dict(),
-        }, path)
+        }
+        if self.sharded:
+            save_sharded(self.out_dir, self.step, self.model.bank, state, self.process.rank)
+        else:
+            save_checkpoint(state, path)
 
     def _save_encoder(self, path: Path) -> None:
         if self.process.is_main:
             save_checkpoint({"encoder_q": self.model.encoder_q.state_dict(),
                              "encoder_config": dict(self.model.encoder_q.config)}, path)
 
+    @property
+    def _last(self) -> Path | None:
+        """The last complete checkpoint (its trainer state file when sharded), or None."""
+        if self.sharded:
+            directory = last_checkpoint(self.out_dir)
+            return None if directory is None else directory / TRAINER_STATE
+        last = self.out_dir / LAST
+        return last if last.exists() else None
+
+    def _resume(self) -> None:
+        if self.sharded:
+            directory = last_checkpoint(self.out_dir)
+            if directory is not None:
+                self._restore(load_sharded(directory, self.model.bank, map_location=self.device))
+        elif (self.out_dir / LAST).exists():
+            self._restore(load_checkpoint(self.out_dir / LAST, map_location=self.device))
+
     def _restore(self, state: dict) -> None:
         saved = state["config"]
         changed = [name for name in RESUME_FIXED if saved.get(name) != getattr(self.config, name)]
         if changed:
             raise ValueError(
-                f"{self.out_dir / LAST}: cannot resume with changed {changed} "
+                f"{self._last}: cannot resume with changed {changed} "
                 f"(checkpoint has {[saved.get(n) for n in changed]}); use a new out_dir or resume=false"
             )
-        self.model.load_state_dict(state["model"])
+        if self.sharded:  # the bank was filled from its own files
+            missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+            if unexpected or any(not name.startswith("bank.") for name in missing):
+                raise ValueError(f"{self._last}: model state does not match ({missing}, {unexpected})")
+        else:
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -251,6 +313,10 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         position = state["position"]
         self.step, self.epoch, self.next_batch = position["step"], position["epoch"], position["batch"]
+        if self.sharded:
+            self.segment = Segment.from_dict(position["segment"])
+            if self.segment.world_size != self.process.world_size:
+                self.segment = self.sampler.resegment(self.epoch, self.segment, self.next_batch)
 
 
 class MetricsLog:
