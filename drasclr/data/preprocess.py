@@ -50,6 +50,7 @@ from drasclr.data.store import (
     update_subject,
     write_subject,
 )
+from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
 
 #: Image files found in an ``images`` folder; every other (non-hidden) subfolder is a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -120,8 +121,9 @@ def preprocess(
         ValueError / OSError: bad arguments, an unreadable cohort list or atlas, or a store made
             for another atlas. Problems of single subjects never raise: they become failed rows.
     """
-    if int(workers) != workers or workers < 1:
-        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    check_number("workers", workers, AT_LEAST_ONE)
+    if shard is not None:
+        parse_shard(shard)  # before the atlas and the cohort are read
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
     if segmentation not in SEGMENTATIONS:
@@ -368,7 +370,9 @@ def parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
         index, count = (int(part) for part in shard.split("/")) if isinstance(shard, str) else shard
     except (ValueError, TypeError):
         raise ValueError(f"shard: expected 'i/n' such as '0/4', got {shard!r}") from None
-    if not 0 <= index < count:
+    check_number("shard", index, COUNT)
+    check_number("shard", count, AT_LEAST_ONE)
+    if not index < count:
         raise ValueError(f"shard: expected 0 <= i < n, got {index}/{count}")
     return index, count
 
