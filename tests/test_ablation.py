@@ -31,7 +31,7 @@ def ablation_inputs(tmp_path_factory):
     for i in range(SUBJECTS):
         severity = (i % 4) / 3
         patches = rng.normal(-800 - 150 * severity, 100, (atlas.num_landmarks, 32, 32, 32))
-        write_subject(root / "store", f"s{i:02d}", f"s{i}.nii.gz", patches.astype(np.int16),
+        write_subject(root / "store", f"s{i:02d}", f"s{i}.nii.gz", patches.clip(-1024, 240).astype(np.int16),
                       quality={"laa950_percent": 10 * severity, "perc15_hu": -900 - 50 * severity,
                                "mean_lung_density_hu": -800 - 150 * severity,
                                "lung_volume_ml": 3000 + rng.normal(0, 100),

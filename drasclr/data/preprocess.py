@@ -42,10 +42,8 @@ from drasclr.data.store import (
     DONE,
     FAILED,
     PatchStore,
-    check_patch_file,
     check_subject_id,
     create_store,
-    patch_path,
     sort_manifest,
     update_subject,
     write_subject,
@@ -75,13 +73,15 @@ class Task:
 
     subject: SubjectSource
     density_only: bool = False
+    damaged: str = ""  # why a done subject is redone: its patch file changed or went missing
 
 
 @dataclass(frozen=True)
 class PreprocessSummary:
     """What one run did. ``skipped`` were already done; ``total`` is the shard's size;
     ``density_added`` / ``density_failed``: done subjects given (or not) the density measures
-    they lacked."""
+    they lacked; ``damaged``: done subjects whose patch file failed its check and were redone
+    (counted in ``done`` or ``failed`` as well)."""
 
     store: Path
     total: int
@@ -91,6 +91,7 @@ class PreprocessSummary:
     seconds: float
     density_added: int = 0
     density_failed: int = 0
+    damaged: tuple[str, ...] = ()
 
 
 def preprocess(
@@ -160,19 +161,20 @@ def preprocess(
         store=root, total=len(subjects), skipped=skipped, done=counts[DONE],
         failed=counts[FAILED], seconds=time.perf_counter() - start,
         density_added=counts[DENSITY_ADDED], density_failed=counts[DENSITY_FAILED],
+        damaged=tuple(task.subject.subject_id for task in tasks if task.damaged),
     )
 
 
 def plan_tasks(root: Path, subjects: list[SubjectSource]) -> list[Task]:
     """What a run still has to do: full processing for subjects not finished (never run,
-    failed, or with a broken patch file), the density measures alone for finished subjects
+    failed, or with a damaged patch file), the density measures alone for finished subjects
     whose manifest row lacks any of them."""
-    finished = finished_subjects(root)
-    rows = {row["subject_id"]: row for row in PatchStore(root).manifest}
+    finished, damaged = finished_subjects(root)
+    rows = {row["subject_id"]: row for row in PatchStore(root, verify=False).manifest}
     tasks = []
     for subject in subjects:
         if subject.subject_id not in finished:
-            tasks.append(Task(subject))
+            tasks.append(Task(subject, damaged=damaged.get(subject.subject_id, "")))
         elif any(rows[subject.subject_id].get(name) is None for name in DENSITY_MEASURES):
             tasks.append(Task(subject, density_only=True))
     return tasks
@@ -292,17 +294,19 @@ def _record_crash(root: Path, task: Task, reason: str) -> str:
     return FAILED
 
 
-def finished_subjects(root: Path) -> set[str]:
-    """Subjects whose manifest row is ``done`` and whose patch file is intact."""
-    store = PatchStore(root)
-    finished = set()
-    for subject_id in store.subject_ids:
+def finished_subjects(root: Path) -> tuple[set[str], dict[str, str]]:
+    """(subjects whose manifest row is ``done`` and whose patch file is intact: present, of the
+    right shape and matching its checksum; done subject -> why its file is not)."""
+    store = PatchStore(root, max_open=1)  # each file is checked once, none kept open
+    finished, damaged = set(), {}
+    for index, subject_id in enumerate(store.subject_ids):
         try:
-            check_patch_file(patch_path(root, subject_id), store.num_landmarks, store.patch_size)
-        except (OSError, ValueError):
+            store.subject_patches(index)
+        except (OSError, ValueError) as error:
+            damaged[subject_id] = str(error)
             continue
         finished.add(subject_id)
-    return finished
+    return finished, damaged
 
 
 def find_subjects(images: str | Path) -> list[SubjectSource]:
@@ -407,10 +411,15 @@ def run(args: argparse.Namespace) -> int:
     if summary.density_added or summary.density_failed:
         density = (f"; density measures added to {summary.density_added} done subject(s)"
                    + (f", not to {summary.density_failed}" if summary.density_failed else ""))
+    damaged = ""
+    if summary.damaged:
+        damaged = (f"; {len(summary.damaged)} done subject(s) had a damaged patch file and were "
+                   f"redone: {', '.join(summary.damaged[:10])}"
+                   + (" ..." if len(summary.damaged) > 10 else ""))
     print(
         f"{summary.store}: {summary.done} done, {summary.failed} failed, {summary.skipped} already "
-        f"done, of {summary.total} in {summary.seconds:.1f} s{density}"
+        f"done, of {summary.total} in {summary.seconds:.1f} s{density}{damaged}"
         + (f"; reasons in {summary.store / 'manifest.csv'}"
            if summary.failed or summary.density_failed else "")
     )
-    return 0
+    return 1 if summary.failed else 0  # exit 1: some subjects failed (issue 11)
