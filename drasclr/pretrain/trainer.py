@@ -27,7 +27,7 @@ from torch import nn
 
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
-from drasclr.pretrain.checkpoints import LAST, load_checkpoint, save_checkpoint
+from drasclr.pretrain.checkpoints import LAST, RESUME_KEYS, load_checkpoint, save_checkpoint
 from drasclr.pretrain.config import TrainConfig, describe
 from drasclr.pretrain.dataset import EpochBatches, PatchBatches
 from drasclr.pretrain.distributed import ProcessInfo, init_distributed
@@ -136,7 +136,7 @@ class Trainer:
 
         last = self.out_dir / LAST
         if self.config.resume and last.exists():
-            self._restore(load_checkpoint(last, map_location=self.device))
+            self._restore(load_checkpoint(last, map_location=self.device, required=RESUME_KEYS))
         metrics = MetricsLog(self.out_dir, self.step, self.process.is_main and self.config.tensorboard,
                              enabled=self.process.is_main)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="drasclr train", unit="step",
