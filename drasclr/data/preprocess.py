@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from drasclr.data.atlas import Atlas
 from drasclr.data.density import DENSITY_MEASURES
+from drasclr.data.laterality import RIGHT_TO_LEFT, laterality_warning
 from drasclr.data.registration import SCHEDULES
 from drasclr.data.store import (
     DONE,
@@ -208,7 +209,8 @@ def process_and_record(
         # CPU seconds: the cost per core even on a busy machine (the worker has one ITK thread).
         quality = {**result.quality, "cpu_seconds": time.process_time() - cpu_start}
         write_subject(root, subject.subject_id, subject.source, result.patches, quality=quality,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start,
+                      warning=laterality_warning(quality.get(RIGHT_TO_LEFT)))
         return DONE
     except Exception as error:  # one bad subject must never stop the cohort
         write_subject(root, subject.subject_id, subject.source, error=failure_reason(error),
