@@ -347,3 +347,27 @@ def test_damaged_patch_file_of_a_done_subject_is_redone_and_reported(uninterrupt
     assert "1 done subject(s) had a damaged patch file and were redone: good1" in printed
     assert damaged.read_bytes() == (reference / "patches" / "good1.npy").read_bytes()
     assert manifest_without_timing(out) == manifest_without_timing(reference)
+
+
+def test_mirrored_header_is_done_with_a_laterality_warning(uninterrupted, cohort, tmp_path):
+    """Issue 11: the same scan with its x axis mirrored in the header is still processed (real
+    patients can look like this), but its manifest row says why it needs a review."""
+    reference, _ = uninterrupted
+    for row in PatchStore(reference).manifest:
+        if row["status"] == "done":
+            assert row["warning"] == "" and row["right_to_left_volume"] > 1.0  # the heart's side
+    table, atlas_path = cohort
+    source = next(line.split(",")[1] for line in table.read_text().splitlines()
+                  if line.startswith("good0,"))
+    image = nib.load(source)
+    mirrored_affine = image.affine.copy()
+    mirrored_affine[0, :] *= -1  # world x negated: the header mirrors left and right
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), mirrored_affine), tmp_path / "m.nii.gz")
+    listing = tmp_path / "mirrored.csv"
+    listing.write_text(f"subject_id,path\nmirrored,{tmp_path / 'm.nii.gz'}\n")
+    summary = preprocess(listing, atlas_path, tmp_path / "store", progress=False)
+    assert (summary.done, summary.failed) == (1, 0)
+    row = PatchStore(tmp_path / "store").manifest[0]
+    assert row["right_to_left_volume"] < 0.95
+    assert row["warning"].startswith("laterality: the lung on the image's right (larger RAS x) "
+                                     f"is {row['right_to_left_volume']:.2f} times the volume")
