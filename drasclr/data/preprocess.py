@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from drasclr.atomic import remove_stale_temporaries
 from drasclr.data.atlas import Atlas
 from drasclr.data.density import DENSITY_MEASURES
 from drasclr.data.laterality import RIGHT_TO_LEFT, laterality_warning
@@ -50,6 +51,7 @@ from drasclr.data.store import (
     write_subject,
 )
 from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
+from drasclr.worker_exit import die_with_parent
 
 #: Image files found in an ``images`` folder; every other (non-hidden) subfolder is a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -134,6 +136,7 @@ def preprocess(
     subjects = select_shard(find_subjects(images), shard)
     root = Path(out)
     create_store(root, atlas, atlas_path)
+    remove_stale_temporaries(root)  # of writers killed in an earlier run
     tasks = plan_tasks(root, subjects)
     skipped = len(subjects) - len(tasks)
 
@@ -255,10 +258,11 @@ def _load_atlas(atlas_path: str, modified_ns: int) -> Atlas:
     return Atlas.load(atlas_path)
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
     # One ITK thread per worker: the workers already share the cores, and one thread makes the
     # registration repeatable. ITK reads this when it first runs, which is after this point.
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    die_with_parent(parent_pid)  # a killed run leaves no worker registering on
 
 
 def _run_in_pool(run_one, tasks: list[Task], root: Path, workers: int, record) -> None:
@@ -271,6 +275,7 @@ def _run_in_pool(run_one, tasks: list[Task], root: Path, workers: int, record) -
         max_workers=min(workers, max(len(tasks), 1)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
+        initargs=(os.getpid(),),
     )
     try:
         futures: dict[Future, Task] = {executor.submit(run_one, t): t for t in tasks}

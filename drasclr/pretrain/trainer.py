@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from drasclr.atomic import atomic_write_bytes, remove_stale_temporaries
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, RESUME_KEYS, load_checkpoint, save_checkpoint
@@ -33,6 +35,7 @@ from drasclr.pretrain.dataset import EpochBatches, PatchBatches
 from drasclr.pretrain.distributed import ProcessInfo, init_distributed
 from drasclr.pretrain.moco import DrasCLR
 from drasclr.pretrain.sampler import LandmarkBatchSampler
+from drasclr.worker_exit import DataLoaderWorkerInit
 
 ENCODER_INPUT = 32  # SPEC section 6: the encoder takes 32^3 patches
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
@@ -135,6 +138,8 @@ class Trainer:
         from tqdm import tqdm
 
         last = self.out_dir / LAST
+        if self.process.is_main and self.out_dir.is_dir():
+            remove_stale_temporaries(self.out_dir)  # checkpoints of a killed earlier run
         if self.config.resume and last.exists():
             self._restore(load_checkpoint(last, map_location=self.device, required=RESUME_KEYS))
         metrics = MetricsLog(self.out_dir, self.step, self.process.is_main and self.config.tensorboard,
@@ -169,9 +174,14 @@ class Trainer:
 
     def _loader(self):
         planned = list(self.sampler.batches(self.epoch, self.next_batch))
+        # Its own generator: a DataLoader draws its workers' base seed from the generator it is
+        # given, else from torch's global one, which a resumed run would then see advanced
+        # differently from the uninterrupted run.
         return torch.utils.data.DataLoader(
             EpochBatches(self.source, planned), batch_size=None, shuffle=False,
             num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
+            worker_init_fn=DataLoaderWorkerInit() if self.config.num_workers else None,
         )
 
     def _train_step(self, batch: dict) -> dict[str, float]:
@@ -265,12 +275,20 @@ class MetricsLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # keep the rows the checkpoint accounts for
             with open(self.path, newline="") as file:
-                kept = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(file)]
+                # a kill mid-row leaves a partial last line (fields missing): not a step's row
+                kept = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(file)
+                        if None not in r.values() and None not in r and "" not in r.values()]
             self.rows = [r for r in kept if r["step"] <= resumed_step]
-        self._file = open(self.path, "w", newline="")
-        self._csv = None
-        for row in self.rows:
-            self._append(row)
+        # The kept rows replace the file atomically, then new rows are appended: a kill while
+        # resuming must not lose the rows of the steps the checkpoint holds.
+        buffer = io.StringIO()
+        if self.rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        atomic_write_bytes(self.path, buffer.getvalue().encode())
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=list(self.rows[0])) if self.rows else None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -28,6 +28,7 @@ from drasclr.data.synthetic.scanner import (
 )
 from drasclr.data.synthetic.transform import SubjectTransform, random_deformation, random_pose
 from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
+from drasclr.worker_exit import die_with_parent
 
 GENERATOR_VERSION = "1.0"
 KINDS = ("copd", "covid")
@@ -276,7 +277,8 @@ def generate_cohort(
         else:
             context = multiprocessing.get_context(
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_generate_subject, out_dir, seed, i, kind, size)
                            for i in pending]
                 for future in as_completed(futures):
