@@ -273,22 +273,24 @@ class MetricsLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        kept_text: list[dict[str, str]] = []
         if self.path.exists():  # keep the rows the checkpoint accounts for
             with open(self.path, newline="") as file:
                 # a kill mid-row leaves a partial last line (fields missing): not a step's row
-                kept = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(file)
-                        if None not in r.values() and None not in r and "" not in r.values()]
-            self.rows = [r for r in kept if r["step"] <= resumed_step]
-        # The kept rows replace the file atomically, then new rows are appended: a kill while
-        # resuming must not lose the rows of the steps the checkpoint holds.
+                kept_text = [r for r in csv.DictReader(file)
+                             if None not in r and None not in r.values() and "" not in r.values()]
+            kept_text = [r for r in kept_text if float(r["step"]) <= resumed_step]
+            self.rows = [{k: float(v) for k, v in r.items()} for r in kept_text]
+        # The kept rows, as written (a resumed file equals an uninterrupted one's), replace the
+        # file atomically, then new rows are appended: a kill while resuming loses nothing.
         buffer = io.StringIO()
-        if self.rows:
-            writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]))
+        if kept_text:
+            writer = csv.DictWriter(buffer, fieldnames=list(kept_text[0]))
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(kept_text)
         atomic_write_bytes(self.path, buffer.getvalue().encode())
         self._file = open(self.path, "a", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=list(self.rows[0])) if self.rows else None
+        self._csv = csv.DictWriter(self._file, fieldnames=list(kept_text[0])) if kept_text else None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
