@@ -36,7 +36,7 @@ def build_store(root: Path, seed: int = 0) -> Atlas:
                   np.ones((4, 4, 4), np.uint8), np.eye(4), PATCH, 26, 0.1, "benchmark")
     create_store(root, atlas, root / "atlas.npz")
     for subject in range(NUM_SUBJECTS):
-        patches = rng.integers(-1024, 1500, (NUM_LANDMARKS,) + (PATCH,) * 3, dtype=np.int16)
+        patches = rng.integers(-1024, 241, (NUM_LANDMARKS,) + (PATCH,) * 3, dtype=np.int16)
         write_subject(root, f"s{subject:03d}", "synthetic", patches)
     return atlas
 

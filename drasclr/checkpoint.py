@@ -121,7 +121,7 @@ def load_any_encoder(path: str | os.PathLike, map_location="cpu",
     if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
         check_header(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretraining checkpoint")
         kind = TRAINING_CHECKPOINT if "model" in state else ENCODER_FILE
-        encoder = encoder_from_state(state, backend=backend)
+        encoder = encoder_from_state(state, backend=backend, source=path)
     elif isinstance(state, Mapping) and "state_dict" in state:
         kind, encoder = AUTHORS_CHECKPOINT, _reference_encoder(path, state["state_dict"])
     else:
@@ -146,18 +146,34 @@ def _reference_encoder(path: str | os.PathLike, model_state: Mapping[str, Tensor
         encoder = Encoder(**encoder_config_from_state_dict(state_dict))
     except ValueError as error:
         raise ValueError(f"{path}: not a DrasCLR reference checkpoint: {error}") from None
+    load_checked_state(path, encoder, state_dict)
+    return encoder.to(state_dict["conv1.weight"].device).eval()
+
+
+def load_checked_state(path: str | os.PathLike, encoder: Encoder,
+                       state_dict: Mapping[str, Tensor]) -> None:
+    """``encoder.load_state_dict(state_dict)``, or a ValueError naming ``path`` that lists the
+    missing and unexpected keys, the wrong shapes, and tensors holding NaN or infinity (a
+    diverged run's weights), instead of torch's RuntimeError."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{path}: encoder_q is a {type(state_dict).__name__}, not a state dict")
     expected = encoder.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
-    wrong_shape = [f"{key} {tuple(state_dict[key].shape)} != {tuple(value.shape)}"
-                   for key, value in expected.items()
-                   if key in state_dict and state_dict[key].shape != value.shape]
+    wrong_shape = [f"{key} {tuple(getattr(state_dict[key], 'shape', ()))} != "
+                   f"{tuple(value.shape)}" for key, value in expected.items()
+                   if key in state_dict and (not isinstance(state_dict[key], Tensor)
+                                             or state_dict[key].shape != value.shape)]
     if missing or unexpected or wrong_shape:
         raise ValueError(f"{path}: encoder_q does not match the DrasCLR encoder: "
                          f"missing keys {_summary(missing)}, unexpected keys "
                          f"{_summary(unexpected)}, wrong shapes {_summary(wrong_shape)}")
+    non_finite = [key for key, value in state_dict.items()
+                  if value.is_floating_point() and not torch.isfinite(value).all()]
+    if non_finite:
+        raise ValueError(f"{path}: encoder weights hold NaN or infinity in "
+                         f"{_summary(non_finite)} (a diverged run?)")
     encoder.load_state_dict(state_dict)
-    return encoder.to(state_dict["conv1.weight"].device).eval()
 
 
 def _summary(items: list[str], shown: int = 8) -> str:

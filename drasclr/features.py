@@ -31,6 +31,7 @@ from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
 from drasclr.nn.grouping import LandmarkGroups
+from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
 
 FEATURES_FORMAT = "drasclr-features"
 FEATURES_VERSION = 1
@@ -156,9 +157,8 @@ def extract_features(
     started = time.perf_counter()
     if patch_dtype not in PATCH_DTYPES:
         raise ValueError(f"patch_dtype: expected one of {PATCH_DTYPES}, got {patch_dtype!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if batch_size is not None:
+        check_number("batch_size", batch_size, AT_LEAST_ONE)
     if patches and out is None:
         raise ValueError("patches=True writes the patch representations beside the features "
                          "file: give out")
@@ -167,9 +167,8 @@ def extract_features(
     if not isinstance(source, (Encoder, str, os.PathLike, type(None))):
         raise ValueError(f"source: expected a drasclr Encoder or a checkpoint path, got "
                          f"{type(source).__name__}")
-    if random_init is not None and (isinstance(random_init, bool)
-                                    or int(random_init) != random_init):
-        raise ValueError(f"random_init: expected an integer seed, got {random_init!r}")
+    if random_init is not None:
+        check_number("random_init", random_init, COUNT)
     store = store if isinstance(store, PatchStore) else PatchStore(store)
     if store.num_subjects == 0:
         raise ValueError(f"{store.root / 'manifest.csv'}: the store has no finished subjects "

@@ -37,7 +37,7 @@ def tiny_store(tmp_path_factory):
     for i in range(3):
         level = (-900, -500, 0)[i]  # subjects differ in tissue density, so their features must too
         noise = rng.normal(0, 150, size=(atlas.num_landmarks, 32, 32, 32))
-        patches = (level + noise).clip(-1100, 300).astype(np.int16)
+        patches = (level + noise).clip(-1024, 240).astype(np.int16)  # the stored HU window
         write_subject(root / "store", f"s{i}", source=f"s{i}.nii.gz", patches=patches)
     return atlas, PatchStore(root / "store")
 

@@ -220,8 +220,9 @@ def test_cli_runs_one_shard(cohort, tmp_path, capsys):
     bad_only.write_text("\n".join(lines) + "\n")
     args = ["preprocess", "--images", str(bad_only), "--atlas", str(atlas_path), "--out",
             str(tmp_path / "store"), "--workers", "2", "--shard", "1/2", "--no-progress"]
-    assert cli_main(args) == 0
-    assert "0 done, 2 failed" in capsys.readouterr().out
+    assert cli_main(args) == 1  # some subjects failed: exit 1, the summary names the manifest
+    out = capsys.readouterr().out
+    assert "0 done, 2 failed" in out and f"reasons in {tmp_path / 'store' / 'manifest.csv'}" in out
     rows = PatchStore(tmp_path / "store").manifest
     assert [row["subject_id"] for row in rows] == ["bad_air", "bad_nan"]  # sorted ids 1 and 3 of 5
 
@@ -265,9 +266,9 @@ def test_rerun_adds_density_measures_without_redoing_patches(uninterrupted, coho
     before = file_states(out)
     assert len(before) == 2 + 4  # two patch files, two transforms per good subject
 
-    # exactly the arguments of the run that made the store
+    # exactly the arguments of the run that made the store (its bad subjects fail again: exit 1)
     assert cli_main(["preprocess", "--images", str(table), "--atlas", str(atlas_path), "--out",
-                     str(out), "--no-progress"]) == 0
+                     str(out), "--no-progress"]) == 1
     assert "density measures added to 2 done subject(s)" in capsys.readouterr().out
 
     assert file_states(out) == before  # byte-identical, never rewritten
@@ -319,3 +320,54 @@ def test_density_tasks_are_planned_per_row_and_failures_keep_the_subject(uninter
     assert row["error"].startswith("density measures not added:") and "gone.nii.gz" in row["error"]
     assert file_states(out) == before
     assert PatchStore(out).subject_ids == GOOD
+
+
+def test_damaged_patch_file_of_a_done_subject_is_redone_and_reported(uninterrupted, cohort,
+                                                                      tmp_path, capsys):
+    """Issue 11: a re-run checks a done subject's file against its manifest checksum before
+    skipping it; a changed byte makes it redo the subject and say so."""
+    reference, _ = uninterrupted
+    table, atlas_path = cohort
+    good_only = tmp_path / "good.csv"
+    good_only.write_text("\n".join(line for line in table.read_text().splitlines()
+                                   if "bad_" not in line) + "\n")
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    damaged = out / "patches" / "good1.npy"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{damaged}: subject 'good1': patch file damaged"):
+        PatchStore(out).subject_patches(1)  # training would refuse it
+
+    assert cli_main(["preprocess", "--images", str(good_only), "--atlas", str(atlas_path),
+                     "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 done, 0 failed, 1 already done" in printed
+    assert "1 done subject(s) had a damaged patch file and were redone: good1" in printed
+    assert damaged.read_bytes() == (reference / "patches" / "good1.npy").read_bytes()
+    assert manifest_without_timing(out) == manifest_without_timing(reference)
+
+
+def test_mirrored_header_is_done_with_a_laterality_warning(uninterrupted, cohort, tmp_path):
+    """Issue 11: the same scan with its x axis mirrored in the header is still processed (real
+    patients can look like this), but its manifest row says why it needs a review."""
+    reference, _ = uninterrupted
+    for row in PatchStore(reference).manifest:
+        if row["status"] == "done":
+            assert row["warning"] == "" and row["right_to_left_volume"] > 1.0  # the heart's side
+    table, atlas_path = cohort
+    source = next(line.split(",")[1] for line in table.read_text().splitlines()
+                  if line.startswith("good0,"))
+    image = nib.load(source)
+    mirrored_affine = image.affine.copy()
+    mirrored_affine[0, :] *= -1  # world x negated: the header mirrors left and right
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), mirrored_affine), tmp_path / "m.nii.gz")
+    listing = tmp_path / "mirrored.csv"
+    listing.write_text(f"subject_id,path\nmirrored,{tmp_path / 'm.nii.gz'}\n")
+    summary = preprocess(listing, atlas_path, tmp_path / "store", progress=False)
+    assert (summary.done, summary.failed) == (1, 0)
+    row = PatchStore(tmp_path / "store").manifest[0]
+    assert row["right_to_left_volume"] < 0.95
+    assert row["warning"].startswith("laterality: the lung on the image's right (larger RAS x) "
+                                     f"is {row['right_to_left_volume']:.2f} times the volume")

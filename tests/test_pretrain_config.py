@@ -94,7 +94,7 @@ def test_ranges_admit_their_defaults_and_bounds():
     assert config.validate() is config
     config.replace(momentum=0.0, sgd_momentum=0.0, k_neighbors=0, warmup_steps=0, seed=0,
                    weight_decay=0.0, beta=0.0).validate()
-    with pytest.raises(ValueError, match=r"momentum: must be a finite number in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"momentum: expected a finite number in \[0, 1\), got 1.0"):
         config.replace(momentum=1.0).validate()
     with pytest.raises(ValueError, match="conditioning: expected one of"):
         config.replace(conditioning="film").validate()

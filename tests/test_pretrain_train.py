@@ -42,7 +42,7 @@ def make_store(root: Path, num_subjects=4, num_landmarks=6, seed=0, distinct_lev
     for s, level in enumerate(levels):
         field = gaussian_filter(rng.standard_normal((num_landmarks, 32, 32, 32)), (0, 3, 3, 3))
         hu = level + spread * field / field.std()
-        write_subject(store, f"s{s:02d}", "synthetic", patches=hu.astype(np.int16))
+        write_subject(store, f"s{s:02d}", "synthetic", patches=hu.clip(-1024, 240).astype(np.int16))
     return store, atlas_path
 
 

@@ -22,7 +22,7 @@ def make_atlas(seed=0, num_landmarks=L):
 
 
 def random_patches(rng):
-    return rng.integers(-1024, 1500, size=(L, P, P, P), dtype=np.int16)
+    return rng.integers(-1024, 241, size=(L, P, P, P), dtype=np.int16)
 
 
 @pytest.fixture
@@ -140,13 +140,13 @@ def test_clear_errors_for_damaged_stores(store, tmp_path):
     write_subject(store, "a", "a.nii", random_patches(rng))
     np.save(patch_path(store, "a"), random_patches(rng)[:, :2])  # wrong shape behind our back
     with pytest.raises(ValueError, match="expected int16 patches of shape"):
-        PatchStore(store).subject_patches(0)
+        PatchStore(store, verify=False).subject_patches(0)  # the shape check, not the checksum
     data = random_patches(rng)
     np.save(patch_path(store, "a"), data)
     raw = patch_path(store, "a").read_bytes()
     patch_path(store, "a").write_bytes(raw[: len(raw) // 2])  # truncated
     with pytest.raises(ValueError, match="truncated"):
-        PatchStore(store).subject_patches(0)
+        PatchStore(store, verify=False).subject_patches(0)
 
     manifest = store / "manifest.csv"
     manifest.write_text("name,whatever\nx,y\n")

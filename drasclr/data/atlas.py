@@ -27,6 +27,7 @@ from scipy.spatial.distance import cdist
 
 from drasclr.atomic import atomic_write_bytes
 from drasclr.file_format import check_header
+from drasclr.ranges import AT_LEAST_ONE, Interval, check_number
 
 #: Identifies an atlas file written by :meth:`Atlas.save`; bumped when the layout changes.
 ATLAS_FORMAT = "drasclr-atlas"
@@ -129,7 +130,9 @@ class Atlas:
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            ValueError: the file is not a drasclr atlas (or of an unknown version).
+            ValueError: naming the file: not a drasclr atlas (or of an unknown version),
+                missing or unknown metadata keys, or arrays that disagree with each other or
+                hold non-finite values (see :func:`check_atlas`).
         """
         path = Path(path)
         if not path.is_file():
@@ -142,14 +145,69 @@ class Atlas:
         except Exception as error:  # zip, key and JSON errors all mean "not an atlas file"
             raise ValueError(f"{path}: not a drasclr atlas file ({error})") from error
         check_header(path, metadata, ATLAS_FORMAT, ATLAS_VERSION, "atlas file")
-        return cls(
-            **arrays,
-            patch_size=int(metadata["patch_size"]),
-            step=int(metadata["step"]),
-            min_lung_fraction=float(metadata["min_lung_fraction"]),
-            source=str(metadata["source"]),
-            image_source=metadata["image_source"],
-        )
+        missing = sorted(set(_METADATA_KEYS) - set(metadata))
+        unknown = sorted(set(metadata) - set(_METADATA_KEYS))
+        if missing or unknown:
+            raise ValueError(f"{path}: atlas metadata with missing key(s) {missing} and unknown "
+                             f"key(s) {unknown}")
+        try:
+            atlas = cls(
+                **arrays,
+                patch_size=metadata["patch_size"],
+                step=metadata["step"],
+                min_lung_fraction=metadata["min_lung_fraction"],
+                source=str(metadata["source"]),
+                image_source=metadata["image_source"],
+            )
+            check_atlas(atlas)
+        except ValueError as error:
+            raise ValueError(f"{path}: inconsistent atlas file: {error}") from None
+        return atlas
+
+
+_METADATA_KEYS = ("format", "version", "patch_size", "step", "min_lung_fraction", "source",
+                  "image_source")
+
+
+def check_atlas(atlas: Atlas) -> None:
+    """Raise ValueError unless the atlas's arrays agree with each other: (L, 3) integer
+    corners, their normalised coordinates (finite, as :func:`normalised_coords` gives them),
+    (L, K) neighbour indices of other landmarks, a 3-D mask, a finite invertible affine and
+    settings in range. Landmarks drive every patch and coordinate, so a damaged or hand-edited
+    atlas is refused when loaded rather than cutting patches at the wrong places."""
+    check_number("patch_size", atlas.patch_size, AT_LEAST_ONE)
+    check_number("step", atlas.step, AT_LEAST_ONE)
+    check_number("min_lung_fraction", atlas.min_lung_fraction, Interval(0, 1))  # raised up to 1
+    corners, coords, neighbors = atlas.corners, atlas.coords, atlas.neighbors
+    if (corners.ndim != 2 or corners.shape[1:] != (3,) or len(corners) == 0
+            or not np.issubdtype(corners.dtype, np.integer)):
+        raise ValueError(f"corners: expected (L, 3) integers with L >= 1, got {corners.dtype} "
+                         f"{corners.shape}")
+    if corners.min() < 0:
+        raise ValueError("corners: negative voxel indices")
+    if coords.shape != corners.shape or not np.issubdtype(coords.dtype, np.floating):
+        raise ValueError(f"coords: expected floats of the corners' shape {corners.shape}, got "
+                         f"{coords.dtype} {coords.shape}")
+    if not np.isfinite(coords).all():
+        raise ValueError(f"coords: {int((~np.isfinite(coords)).any(axis=1).sum())} landmark(s) "
+                         "with NaN or infinite coordinates")
+    if not np.allclose(coords, normalised_coords(corners), atol=1e-5):
+        raise ValueError("coords do not match the corners (expected corners / corners.max(0) "
+                         "* 2 - 1)")
+    if (neighbors.ndim != 2 or len(neighbors) != len(corners)
+            or not np.issubdtype(neighbors.dtype, np.integer)):
+        raise ValueError(f"neighbors: expected ({len(corners)}, K) integers, got "
+                         f"{neighbors.dtype} {neighbors.shape}")
+    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= len(corners)
+                           or (neighbors == np.arange(len(corners))[:, None]).any()):
+        raise ValueError(f"neighbors: indices must name other landmarks in 0..{len(corners) - 1}")
+    if atlas.mask.ndim != 3:
+        raise ValueError(f"mask: expected a 3-D array, got shape {atlas.mask.shape}")
+    affine = np.asarray(atlas.affine)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"affine: expected a finite (4, 4) matrix, got shape {affine.shape}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 or not np.allclose(affine[3], [0, 0, 0, 1]):
+        raise ValueError("affine: singular, or its last row is not (0, 0, 0, 1)")
 
 
 def build_atlas(

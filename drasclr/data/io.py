@@ -7,7 +7,8 @@ live here and nowhere else (:func:`ras_affine_from_lps`, :func:`lps_geometry_fro
 same physical volume read from any format has the same world geometry.
 
 Readers raise ``ValueError`` naming the path and the problem (missing, unreadable or truncated,
-not 3D, no slices); the per-subject pipeline turns these into ``SubjectError``.
+not 3D, no slices, degenerate geometry); the per-subject pipeline turns these into
+``SubjectError``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 #: Suffixes read with nibabel; everything else that is a file goes through ANTs (ITK).
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: Smallest |det| of the direction cosines (unit columns) a usable grid has: 1 for any rotation
+#: or flip, about sin(angle) when two axes are nearly parallel. Below it resampling and
+#: registration would divide by almost zero.
+MIN_DIRECTION_DETERMINANT = 0.1
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,34 @@ def read_ct(path: str | Path) -> CTVolume:
         volume = _read_nifti(path)
     else:
         volume = _read_with_ants(path)
+    check_geometry(volume.affine, volume.source)
     return volume
+
+
+def check_geometry(affine: np.ndarray, source: str, spacing=None) -> None:
+    """Raise ValueError naming ``source`` and the problem when a volume's geometry is
+    degenerate: a non-finite affine, zero, negative or non-finite voxel spacing (``spacing``:
+    the header's own values where the format stores them apart from the directions), or
+    direction cosines that are singular or nearly so (two axes almost parallel)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"{source}: degenerate geometry: the voxel-to-world affine is not a "
+                         "finite 4 x 4 matrix")
+    if spacing is not None:
+        spacing = np.asarray(spacing, dtype=np.float64)
+        if not np.isfinite(spacing).all() or (spacing <= 0).any():
+            raise ValueError(f"{source}: degenerate geometry: voxel spacing {spacing.tolist()} mm "
+                             "(each must be a finite positive number)")
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if (norms <= 1e-6).any():
+        axes = [int(a) for a in np.flatnonzero(norms <= 1e-6)]
+        raise ValueError(f"{source}: degenerate geometry: zero voxel spacing along array "
+                         f"axis {axes} (spacing {np.round(norms, 6).tolist()} mm)")
+    determinant = abs(np.linalg.det(affine[:3, :3] / norms))
+    if determinant < MIN_DIRECTION_DETERMINANT:
+        raise ValueError(f"{source}: degenerate geometry: the direction cosines are singular or "
+                         f"nearly so (|det| {determinant:.3g} < {MIN_DIRECTION_DETERMINANT}: two "
+                         "array axes point almost the same way in the world)")
 
 
 def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
@@ -110,6 +143,13 @@ def _read_nifti(path: Path) -> CTVolume:
     return CTVolume(_as_3d(array, path), np.asarray(image.affine, float), str(path))
 
 
+#: ITK refuses degenerate headers itself, in a multi-line message; the reason in one line.
+_ITK_GEOMETRY_ERRORS = {
+    "Zero-valued spacing": "zero or non-finite voxel spacing in the header",
+    "Bad direction": "the direction matrix in the header is singular (determinant 0)",
+}
+
+
 def _read_with_ants(path: Path) -> CTVolume:
     import ants
 
@@ -117,12 +157,16 @@ def _read_with_ants(path: Path) -> CTVolume:
         image = ants.image_read(str(path))
         array = image.numpy().astype(np.float32, copy=False)
     except Exception as error:  # ITK reports every failure as a generic RuntimeError
+        for marker, problem in _ITK_GEOMETRY_ERRORS.items():
+            if marker in str(error):
+                raise ValueError(f"{path}: degenerate geometry: {problem}") from error
         raise ValueError(f"{path}: unreadable or truncated image file ({error})") from error
     if image.dimension != 3 or image.components != 1:
         raise ValueError(
             f"{path}: expected a 3D single-channel volume, got {image.dimension}D with "
             f"{image.components} components"
         )
+    check_geometry(np.eye(4), str(path), spacing=image.spacing)  # before it is folded in
     affine = ras_affine_from_lps(image.origin, image.spacing, image.direction)
     return CTVolume(_as_3d(array, path), affine, str(path))
 
@@ -152,6 +196,10 @@ def _read_dicom_series(folder: Path) -> CTVolume:
     orientation = np.asarray(slices[0].ImageOrientationPatient, float)
     row_cosine, column_cosine = orientation[:3], orientation[3:]
     normal = np.cross(row_cosine, column_cosine)
+    if np.linalg.norm(normal) < MIN_DIRECTION_DETERMINANT * np.linalg.norm(row_cosine) * \
+            np.linalg.norm(column_cosine):
+        raise ValueError(f"{folder}: degenerate geometry: ImageOrientationPatient's row and "
+                         f"column directions {orientation.tolist()} are (nearly) parallel or zero")
     positions = np.asarray([s.ImagePositionPatient for s in slices], float)
     order = np.argsort(positions @ normal)
     positions = positions[order]
@@ -174,6 +222,7 @@ def _read_dicom_series(folder: Path) -> CTVolume:
         raise ValueError(f"{folder}: unreadable DICOM pixel data ({error})") from error
 
     row_spacing, column_spacing = (float(v) for v in slices[0].PixelSpacing)
+    check_geometry(np.eye(4), str(folder), spacing=(row_spacing, column_spacing))
     lps = np.eye(4)
     lps[:3, 0] = row_cosine * column_spacing  # along a row: the distance between columns
     lps[:3, 1] = column_cosine * row_spacing

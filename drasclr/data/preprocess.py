@@ -35,21 +35,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from drasclr.atomic import remove_stale_temporaries
 from drasclr.data.atlas import Atlas
 from drasclr.data.density import DENSITY_MEASURES
+from drasclr.data.laterality import RIGHT_TO_LEFT, laterality_warning
 from drasclr.data.registration import SCHEDULES
 from drasclr.data.store import (
     DONE,
     FAILED,
     PatchStore,
-    check_patch_file,
     check_subject_id,
     create_store,
-    patch_path,
     sort_manifest,
     update_subject,
     write_subject,
 )
+from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
+from drasclr.worker_exit import die_with_parent
 
 #: Image files found in an ``images`` folder; every other (non-hidden) subfolder is a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -74,13 +76,15 @@ class Task:
 
     subject: SubjectSource
     density_only: bool = False
+    damaged: str = ""  # why a done subject is redone: its patch file changed or went missing
 
 
 @dataclass(frozen=True)
 class PreprocessSummary:
     """What one run did. ``skipped`` were already done; ``total`` is the shard's size;
     ``density_added`` / ``density_failed``: done subjects given (or not) the density measures
-    they lacked."""
+    they lacked; ``damaged``: done subjects whose patch file failed its check and were redone
+    (counted in ``done`` or ``failed`` as well)."""
 
     store: Path
     total: int
@@ -90,6 +94,7 @@ class PreprocessSummary:
     seconds: float
     density_added: int = 0
     density_failed: int = 0
+    damaged: tuple[str, ...] = ()
 
 
 def preprocess(
@@ -121,8 +126,9 @@ def preprocess(
         ValueError / OSError: bad arguments, an unreadable cohort list or atlas, or a store made
             for another atlas. Problems of single subjects never raise: they become failed rows.
     """
-    if int(workers) != workers or workers < 1:
-        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    check_number("workers", workers, AT_LEAST_ONE)
+    if shard is not None:
+        parse_shard(shard)  # before the atlas and the cohort are read
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
     if segmentation not in SEGMENTATIONS:
@@ -131,6 +137,7 @@ def preprocess(
     subjects = select_shard(find_subjects(images), shard)
     root = Path(out)
     create_store(root, atlas, atlas_path)
+    remove_stale_temporaries(root)  # of writers killed in an earlier run
     tasks = plan_tasks(root, subjects)
     skipped = len(subjects) - len(tasks)
 
@@ -159,19 +166,20 @@ def preprocess(
         store=root, total=len(subjects), skipped=skipped, done=counts[DONE],
         failed=counts[FAILED], seconds=time.perf_counter() - start,
         density_added=counts[DENSITY_ADDED], density_failed=counts[DENSITY_FAILED],
+        damaged=tuple(task.subject.subject_id for task in tasks if task.damaged),
     )
 
 
 def plan_tasks(root: Path, subjects: list[SubjectSource]) -> list[Task]:
     """What a run still has to do: full processing for subjects not finished (never run,
-    failed, or with a broken patch file), the density measures alone for finished subjects
+    failed, or with a damaged patch file), the density measures alone for finished subjects
     whose manifest row lacks any of them."""
-    finished = finished_subjects(root)
-    rows = {row["subject_id"]: row for row in PatchStore(root).manifest}
+    finished, damaged = finished_subjects(root)
+    rows = {row["subject_id"]: row for row in PatchStore(root, verify=False).manifest}
     tasks = []
     for subject in subjects:
         if subject.subject_id not in finished:
-            tasks.append(Task(subject))
+            tasks.append(Task(subject, damaged=damaged.get(subject.subject_id, "")))
         elif any(rows[subject.subject_id].get(name) is None for name in DENSITY_MEASURES):
             tasks.append(Task(subject, density_only=True))
     return tasks
@@ -205,7 +213,8 @@ def process_and_record(
         # CPU seconds: the cost per core even on a busy machine (the worker has one ITK thread).
         quality = {**result.quality, "cpu_seconds": time.process_time() - cpu_start}
         write_subject(root, subject.subject_id, subject.source, result.patches, quality=quality,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start,
+                      warning=laterality_warning(quality.get(RIGHT_TO_LEFT)))
         return DONE
     except Exception as error:  # one bad subject must never stop the cohort
         write_subject(root, subject.subject_id, subject.source, error=failure_reason(error),
@@ -250,10 +259,11 @@ def _load_atlas(atlas_path: str, modified_ns: int) -> Atlas:
     return Atlas.load(atlas_path)
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
     # One ITK thread per worker: the workers already share the cores, and one thread makes the
     # registration repeatable. ITK reads this when it first runs, which is after this point.
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    die_with_parent(parent_pid)  # a killed run leaves no worker registering on
 
 
 def _run_in_pool(run_one, tasks: list[Task], root: Path, workers: int, record) -> None:
@@ -266,6 +276,7 @@ def _run_in_pool(run_one, tasks: list[Task], root: Path, workers: int, record) -
         max_workers=min(workers, max(len(tasks), 1)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
+        initargs=(os.getpid(),),
     )
     try:
         futures: dict[Future, Task] = {executor.submit(run_one, t): t for t in tasks}
@@ -291,17 +302,19 @@ def _record_crash(root: Path, task: Task, reason: str) -> str:
     return FAILED
 
 
-def finished_subjects(root: Path) -> set[str]:
-    """Subjects whose manifest row is ``done`` and whose patch file is intact."""
-    store = PatchStore(root)
-    finished = set()
-    for subject_id in store.subject_ids:
+def finished_subjects(root: Path) -> tuple[set[str], dict[str, str]]:
+    """(subjects whose manifest row is ``done`` and whose patch file is intact: present, of the
+    right shape and matching its checksum; done subject -> why its file is not)."""
+    store = PatchStore(root, max_open=1)  # each file is checked once, none kept open
+    finished, damaged = set(), {}
+    for index, subject_id in enumerate(store.subject_ids):
         try:
-            check_patch_file(patch_path(root, subject_id), store.num_landmarks, store.patch_size)
-        except (OSError, ValueError):
+            store.subject_patches(index)
+        except (OSError, ValueError) as error:
+            damaged[subject_id] = str(error)
             continue
         finished.add(subject_id)
-    return finished
+    return finished, damaged
 
 
 def find_subjects(images: str | Path) -> list[SubjectSource]:
@@ -369,7 +382,9 @@ def parse_shard(shard: str | tuple[int, int]) -> tuple[int, int]:
         index, count = (int(part) for part in shard.split("/")) if isinstance(shard, str) else shard
     except (ValueError, TypeError):
         raise ValueError(f"shard: expected 'i/n' such as '0/4', got {shard!r}") from None
-    if not 0 <= index < count:
+    check_number("shard", index, COUNT)
+    check_number("shard", count, AT_LEAST_ONE)
+    if not index < count:
         raise ValueError(f"shard: expected 0 <= i < n, got {index}/{count}")
     return index, count
 
@@ -404,10 +419,15 @@ def run(args: argparse.Namespace) -> int:
     if summary.density_added or summary.density_failed:
         density = (f"; density measures added to {summary.density_added} done subject(s)"
                    + (f", not to {summary.density_failed}" if summary.density_failed else ""))
+    damaged = ""
+    if summary.damaged:
+        damaged = (f"; {len(summary.damaged)} done subject(s) had a damaged patch file and were "
+                   f"redone: {', '.join(summary.damaged[:10])}"
+                   + (" ..." if len(summary.damaged) > 10 else ""))
     print(
         f"{summary.store}: {summary.done} done, {summary.failed} failed, {summary.skipped} already "
-        f"done, of {summary.total} in {summary.seconds:.1f} s{density}"
+        f"done, of {summary.total} in {summary.seconds:.1f} s{density}{damaged}"
         + (f"; reasons in {summary.store / 'manifest.csv'}"
            if summary.failed or summary.density_failed else "")
     )
-    return 0
+    return 1 if summary.failed else 0  # exit 1: some subjects failed (issue 11)

@@ -5,7 +5,9 @@ Layout of a store folder ``root/``:
 - ``store.json``: format version, patch size, number of landmarks, the atlas path and a
   checksum of the atlas corners (a store belongs to exactly one atlas);
 - ``manifest.csv``: one row per subject: ``subject_id, source, status`` (``done`` or
-  ``failed``), ``error``, ``seconds`` and quality columns (e.g. ``dice``, ``lung_volume_ml``);
+  ``failed``), ``error``, ``seconds``, ``checksum`` (CRC-32 of the patch file's bytes, written
+  with it), ``warning`` (a quality concern for a person to review, e.g. a header that likely
+  contradicts the anatomy) and quality columns (e.g. ``dice``, ``lung_volume_ml``);
 - ``patches/<subject_id>.npy``: (L, P, P, P) int16 HU in ``np.save`` format, so that
   ``np.load(mmap_mode="r")`` maps it without reading it (docs/method.md#patches: patches are stored
   as int16 HU and normalised on the fly).
@@ -13,6 +15,14 @@ Layout of a store folder ``root/``:
 Every file is written atomically (temp file in the same folder, then ``os.replace``); the
 patch file lands before its manifest row, so a row saying ``done`` always has its patches.
 Manifest updates hold a lock file, so shards of one run may share a store folder.
+
+Integrity: a patch file whose bytes changed after it was written (bit rot, a partial copy, a
+stray write) no longer matches its manifest checksum. ``drasclr preprocess`` checks it before
+skipping a done subject (and redoes a damaged one); :class:`PatchStore` checks each subject once,
+when it first opens the file, and refuses a damaged one (ValueError naming subject and file), so
+training and feature extraction never read damaged patches and the per-read path stays free of
+the check. Stores written before the column existed still open; their files are not checked,
+which :class:`PatchStore` says once.
 """
 from __future__ import annotations
 
@@ -21,6 +31,9 @@ import fcntl
 import hashlib
 import io
 import json
+import mmap
+import warnings
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,13 +44,16 @@ import numpy as np
 from drasclr.atomic import atomic_write_bytes
 from drasclr.data.atlas import Atlas
 from drasclr.file_format import check_header
+from drasclr.intensity import HU_WINDOW
 
 STORE_FORMAT = "drasclr-patch-store"
 STORE_VERSION = 1
 DONE, FAILED = "done", "failed"
 #: Manifest columns always present, in this order; quality columns follow.
 BASE_COLUMNS = ("subject_id", "source", "status", "error", "seconds")
-_TEXT_COLUMNS = ("subject_id", "source", "status", "error")
+#: Text columns written with every row since the checksum was introduced (older stores lack them).
+CHECKSUM, WARNING = "checksum", "warning"
+_TEXT_COLUMNS = ("subject_id", "source", "status", "error", CHECKSUM, WARNING)
 
 
 def atlas_checksum(atlas: Atlas) -> str:
@@ -101,12 +117,19 @@ def write_subject(
     quality: Mapping[str, float] | None = None,
     error: str | None = None,
     seconds: float | None = None,
+    warning: str = "",
 ) -> None:
-    """Record one subject: its patch file (atomic) first, then its manifest row (atomic).
+    """Record one subject: its patch file (atomic) first, then its manifest row (atomic) with
+    the file's checksum.
 
     With ``patches`` the row is ``done``; with ``patches=None`` and an ``error`` it is
     ``failed`` (a stale patch file of an earlier run is removed so it cannot be mistaken for
-    this run's). Writing a subject again replaces its row.
+    this run's). Writing a subject again replaces its row. ``warning``: a quality concern that
+    does not fail the subject (one line in the ``warning`` column).
+
+    Raises:
+        ValueError: patches of the wrong shape or dtype, or with values outside the stored HU
+            window (a patch cut from an unclipped image would train on out-of-range input).
     """
     root = Path(root)
     config = read_store_config(root)
@@ -126,15 +149,24 @@ def write_subject(
                 f"{subject_id}: patches must be int16 of shape {expected}, got "
                 f"{patches.dtype} {patches.shape}"
             )
+        low, high = int(patches.min(initial=0)), int(patches.max(initial=0))
+        if low < HU_WINDOW[0] or high > HU_WINDOW[1]:
+            raise ValueError(
+                f"{subject_id}: patch values span [{low}, {high}] HU, outside the stored window "
+                f"[{HU_WINDOW[0]:g}, {HU_WINDOW[1]:g}]"
+            )
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(patches))
-        atomic_write_bytes(path, buffer.getvalue())
+        data = buffer.getvalue()
+        atomic_write_bytes(path, data)
     row = {
         "subject_id": subject_id,
         "source": str(source),
         "status": DONE if patches is not None else FAILED,
         "error": "" if error is None else " ".join(str(error).split()),  # one line per row
         "seconds": "" if seconds is None else f"{seconds:.2f}",
+        CHECKSUM: file_checksum(data) if patches is not None else "",
+        WARNING: " ".join(str(warning).split()),
     }
     row.update(_quality_columns(quality or {}))
     with _manifest_lock(root):
@@ -181,6 +213,30 @@ def sort_manifest(root: str | Path) -> None:
         _write_manifest_rows(root, sorted(rows, key=lambda row: row["subject_id"]))
 
 
+def file_checksum(data) -> str:
+    """CRC-32 of a file's bytes as 8 hex digits: catches changed bytes (not tampering) at
+    memory speed (benchmarks/bench_integrity.py)."""
+    return f"{zlib.crc32(data):08x}"
+
+
+def verify_patch_file(path: Path, subject_id: str, expected: str) -> None:
+    """Raise ValueError naming the subject and file when the file's bytes no longer match the
+    checksum recorded when it was written."""
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            actual = file_checksum(data)  # mapped, not copied: one pass over the page cache
+    except (OSError, ValueError) as error:  # ValueError: an empty file cannot be mapped
+        reason = getattr(error, "strerror", None) or error
+        raise ValueError(f"{path}: subject {subject_id!r}: patch file unreadable ({reason})"
+                         ) from error
+    if actual != expected:
+        raise ValueError(
+            f"{path}: subject {subject_id!r}: patch file damaged (its bytes changed after it was "
+            f"written: checksum {actual}, manifest says {expected}); run `drasclr preprocess` "
+            "on the store again to redo it"
+        )
+
+
 def patch_path(root: str | Path, subject_id: str) -> Path:
     return Path(root) / "patches" / f"{subject_id}.npy"
 
@@ -212,10 +268,12 @@ class PatchStore:
     Subjects are the manifest's ``done`` rows, in manifest order; subject index ``i`` refers
     to ``subject_ids[i]``. Patch files are memory-mapped on first use and kept open, the
     ``max_open`` most recently used of them: each map holds a file descriptor, and a cohort
-    of thousands of subjects would exhaust the process's limit.
+    of thousands of subjects would exhaust the process's limit. With ``verify`` (the default)
+    a subject's file is checked against its manifest checksum the first time it is opened
+    (once per subject and ``PatchStore`` object, not per read).
     """
 
-    def __init__(self, root: str | Path, max_open: int = 512) -> None:
+    def __init__(self, root: str | Path, max_open: int = 512, verify: bool = True) -> None:
         if int(max_open) != max_open or max_open < 1:
             raise ValueError(f"max_open: expected a positive integer, got {max_open!r}")
         self.root = Path(root)
@@ -225,6 +283,14 @@ class PatchStore:
         self.subject_ids: list[str] = [r["subject_id"] for r in self.manifest if r["status"] == DONE]
         self.max_open = int(max_open)
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
+        self.verify = verify
+        self._verified: set[int] = set()
+        done = [r for r in self.manifest if r["status"] == DONE]
+        self._checksums = [r.get(CHECKSUM) or "" for r in done]
+        if verify and any(not c for c in self._checksums):
+            warnings.warn(f"{self.root / 'manifest.csv'}: written before patch checksums; its "
+                          "patch files cannot be checked for damage (re-run `drasclr preprocess` "
+                          "into a new folder to add them)", stacklevel=2)
 
     @property
     def num_subjects(self) -> int:
@@ -265,6 +331,9 @@ class PatchStore:
             self._open.move_to_end(index)
         else:
             path = patch_path(self.root, self.subject_ids[index])
+            if self.verify and index not in self._verified and self._checksums[index]:
+                verify_patch_file(path, self.subject_ids[index], self._checksums[index])
+                self._verified.add(index)
             self._open[index] = check_patch_file(path, self.num_landmarks, self.patch_size)
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)

@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from drasclr.data.density import density_measures
-from drasclr.data.io import CTVolume, check_ct_intensities, read_ct
-from drasclr.data.lung_segmentation import SEGMENTATION_METHODS, LungMask, segment_lungs
+from drasclr.data.io import CTVolume, check_ct_intensities, check_geometry, read_ct
+from drasclr.data.laterality import RIGHT_TO_LEFT, right_to_left_ratio
+from drasclr.data.lung_segmentation import (
+    LEFT, RIGHT, SEGMENTATION_METHODS, LungMask, segment_lungs,
+)
 from drasclr.data.patches import cut_patches
 from drasclr.data.registration import FORWARD_FILE, INVERSE_FILE, SCHEDULES, register_to_atlas
 from drasclr.data.resample import resample_isotropic
@@ -84,6 +87,7 @@ def process_subject(
     with _subject_errors(source):
         volume, lungs = _segmented_volume(source, segmentation, quality)
         _check_lung_volume(lungs, atlas, lung_volume_ratio)
+        quality[RIGHT_TO_LEFT] = right_to_left_ratio(lungs.labels, RIGHT, LEFT)
         with _timed(quality, "density"):
             quality.update(lung_density(volume, lungs))
         with _timed(quality, "register"):
@@ -147,6 +151,7 @@ def _segmented_volume(source: str | Path | CTVolume, segmentation: str,
     the lungs; each timed into ``quality``."""
     with _timed(quality, "read"):
         volume = source if isinstance(source, CTVolume) else read_ct(source)
+        check_geometry(volume.affine, volume.source)  # a volume given in memory too
         check_ct_intensities(volume)
     with _timed(quality, "resample"):
         volume = resample_isotropic(volume, 1.0)

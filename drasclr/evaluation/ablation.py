@@ -30,6 +30,7 @@ import yaml
 
 from drasclr.evaluation.report import Score, Section, Table
 from drasclr.nn.conditioning import CONDITIONINGS
+from drasclr.ranges import COUNT, Interval, check_number, check_numbers
 
 STUDIES = ("conditioning", "neighbours", "inference_locations")
 #: Readout tasks of the ablation tables (the paper's Tables 6 and 8 columns).
@@ -70,14 +71,13 @@ class AblationConfig:
         if unknown:
             raise ValueError(f"conditioning: unknown {sorted(unknown)}, expected some of "
                              f"{CONDITIONINGS}")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.neighbours):
-            raise ValueError(f"neighbours: expected integers >= 0, got {self.neighbours!r}")
+        check_numbers("neighbours", self.neighbours, COUNT, allow_empty=True)
         unknown = set(self.inference_locations) - set(LOCATIONS)
         if unknown:
             raise ValueError(f"inference_locations: unknown {sorted(unknown)}, expected some of "
                              f"{LOCATIONS}")
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
-            raise ValueError(f"folds: expected an integer of at least 2, got {self.folds!r}")
+        check_number("folds", self.folds, Interval(2, integer=True))
+        check_number("seed", self.seed, COUNT)
         shared = {"store", "atlas", "out_dir", "conditioning", "k_neighbors"} & set(self.train)
         if shared:
             raise ValueError(f"train: {sorted(shared)} are set by the ablation itself")

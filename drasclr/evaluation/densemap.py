@@ -71,6 +71,7 @@ from drasclr.device import resolve_device
 from drasclr.data.io import CTVolume, read_ct
 from drasclr.data.patches import AIR_HU
 from drasclr.intensity import HU_WINDOW, normalise_hu
+from drasclr.ranges import AT_LEAST_ONE, check_number
 
 PATCH_SIZE = 32
 #: Voxel v is patch index HALF of its patch: the patch covers v - HALF .. v + HALF - 1.
@@ -569,8 +570,7 @@ def probability_map(
 
 
 def check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"step: expected an integer of at least 1 voxel, got {step!r}")
+    check_number("step", step, AT_LEAST_ONE)
     return int(step)
 
 
@@ -661,6 +661,8 @@ def densemap(
     from drasclr.evaluation.head import check_head_matches, head_and_encoder, load_head
 
     check_step(step)
+    check_number("batch", batch, AT_LEAST_ONE)
+    check_number("chunk_voxels", chunk_voxels, AT_LEAST_ONE)
     started = time.perf_counter()
     device = resolve_device(device)
     if subject_id is None:

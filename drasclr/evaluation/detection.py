@@ -38,6 +38,9 @@ from drasclr.device import resolve_device
 from drasclr.features import calibrate_batchnorm, random_encoder
 from drasclr.evaluation.report import Score, Section, Table
 from drasclr.intensity import normalise_hu
+from drasclr.ranges import (
+    AT_LEAST_ONE, COUNT, POSITIVE, Interval, check_fields, check_numbers, ranged,
+)
 
 SUBTYPES = ("centrilobular", "paraseptal")
 HEALTHY = "healthy"
@@ -53,20 +56,18 @@ class DetectionConfig:
     """Cross-validation and probe settings; ``device=None`` uses CUDA when present.
     ``random_init`` seeds the weights of the random-init and scratch encoders."""
 
-    folds: int = 5
-    seed: int = 0
-    random_init: int = 0
+    folds: int = ranged(5, Interval(2, integer=True))
+    seed: int = ranged(0, COUNT)
+    random_init: int = ranged(0, COUNT)
     cs: tuple[float, ...] = DEFAULT_CS
-    inner_folds: int = 3
+    inner_folds: int = ranged(3, Interval(2, integer=True))
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
-    inference_batch: int = 64
+    inference_batch: int = ranged(64, AT_LEAST_ONE)
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.folds, int) or self.folds < 2:
-            raise ValueError(f"folds: expected an integer of at least 2, got {self.folds!r}")
-        if not self.cs or any(not (c > 0 and np.isfinite(c)) for c in self.cs):
-            raise ValueError(f"cs: expected positive regularisation values, got {self.cs!r}")
+        check_fields(self)
+        check_numbers("cs", self.cs, POSITIVE)
 
     @property
     def torch_device(self) -> torch.device:

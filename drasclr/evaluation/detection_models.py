@@ -20,6 +20,7 @@ from torch import nn
 from drasclr.evaluation.head import SubtypeHead
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
+from drasclr.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Interval, check_fields, ranged
 
 #: Inverse regularisation strengths searched by the linear probe.
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -30,24 +31,14 @@ class FineTuneConfig:
     """The fine-tuning schedule, shared by DrasCLR and scratch. The defaults are small enough
     for a CPU run on a synthetic cohort; raise ``epochs`` for a real study."""
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    epochs: int = ranged(5, AT_LEAST_ONE)
+    batch_size: int = ranged(32, Interval(2, integer=True))  # BatchNorm needs two samples
+    lr: float = ranged(1e-3, POSITIVE)
+    weight_decay: float = ranged(1e-4, NON_NEGATIVE)
     augment: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not self.batch_size >= 2:
-            raise ValueError("batch_size: at least 2 (BatchNorm needs two samples)")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                kind = "positive" if name == "lr" else "non-negative"
-                raise ValueError(f"{name}: expected a finite {kind} number, got {value!r}")
+        check_fields(self)
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,31 +18,11 @@ import yaml
 
 from drasclr.nn.conditioning import CONDITIONINGS
 from drasclr.nn.loc_cond_conv import BACKENDS
+from drasclr.ranges import (
+    AT_LEAST_ONE, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, Interval, check_fields,
+)
 
 
-@dataclass(frozen=True)
-class Interval:
-    """The valid values of a numeric field, e.g. ``Interval(0, 1, high_open=True)`` is [0, 1)."""
-
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return math.isfinite(value) and above and below
-
-    def __str__(self) -> str:
-        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
-
-
-POSITIVE = Interval(0, low_open=True)
-AT_LEAST_ONE = Interval(1)
-NON_NEGATIVE = Interval(0)
-FRACTION = Interval(0, 1, high_open=True)
 
 
 def _doc(text: str, default: Any, valid: Interval | None = None) -> Any:
@@ -80,7 +59,7 @@ class TrainConfig:
     conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv")
     backend: str = _doc("Loc-CondConv backend: auto, loop, grouped, triton", "auto")
     k_neighbors: int = _doc(
-        "neighbour patches per central patch (paper: 2); 0 disables", 2, NON_NEGATIVE
+        "neighbour patches per central patch (paper: 2); 0 disables", 2, COUNT
     )
     beta: float = _doc("weight of the neighbour loss (1.0: eq. 9's plain sum)", 1.0, NON_NEGATIVE)
     neighbour_loss: str = _doc(
@@ -92,7 +71,7 @@ class TrainConfig:
     sgd_momentum: float = _doc("SGD momentum (paper: 0.9)", 0.9, FRACTION)
     weight_decay: float = _doc("SGD weight decay (paper: 1e-4)", 1e-4, NON_NEGATIVE)
     warmup_steps: int = _doc(
-        "linear warm-up steps before the per-step cosine decay", 0, NON_NEGATIVE
+        "linear warm-up steps before the per-step cosine decay", 0, COUNT
     )
     grad_clip: float | None = _doc(
         "clip the gradient norm to this value (None: no clipping)", None, POSITIVE
@@ -101,15 +80,20 @@ class TrainConfig:
     shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
     amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
-    seed: int = _doc("seed of initialisation, sampling and augmentation", 0, NON_NEGATIVE)
+    seed: int = _doc("seed of initialisation, sampling and augmentation", 0, COUNT)
     device: str = _doc("auto (cuda when present), cpu, cuda, cuda:N", "auto")
-    num_workers: int = _doc("DataLoader worker processes reading the store", 0, NON_NEGATIVE)
+    num_workers: int = _doc("DataLoader worker processes reading the store", 0, COUNT)
     checkpoint_every: int = _doc(
-        "also checkpoint every N steps (0: only at epoch ends)", 500, NON_NEGATIVE
+        "also checkpoint every N steps (0: only at epoch ends)", 500, COUNT
     )
     resume: bool = _doc("continue from out_dir/checkpoint_last.pt when it exists", True)
     tensorboard: bool = _doc("write TensorBoard events to out_dir/tensorboard", True)
     progress: bool = _doc("show a tqdm progress bar", True)
+
+    def __post_init__(self) -> None:
+        # Numeric ranges at construction, so no path (Python, YAML, --set, CLI flags) builds a
+        # config that trains on a NaN learning rate; the rest waits for `validate`.
+        check_fields(self)
 
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -167,7 +151,7 @@ class TrainConfig:
             raise ValueError("store: a patch store folder is required")
         if not self.atlas:
             raise ValueError("atlas: the atlas file of the store is required")
-        self._check_ranges()
+        check_fields(self)  # again: the dataclass is mutable
         if self.batch_size % self.landmarks_per_batch:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by landmarks_per_batch "
@@ -190,19 +174,6 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         return self
-
-    def _check_ranges(self) -> None:
-        """Every numeric field is finite and within its declared interval (NaN fails every
-        comparison, so a plain ``lr <= 0`` check would let it through)."""
-        for f in dataclasses.fields(self):
-            valid, value = f.metadata["valid"], getattr(self, f.name)
-            if valid is None or value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{f.name}: expected a number in {valid}, got {value!r}")
-            if value not in valid:
-                raise ValueError(f"{f.name}: must be a finite number in {valid}, got {value!r}")
-
 
 def describe() -> str:
     """One line per field: name, default, help (for `drasclr train --help`)."""

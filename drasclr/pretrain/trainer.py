@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from drasclr.atomic import atomic_write_bytes, remove_stale_temporaries
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
-from drasclr.pretrain.checkpoints import LAST, load_checkpoint, save_checkpoint
+from drasclr.pretrain.checkpoints import LAST, RESUME_KEYS, load_checkpoint, save_checkpoint
 from drasclr.pretrain.config import TrainConfig, describe
 from drasclr.pretrain.dataset import EpochBatches, PatchBatches
 from drasclr.pretrain.distributed import ProcessInfo, init_distributed
@@ -40,6 +42,7 @@ from drasclr.pretrain.memory_bank import owned_landmarks
 from drasclr.pretrain.moco import DrasCLR
 from drasclr.pretrain.sampler import LandmarkBatchSampler, OwnedLandmarkBatchSampler, Segment
 from drasclr.pretrain.sharded_checkpoints import TRAINER_STATE, last_checkpoint, load_sharded, save_sharded
+from drasclr.worker_exit import DataLoaderWorkerInit
 
 ENCODER_INPUT = 32  # the encoder takes 32^3 patches (Yu et al. 2023, Section 3)
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
@@ -151,6 +154,8 @@ class Trainer:
         from tqdm import tqdm
 
         last = self.out_dir / LAST
+        if self.process.is_main and self.out_dir.is_dir():
+            remove_stale_temporaries(self.out_dir)  # checkpoints of a killed earlier run
         if self.config.resume:
             self._resume()
         metrics = MetricsLog(self.out_dir, self.step, self.process.is_main and self.config.tensorboard,
@@ -197,9 +202,14 @@ class Trainer:
             planned = list(self.sampler.batches(self.epoch, self.next_batch))
         world = self.process.world_size
         self.global_sizes = {b.index: b.global_size or world * len(b.subjects) for b in planned}
+        # Its own generator: a DataLoader draws its workers' base seed from the generator it is
+        # given, else from torch's global one, which a resumed run would then see advanced
+        # differently from the uninterrupted run.
         return torch.utils.data.DataLoader(
             EpochBatches(self.source, planned), batch_size=None, shuffle=False,
             num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
+            worker_init_fn=DataLoaderWorkerInit() if self.config.num_workers else None,
         )
 
     def _train_step(self, batch: dict) -> dict[str, float]:
@@ -290,7 +300,8 @@ class Trainer:
             if directory is not None:
                 self._restore(load_sharded(directory, self.model.bank, map_location=self.device))
         elif (self.out_dir / LAST).exists():
-            self._restore(load_checkpoint(self.out_dir / LAST, map_location=self.device))
+            self._restore(load_checkpoint(self.out_dir / LAST, map_location=self.device,
+                                          required=RESUME_KEYS))
 
     def _restore(self, state: dict) -> None:
         saved = state["config"]
@@ -330,14 +341,24 @@ class MetricsLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        kept_text: list[dict[str, str]] = []
         if self.path.exists():  # keep the rows the checkpoint accounts for
             with open(self.path, newline="") as file:
-                kept = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(file)]
-            self.rows = [r for r in kept if r["step"] <= resumed_step]
-        self._file = open(self.path, "w", newline="")
-        self._csv = None
-        for row in self.rows:
-            self._append(row)
+                # a kill mid-row leaves a partial last line (fields missing): not a step's row
+                kept_text = [r for r in csv.DictReader(file)
+                             if None not in r and None not in r.values() and "" not in r.values()]
+            kept_text = [r for r in kept_text if float(r["step"]) <= resumed_step]
+            self.rows = [{k: float(v) for k, v in r.items()} for r in kept_text]
+        # The kept rows, as written (a resumed file equals an uninterrupted one's), replace the
+        # file atomically, then new rows are appended: a kill while resuming loses nothing.
+        buffer = io.StringIO()
+        if kept_text:
+            writer = csv.DictWriter(buffer, fieldnames=list(kept_text[0]))
+            writer.writeheader()
+            writer.writerows(kept_text)
+        atomic_write_bytes(self.path, buffer.getvalue().encode())
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=list(kept_text[0])) if kept_text else None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

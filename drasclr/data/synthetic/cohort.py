@@ -27,6 +27,8 @@ from drasclr.data.synthetic.scanner import (
     Scanner, acquire, field_of_view, random_scanner, sample_template,
 )
 from drasclr.data.synthetic.transform import SubjectTransform, random_deformation, random_pose
+from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
+from drasclr.worker_exit import die_with_parent
 
 GENERATOR_VERSION = "1.0"
 KINDS = ("copd", "covid")
@@ -208,16 +210,14 @@ def _is_complete(out_dir: Path, name: str, seed: int, kind: str, size: str) -> b
 
 
 def _check_arguments(out_dir, subjects, seed, kind, size, workers) -> Path:
-    if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
-        raise ValueError(f"subjects must be a positive integer, got {subjects!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_number("subjects", subjects, AT_LEAST_ONE)
+    check_number("seed", seed, COUNT)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
-        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    if workers is not None:
+        check_number("workers", workers, AT_LEAST_ONE)
     out_dir = Path(out_dir)
     try:
         for folder in FOLDERS:
@@ -277,7 +277,8 @@ def generate_cohort(
         else:
             context = multiprocessing.get_context(
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_generate_subject, out_dir, seed, i, kind, size)
                            for i in pending]
                 for future in as_completed(futures):
