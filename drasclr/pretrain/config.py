@@ -46,8 +46,9 @@ NON_NEGATIVE = Interval(0)
 FRACTION = Interval(0, 1, high_open=True)
 
 
-def _doc(text: str, default: Any, valid: Interval | None = None) -> Any:
-    return field(default=default, metadata={"help": text, "valid": valid})
+def _doc(text: str, default: Any, valid: Interval | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": text, "valid": valid, "choices": choices})
 
 
 @dataclass
@@ -66,18 +67,20 @@ class TrainConfig:
         "landmarks per batch; batch_size must be a multiple. 1 = the reference's mode", 16
     , AT_LEAST_ONE)
     queue_size: int = _doc("negatives per landmark queue, K (SPEC 7: 4096)", 4096, AT_LEAST_ONE)
-    bank_dtype: str = _doc("memory bank storage: float32 or bfloat16", "float32")
+    bank_dtype: str = _doc("memory bank storage", "float32", choices=("float32", "bfloat16"))
     rep_dim: int = _doc("representation size h (SPEC 6)", 128, AT_LEAST_ONE)
     moco_dim: int = _doc("projection size z, also the bank's key size (SPEC 6)", 128, AT_LEAST_ONE)
     num_experts: int = _doc("experts per Loc-CondConv layer (SPEC 5)", 8, AT_LEAST_ONE)
-    conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv")
-    backend: str = _doc("Loc-CondConv backend: auto, loop, grouped, triton", "auto")
+    conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv",
+                             choices=CONDITIONINGS)
+    backend: str = _doc("Loc-CondConv backend", "auto", choices=BACKENDS)
     k_neighbors: int = _doc(
         "neighbour patches per central patch (SPEC 7: 2); 0 disables", 2, NON_NEGATIVE
     )
     beta: float = _doc("weight of the neighbour loss (SPEC 7: 1.0)", 1.0, NON_NEGATIVE)
     neighbour_loss: str = _doc(
-        "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum"
+        "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum",
+        choices=("sum", "mean"),
     )
     temperature: float = _doc("softmax temperature T (SPEC 7: 0.2)", 0.2, POSITIVE)
     momentum: float = _doc("key encoder momentum m (SPEC 7: 0.999)", 0.999, FRACTION)
@@ -124,16 +127,6 @@ class TrainConfig:
         """A copy with some fields changed (checked like `from_dict`)."""
         return type(self).from_dict({**self.to_dict(), **overrides}, source="overrides")
 
-    def with_assignments(self, assignments: list[str]) -> "TrainConfig":
-        """Apply ``key=value`` strings (values parsed as YAML scalars, e.g. ``lr=0.1``)."""
-        overrides = {}
-        for item in assignments:
-            key, sep, text = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--set {item!r}: expected key=value")
-            overrides[key.strip()] = yaml.safe_load(text)
-        return self.replace(**overrides)
-
     def save(self, path: str | Path) -> Path:
         """Write as YAML (.yaml/.yml) or JSON (.json)."""
         path = Path(path)
@@ -176,11 +169,10 @@ class TrainConfig:
                 f"queue_size {self.queue_size} is smaller than the {per_landmark} keys a landmark "
                 "receives per step; a step would overwrite its own keys"
             )
-        choices = {"bank_dtype": ("float32", "bfloat16"), "neighbour_loss": ("sum", "mean"),
-                   "backend": BACKENDS, "conditioning": CONDITIONINGS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name}: expected one of {allowed}, got {getattr(self, f.name)!r}")
         return self
 
     def _check_ranges(self) -> None:
@@ -194,14 +186,6 @@ class TrainConfig:
                 raise ValueError(f"{f.name}: expected a number in {valid}, got {value!r}")
             if value not in valid:
                 raise ValueError(f"{f.name}: must be a finite number in {valid}, got {value!r}")
-
-
-def describe() -> str:
-    """One line per field: name, default, help (for `drasclr train --help`)."""
-    lines = []
-    for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  {f.name} = {f.default!r}: {f.metadata['help']}")
-    return "\n".join(lines)
 
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:

@@ -1,7 +1,5 @@
-"""MoCo pretraining loop, `drasclr.train()` and the `drasclr train` command (SPEC section 7).
-
-    drasclr train --config run.yaml [--set key=value ...]
-    torchrun --nproc_per_node=4 -m drasclr.cli train --config run.yaml   # DDP, see distributed.py
+"""MoCo pretraining loop and `drasclr.train()` (SPEC section 7); the command line is
+`drasclr train` (drasclr/cli/train.py), DDP through torchrun (see distributed.py).
 
 Each step: read a landmark-grouped batch from the patch store, augment two views of every
 patch and one of every neighbour on the device, run `DrasCLR` (losses, key update, enqueue),
@@ -13,7 +11,6 @@ All randomness of a step (augmentation, key shuffling) comes from generators re-
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import time
@@ -28,7 +25,7 @@ from torch import nn
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, load_checkpoint, save_checkpoint
-from drasclr.pretrain.config import TrainConfig, describe
+from drasclr.pretrain.config import TrainConfig
 from drasclr.pretrain.dataset import EpochBatches, PatchBatches
 from drasclr.pretrain.distributed import ProcessInfo, init_distributed
 from drasclr.pretrain.moco import DrasCLR
@@ -324,24 +321,3 @@ def _generator(device: torch.device, seed: int, rank: int, step: int) -> torch.G
     """A generator seeded from (seed, rank, step): the same draws whenever that step is run."""
     stream = np.random.SeedSequence([seed, rank + 1, step]).generate_state(2, dtype=np.uint64)
     return torch.Generator(device=device).manual_seed(int(stream[0] >> np.uint64(1)))
-
-
-# -- command line ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "configuration keys (YAML/JSON file or --set):\n" + describe()
-    parser.add_argument("--config", help="YAML or JSON file of a TrainConfig")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set lr=0.02 (repeatable)")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = TrainConfig.load(args.config) if args.config else TrainConfig()
-    config = config.with_assignments(args.set)
-    try:
-        result = train(config)
-    except FloatingPointError as error:
-        print(f"drasclr train: error: {error}", flush=True)
-        return 1
-    print(f"final checkpoint: {result.checkpoint}")
-    return 0
