@@ -30,7 +30,7 @@ from drasclr.device import resolve_device
 from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 
 FEATURES_FORMAT = "drasclr-features"
 FEATURES_VERSION = 1

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from drasclr.nn.conditioning import CONDITIONINGS, make_conv3x3
 from drasclr.nn.grouped_conv import interleave
-from drasclr.nn.grouping import as_groups
+from drasclr.conv_common import as_groups
 from drasclr.nn.loc_cond_conv import Loc, LocCondConv3d, check_backend, per_sample_coords
 
 PATCH_SIZE = 32

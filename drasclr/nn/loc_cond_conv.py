@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.kernels.support import IntOrTriple, as_triple
+from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_groups, as_triple, check_loc
 from drasclr.nn.grouped_conv import conv3d_by_group
-from drasclr.nn.grouping import LandmarkGroups, as_groups, check_loc
 
 BACKENDS = ("auto", "loop", "grouped", "triton")
 
