@@ -150,3 +150,10 @@ def test_demo_flags_become_demo_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", lambda settings: seen.append(settings) or Path("r"))
     assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--seed", "3", "--covid-subjects", "0"]) == 0
     assert seen == [DemoSettings(out=tmp_path, quick=True, seed=3, covid_subjects=0)]
+
+
+def test_nested_augment_flags(trained_with):
+    config = trained_with("--augment.noise-std", "20", "--augment.contrast-gamma", "1", "2",
+                          "--no-augment.enabled")
+    assert (config.augment.noise_std, config.augment.contrast_gamma) == (20.0, (1.0, 2.0))
+    assert config.augment.enabled is False and config.augment.rotate_degrees == 10.0

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from drasclr.nn.conditioning import CONDITIONINGS
+from drasclr.pretrain.augment import AugmentConfig
 from drasclr.nn.loc_cond_conv import BACKENDS
 
 
@@ -93,7 +94,10 @@ class TrainConfig:
     grad_clip: float | None = _doc(
         "clip the gradient norm to this value (None: no clipping)", None, POSITIVE
     )
-    augment: bool = _doc("random affine, noise and contrast on both views and neighbours", True)
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={
+        "help": "probabilities and ranges of the random affine, noise and contrast applied to "
+                "both views and the neighbours (true/false: the reference's settings / none)",
+        "valid": None, "choices": None})
     shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
     amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
@@ -106,6 +110,10 @@ class TrainConfig:
     resume: bool = _doc("continue from out_dir/checkpoint_last.pt when it exists", True)
     tensorboard: bool = _doc("write TensorBoard events to out_dir/tensorboard", True)
     progress: bool = _doc("show a tqdm progress bar", True)
+
+    def __post_init__(self) -> None:
+        # the older `augment: true/false` (and a mapping of AugmentConfig fields) still work
+        self.augment = AugmentConfig.from_value(self.augment, source="augment")
 
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +198,8 @@ class TrainConfig:
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     """Check ``value`` against the field's type hint; ints are accepted for floats."""
+    if hint is AugmentConfig:
+        return AugmentConfig.from_value(value, source)
     allowed = typing.get_args(hint) or (hint,)
     if value is None:
         if type(None) in allowed:
