@@ -79,8 +79,8 @@ def test_loc_forms_agree():
 def test_grouping_is_interleaved_by_bucket():
     """Bucket b holds sample i of every member group at start + i * G_b + j."""
     loc = landmark_batch("uneven", torch.Generator().manual_seed(2))
-    groups = as_groups(loc, loc.shape[0])
-    perm, interleaved = interleave(groups)
+    partition = as_groups(loc, loc.shape[0])
+    perm, interleaved = interleave(partition)
     assert sorted(perm.tolist()) == list(range(loc.shape[0]))
     assert sorted(b.count for b in interleaved.buckets) == [1, 2, 3]
     for bucket in interleaved.buckets:

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from drasclr.atomic import atomic_write_bytes
+from drasclr.data.patches import PATCH_SIZE
 from drasclr.file_format import check_header
 
 #: Identifies an atlas file written by :meth:`Atlas.save`; bumped when the layout changes.
@@ -152,7 +153,7 @@ class Atlas:
 
 def build_atlas(
     mask_path: str | Path,
-    patch_size: int = 32,
+    patch_size: int = PATCH_SIZE,
     step: int = 26,
     min_lung_fraction: float = 0.1,
     image_path: str | Path | None = None,

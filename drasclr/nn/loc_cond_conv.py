@@ -178,8 +178,8 @@ def check_backend(name: str) -> str:
 def per_sample_coords(loc: Loc, batch_size: int) -> Tensor:
     """(B, 3) coordinates of each sample from any accepted ``loc`` form (validated)."""
     if isinstance(loc, LandmarkGroups):
-        groups = as_groups(loc, batch_size)
-        return groups.coords[groups.index]
+        partition = as_groups(loc, batch_size)
+        return partition.coords[partition.index]
     return check_loc(loc, batch_size).expand(batch_size, 3)
 
 

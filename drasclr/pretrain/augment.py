@@ -30,6 +30,7 @@ import torch
 from monai.networks.layers import AffineTransform
 from torch import Tensor, nn
 
+from drasclr.data.patches import PATCH_SIZE
 from drasclr.intensity import hu_to_window_offset, window_offset_to_input
 
 
@@ -143,7 +144,7 @@ class RandAffine(nn.Module):
     With ``prob`` 1 (the reference) every sample is transformed and no draw is spent on
     choosing; otherwise the samples not chosen are centre-cropped only."""
 
-    def __init__(self, patch_size: int = 32, prob: float = AugmentConfig.affine_prob,
+    def __init__(self, patch_size: int = PATCH_SIZE, prob: float = AugmentConfig.affine_prob,
                  rotate_degrees: float = AugmentConfig.rotate_degrees,
                  translate_voxels: float = AugmentConfig.translate_voxels,
                  scale_range: float = AugmentConfig.scale_range) -> None:
@@ -218,7 +219,7 @@ class PatchAugment(nn.Module):
             (clip and normalise only).
     """
 
-    def __init__(self, patch_size: int = 32, augment: AugmentConfig | bool = True) -> None:
+    def __init__(self, patch_size: int = PATCH_SIZE, augment: AugmentConfig | bool = True) -> None:
         super().__init__()
         self.config = AugmentConfig.from_value(augment, source="augment")
         c = self.config

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from drasclr.data.patches import PATCH_SIZE
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, load_checkpoint, save_checkpoint
@@ -31,7 +32,6 @@ from drasclr.pretrain.distributed import ProcessInfo, init_distributed
 from drasclr.pretrain.moco import DrasCLR
 from drasclr.pretrain.sampler import LandmarkBatchSampler
 
-ENCODER_INPUT = 32  # SPEC section 6: the encoder takes 32^3 patches
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
 # fields a resumed run must share with the checkpoint it continues
 RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype", "rep_dim",
@@ -110,7 +110,7 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
-        self.augment = PatchAugment(ENCODER_INPUT, config.augment)
+        self.augment = PatchAugment(PATCH_SIZE, config.augment)
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
             momentum=config.sgd_momentum, weight_decay=config.weight_decay,
@@ -309,9 +309,9 @@ def _check_inputs(config: TrainConfig, store, atlas) -> None:
         )
     if store.num_subjects == 0:
         raise ValueError(f"store {config.store}: no finished subjects to train on")
-    if store.patch_size != ENCODER_INPUT:
+    if store.patch_size != PATCH_SIZE:
         raise ValueError(f"store {config.store}: patches are {store.patch_size}^3, the encoder takes "
-                         f"{ENCODER_INPUT}^3")
+                         f"{PATCH_SIZE}^3")
     if config.landmarks_per_batch > store.num_landmarks:
         raise ValueError(f"landmarks_per_batch {config.landmarks_per_batch} exceeds the store's "
                          f"{store.num_landmarks} landmarks")
