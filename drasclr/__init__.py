@@ -2,18 +2,30 @@
 
 Anatomy-aware contrastive learning for 3D lung CT: Loc-CondConv encoders whose kernels depend
 on the atlas location of each patch, trained with MoCo against per-landmark memory banks.
-Heavy sub-modules are imported on first use.
+
+The user's journey needs this one import::
+
+    import drasclr
+    result = drasclr.train(store="store/", atlas="atlas.npz", out_dir="runs/a")
+    features = drasclr.extract_features(result.checkpoint, "store/", out="features.npz")
+    drasclr.evaluate(["features.npz"], "clinical.csv", "store/", "report/")
+
+The names below are imported on first use, so ``import drasclr`` stays cheap (no torch).
 """
 from importlib import import_module
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
 _LAZY_EXPORTS = {
     "train": "drasclr.pretrain",
     "TrainConfig": "drasclr.pretrain",
+    "load_encoder": "drasclr.pretrain",
     "load_reference_checkpoint": "drasclr.checkpoint",
-    "evaluate": "drasclr.evaluation",
     "extract_features": "drasclr.features",
+    "evaluate": "drasclr.evaluation",
+    "Encoder": "drasclr.nn",
+    "LocCondConv3d": "drasclr.nn",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]
@@ -21,5 +33,11 @@ __all__ = ["__version__", *_LAZY_EXPORTS]
 
 def __getattr__(name: str):
     if name in _LAZY_EXPORTS:
-        return getattr(import_module(_LAZY_EXPORTS[name]), name)
+        value = getattr(import_module(_LAZY_EXPORTS[name]), name)
+        globals()[name] = value  # the next look-up skips __getattr__
+        return value
     raise AttributeError(f"module 'drasclr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

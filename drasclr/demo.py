@@ -21,11 +21,10 @@ at any size. ``--quick`` is a shorter smoke run whose numbers mean little.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -60,27 +59,25 @@ PATCH_LEVEL = PatchLevel(3, (0.1, 0.2, 0.5, 1.0), 3, 2, 4, 60)
 QUICK_PATCH_LEVEL = PatchLevel(1, (0.5, 1.0), 2, 1, 8, 4)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a short smoke run: {QUICK[0].subjects} + {QUICK[1].subjects} "
-                             f"subjects, {QUICK[0].steps} + {QUICK[1].steps} steps, 3 folds")
-    parser.add_argument("--subjects", type=int, help=f"COPD subjects (default {FULL[0].subjects})")
-    parser.add_argument("--steps", type=int,
-                        help=f"COPD pretraining steps (default {FULL[0].steps})")
-    parser.add_argument("--covid-subjects", type=int,
-                        help=f"COVID-19 subjects (default {FULL[1].subjects}; 0 skips that arm)")
-    parser.add_argument("--covid-steps", type=int,
-                        help=f"COVID-19 pretraining steps (default {FULL[1].steps})")
-    parser.add_argument("--folds", type=int, help="cross-validation folds (default 5, quick 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of cohorts, training, folds")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes for cohort generation and preprocessing")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the encoder runs (auto: CUDA when present)")
+@dataclass(frozen=True)
+class DemoSettings:
+    """What ``drasclr demo`` runs (drasclr/cli/demo.py builds it from the flags). None means
+    the value of ``FULL`` (or of ``QUICK`` when ``quick``); ``covid_subjects=0`` skips that arm."""
+
+    out: Path = Path("demo_output")
+    quick: bool = False
+    subjects: int | None = None
+    steps: int | None = None
+    covid_subjects: int | None = None
+    covid_steps: int | None = None
+    folds: int | None = None
+    seed: int = 0
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    device: str = "auto"
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(args: DemoSettings) -> Path:
+    """Run the demo; returns the report's path."""
     from drasclr.evaluation.report import format_text_table, write_report
     from drasclr.evaluation.subject import COHORT_SECTION
 
@@ -113,10 +110,10 @@ def run(args: argparse.Namespace) -> int:
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
           + f"; total {time.perf_counter() - started:.0f}")
     print(f"report: {report}")
-    return 0
+    return report
 
 
-def _run_arm(arm: Arm, args: argparse.Namespace, atlas_path: Path, report_dir: Path, folds: int,
+def _run_arm(arm: Arm, args: DemoSettings, atlas_path: Path, report_dir: Path, folds: int,
              timings: dict[str, float]) -> list:
     """One cohort from scans to its report sections; returns them."""
     from drasclr import extract_features, train

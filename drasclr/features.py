@@ -30,7 +30,7 @@ from drasclr.device import resolve_device
 from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
 
 FEATURES_FORMAT = "drasclr-features"

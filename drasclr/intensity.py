@@ -17,4 +17,15 @@ HALF_WINDOW = (HU_WINDOW[1] - HU_WINDOW[0]) / 2  # 632
 
 def normalise_hu(patches: Tensor) -> Tensor:
     """HU -> network input: clip to the window, then (HU + 1024) / 632 - 1."""
-    return (patches.float().clamp(*HU_WINDOW) - HU_WINDOW[0]) / HALF_WINDOW - 1
+    return window_offset_to_input(hu_to_window_offset(patches))
+
+
+def hu_to_window_offset(patches: Tensor) -> Tensor:
+    """HU clipped to the window, as float32 HU + 1024 (0 at the window's bottom): the scale
+    the augmentation works on."""
+    return patches.float().clamp(*HU_WINDOW) - HU_WINDOW[0]
+
+
+def window_offset_to_input(x: Tensor) -> Tensor:
+    """HU + 1024 -> the network's input scale, the window mapped onto [-1, 1]."""
+    return x / HALF_WINDOW - 1

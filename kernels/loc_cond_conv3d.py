@@ -28,9 +28,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.testing import do_bench
 
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_triple
 
-from .support import IntOrTriple, as_triple, interpreter_enabled, triton_unsupported_reason
+from .support import interpreter_enabled, triton_unsupported_reason
 
 # Split-K chunk of the kernel-gradient reduction: rows (group output voxels) per program.
 DEFAULT_ROWS_PER_SPLIT = 2048

@@ -7,33 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Sequence, Union
 
 import torch
 from torch import Tensor
 
-IntOrTriple = Union[int, Sequence[int]]
+from drasclr.conv_common import IntOrTriple, as_triple
 
 SUPPORTED_KERNEL_SIZES = (1, 3)
 SUPPORTED_STRIDES = (1, 2)
 SUPPORTED_PADDINGS = (0, 1)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-#: The smallest valid value of each convolution argument (as ``nn.Conv3d``).
-CONV_ARGUMENT_MINIMUM = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
-
-
-def as_triple(value: IntOrTriple, name: str) -> tuple[int, int, int]:
-    """An int or a 3-sequence of ints as a 3-tuple; ValueError naming ``name`` otherwise,
-    also when ``name`` is a convolution argument below its minimum (``CONV_ARGUMENT_MINIMUM``)."""
-    triple = (value, value, value) if isinstance(value, int) else tuple(value)
-    if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in triple):
-        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}")
-    minimum = CONV_ARGUMENT_MINIMUM.get(name)
-    if minimum is not None and min(triple) < minimum:
-        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
-    return triple  # type: ignore[return-value]
 
 
 def interpreter_enabled() -> bool:

@@ -1,12 +1,16 @@
 """The command-line layer: one line per failure, exit codes, --debug, --version, python -m."""
+import dataclasses
 import errno
 import subprocess
 import sys
+import types
+import typing
 
 import pytest
 
 from drasclr import __version__
 from drasclr import cli
+from drasclr.pretrain.config import TrainConfig
 
 
 def fail_with(error):
@@ -27,7 +31,7 @@ def fail_with(error):
      "(run with --debug for the traceback)"),
 ])
 def test_every_failure_is_one_line_with_its_exit_code(monkeypatch, capsys, error, code, expected):
-    from drasclr.data import atlas
+    from drasclr.cli import atlas
 
     monkeypatch.setattr(atlas, "run", fail_with(error))
     assert cli.main(["atlas", "--mask", "m.nii.gz", "--out", "a.npz"]) == code
@@ -39,9 +43,117 @@ def test_every_failure_is_one_line_with_its_exit_code(monkeypatch, capsys, error
 
 
 def test_version_and_python_m(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--version"])
-    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"drasclr {__version__}"
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"drasclr {__version__}"
     result = subprocess.run([sys.executable, "-m", "drasclr", "--help"], capture_output=True,
                             text=True, check=True)
     assert "evaluate" in result.stdout and "--debug" in result.stdout
+
+
+# -- drasclr train: flags generated from TrainConfig ------------------------------------------
+def _config_fields(cls, prefix=""):
+    """(dotted name, field) of every leaf field, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _config_fields(hints[f.name], prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f
+
+
+def test_every_train_config_field_is_a_flag_with_help():
+    parser = cli.build_parser("train")
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    actions = train_parser._option_string_actions
+    names = list(_config_fields(TrainConfig))
+    assert len(names) > 30
+    for name, f in names:
+        flag = "--" + name.replace("_", "-")
+        assert flag in actions, flag
+        assert f.metadata["help"] in actions[flag].help, flag
+
+
+@pytest.fixture
+def trained_with(monkeypatch):
+    """Run `drasclr train ARGS` with training replaced by capturing its config."""
+    import drasclr.pretrain
+
+    seen = []
+
+    def fake_train(config):
+        seen.append(config)
+        return types.SimpleNamespace(checkpoint="ckpt.pt")
+
+    monkeypatch.setattr(drasclr.pretrain, "train", fake_train)
+
+    def run(*args):
+        assert cli.main(["train", *args]) == 0
+        return seen[-1]
+    return run
+
+
+def test_flag_values_keep_their_type(trained_with):
+    config = trained_with("--out-dir", "2024", "--store", "001", "--atlas", "a.npz", "--lr", "1",
+                          "--max-steps", "7", "--no-amp", "--backend", "loop", "--grad-clip", "2.5")
+    assert (config.out_dir, config.store) == ("2024", "001")
+    assert type(config.lr) is float and config.lr == 1.0
+    assert type(config.max_steps) is int and config.max_steps == 7
+    assert (config.amp, config.backend, config.grad_clip) == (False, "loop", 2.5)
+    assert trained_with("--max-steps", "none", "--tensorboard").max_steps is None
+
+
+def test_config_file_then_flags_override_it(trained_with, tmp_path):
+    path = TrainConfig(store="s", atlas="a.npz", lr=0.05, epochs=3, amp=False).save(tmp_path / "run.yaml")
+    config = trained_with("--config", str(path), "--lr", "0.2", "--amp")
+    assert (config.store, config.atlas, config.epochs) == ("s", "a.npz", 3)  # from the file
+    assert (config.lr, config.amp) == (0.2, True)  # the flags win
+    assert config.momentum == TrainConfig().momentum  # neither: the default
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
+    (["--conditioning", "film"], "argument --conditioning: invalid choice: 'film'"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviation of --epochs
+    (["--set", "lr=0.1"], "unrecognized arguments: --set lr=0.1"),  # the old mechanism is gone
+])
+def test_bad_flag_exits_2_with_one_line(capsys, args, expected):
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("drasclr") and f"error: {expected}" in err
+
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("synth", "--kind", "asthma"), ("synth", "--size", "huge"),
+    ("preprocess", "--segmentation", "unet"), ("preprocess", "--schedule", "slow"),
+])
+def test_enumerations_are_choices(capsys, command, flag, value):
+    assert cli.main([command, flag, value]) == 2
+    assert f"argument {flag}: invalid choice" in capsys.readouterr().err
+
+
+def test_help_speaks_to_users(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for step in ("drasclr atlas", "drasclr preprocess", "drasclr train", "drasclr features",
+                 "drasclr evaluate", "drasclr demo"):
+        assert step in out
+
+
+def test_demo_flags_become_demo_settings(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from drasclr.cli import demo
+    from drasclr.demo import DemoSettings
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings: seen.append(settings) or Path("r"))
+    assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--seed", "3", "--covid-subjects", "0"]) == 0
+    assert seen == [DemoSettings(out=tmp_path, quick=True, seed=3, covid_subjects=0)]
+
+
+def test_nested_augment_flags(trained_with):
+    config = trained_with("--augment.noise-std", "20", "--augment.contrast-gamma", "1", "2",
+                          "--no-augment.enabled")
+    assert (config.augment.noise_std, config.augment.contrast_gamma) == (20.0, (1.0, 2.0))
+    assert config.augment.enabled is False and config.augment.rotate_degrees == 10.0

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from drasclr.nn import CONDITIONINGS, Encoder, LocCondConv3d, as_groups
+from drasclr.conv_common import as_groups
+from drasclr.nn import CONDITIONINGS, Encoder, LocCondConv3d
 
 SMALL = dict(rep_dim=16, moco_dim=8, num_experts=2)  # full depth and 32^3 input, few channels
 

@@ -1,4 +1,4 @@
-"""LocCondConv3d: every backend against a direct float64 formula of Yu et al. 2023, eqs. 3-4."""
+"""LocCondConv3d: every backend against the float64 reference (drasclr.nn.reference)."""
 import math
 import warnings
 import zlib
@@ -7,23 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drasclr.nn import LocCondConv3d, as_groups, interleave, loc_cond_conv3d
+from drasclr.conv_common import as_groups
+from drasclr.nn import LocCondConv3d, loc_cond_conv3d, reference_loc_cond_conv3d
 from drasclr.nn import loc_cond_conv as lcc
-
-
-def reference(x, loc, weight, routing_weight, routing_bias, bias, stride, padding, dilation,
-              groups):
-    """Yu et al. 2023, eqs. 3-4 in float64, one sample at a time: r = sigmoid(W_r p + b_r),
-    kernel = sum_e r_e W_e, conv3d with the shared bias."""
-    x, weight, routing_weight, routing_bias = (t.double() for t in (x, weight, routing_weight,
-                                                                    routing_bias))
-    bias = None if bias is None else bias.double()
-    outputs = []
-    for b in range(x.shape[0]):
-        r = torch.sigmoid(routing_weight @ loc[b].double() + routing_bias)
-        kernel = (r[:, None, None, None, None, None] * weight).sum(0)
-        outputs.append(F.conv3d(x[b:b + 1], kernel, bias, stride, padding, dilation, groups))
-    return torch.cat(outputs)
+from drasclr.nn.grouped_conv import interleave
 
 
 def landmark_batch(layout: str, generator: torch.Generator) -> torch.Tensor:
@@ -58,7 +45,7 @@ def test_backends_match_float64_formula(case, layout):
     with torch.no_grad():  # routing spread wide enough that landmarks differ clearly
         layer.routing.weight.normal_(0, 2, generator=generator)
     x = torch.randn(loc.shape[0], c_in, 6, 7, 5, generator=generator)
-    expected = reference(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
+    expected = reference_loc_cond_conv3d(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
                          layer.bias, stride, padding, dilation, groups)
     for backend in ("loop", "grouped", "auto"):
         layer.backend = backend
@@ -75,7 +62,7 @@ def test_loc_forms_agree():
     layer = LocCondConv3d(2, 3, 3, padding=1, num_experts=4).double()
     x = torch.randn(4, 2, 5, 5, 5, dtype=torch.double, generator=generator)
     point = torch.rand(3, dtype=torch.double, generator=generator)
-    expected = reference(x, point.expand(4, 3), layer.weight, layer.routing.weight,
+    expected = reference_loc_cond_conv3d(x, point.expand(4, 3), layer.weight, layer.routing.weight,
                          layer.routing.bias, layer.bias, 1, 1, 1, 1)
     for loc in (point, point.expand(4, 3), as_groups(point, 4)):
         torch.testing.assert_close(layer(x, loc), expected)
@@ -92,8 +79,8 @@ def test_loc_forms_agree():
 def test_grouping_is_interleaved_by_bucket():
     """Bucket b holds sample i of every member group at start + i * G_b + j."""
     loc = landmark_batch("uneven", torch.Generator().manual_seed(2))
-    groups = as_groups(loc, loc.shape[0])
-    perm, interleaved = interleave(groups)
+    partition = as_groups(loc, loc.shape[0])
+    perm, interleaved = interleave(partition)
     assert sorted(perm.tolist()) == list(range(loc.shape[0]))
     assert sorted(b.count for b in interleaved.buckets) == [1, 2, 3]
     for bucket in interleaved.buckets:
@@ -199,7 +186,7 @@ def test_backends_on_device(device, backend, monkeypatch, request):
     loc = landmark_batch("uneven", generator)
     layer = LocCondConv3d(3, 4, 3, stride=2, padding=1, num_experts=3, backend=backend)
     x = torch.randn(loc.shape[0], 3, 6, 6, 6, generator=generator)
-    expected = reference(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
+    expected = reference_loc_cond_conv3d(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
                          layer.bias, 2, 1, 1, 1)
     out = layer.to(device)(x.to(device), loc.to(device))
     assert out.device.type == device.type
@@ -217,7 +204,7 @@ def test_tiny_outputs_batched_matmul_path(layout):
     routing_weight = torch.randn(2, 3, dtype=torch.double, generator=generator)
     routing_bias = torch.randn(2, dtype=torch.double, generator=generator)
     bias = torch.randn(4, dtype=torch.double, generator=generator)
-    expected = reference(x, loc, weight, routing_weight, routing_bias, bias, 2, 1, 1, 1)
+    expected = reference_loc_cond_conv3d(x, loc, weight, routing_weight, routing_bias, bias, 2, 1, 1, 1)
     out = loc_cond_conv3d(x, loc, weight, routing_weight, routing_bias, bias, stride=2,
                           padding=1, backend="grouped")
     assert out.shape[2:] == (2, 2, 2)
@@ -238,7 +225,7 @@ def test_bfloat16_autocast_matches_float64_formula(backend):
     x = torch.randn(loc.shape[0], 3, 5, 5, 5, generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x, loc)
-    expected = reference(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
+    expected = reference_loc_cond_conv3d(x, loc, layer.weight, layer.routing.weight, layer.routing.bias,
                          layer.bias, 1, 1, 1, 1)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
@@ -288,3 +275,20 @@ def test_empty_batch_and_too_small_input(backend):
             torch.randn(2, 2, 1, 6, 6), torch.rand(2, 3))
     encoder = Encoder(rep_dim=16, moco_dim=8, backend=backend)
     assert encoder(torch.randn(0, 1, 32, 32, 32), torch.rand(0, 3)).shape == (0, 16)
+
+
+def test_reference_is_the_papers_formula():
+    """With one expert, eq. 3-4 reduce to sigmoid(w . p + b) * conv3d(x, W) + bias per sample:
+    the reference checked against that closed form, independently of the library."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 5, 4, 6, generator=generator)
+    loc = torch.rand(3, 3, generator=generator) * 2 - 1
+    weight = torch.randn(1, 4, 2, 3, 3, 3, generator=generator)
+    routing_weight, routing_bias = torch.randn(1, 3, generator=generator), torch.randn(1, generator=generator)
+    bias = torch.randn(4, generator=generator)
+    scale = torch.sigmoid(loc.double() @ routing_weight.double()[0] + routing_bias.double())
+    expected = (scale[:, None, None, None, None] * F.conv3d(x.double(), weight[0].double(), padding=1)
+                + bias.double()[:, None, None, None])
+    actual = reference_loc_cond_conv3d(x, loc, weight, routing_weight, routing_bias, bias, padding=1)
+    assert actual.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)

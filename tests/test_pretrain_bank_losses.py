@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 from drasclr.pretrain.losses import drasclr_loss, info_nce
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank
 

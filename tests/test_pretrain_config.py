@@ -1,4 +1,4 @@
-"""TrainConfig: YAML/JSON round trip, --set parsing, every bad-config error."""
+"""TrainConfig: YAML/JSON round trip, every bad-config error (its flags: test_cli.py)."""
 import dataclasses
 
 import pytest
@@ -18,11 +18,8 @@ def test_every_field_documented():
         assert len(f.metadata.get("help", "")) > 10, f.name
 
 
-def test_assignments_parse_yaml_scalars():
-    config = TrainConfig().with_assignments(["lr=0.5", "max_steps=3", "grad_clip=null", "augment=false",
-                                             "store=/data/x"])
-    assert (config.lr, config.max_steps, config.grad_clip, config.augment, config.store) == (0.5, 3, None, False, "/data/x")
-    assert TrainConfig().with_assignments(["lr=1"]).lr == 1.0 and isinstance(TrainConfig().replace(lr=1).lr, float)
+def test_ints_are_accepted_for_floats():
+    assert isinstance(TrainConfig().replace(lr=1).lr, float)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -54,8 +51,6 @@ def test_unknown_keys_and_types(tmp_path):
         TrainConfig().replace(learning_rate=0.1)
     with pytest.raises(ValueError, match="batch_size must be int"):
         TrainConfig().replace(batch_size="big")
-    with pytest.raises(ValueError, match="key=value"):
-        TrainConfig().with_assignments(["lr"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1\n")
     with pytest.raises(ValueError, match="not valid YAML"):

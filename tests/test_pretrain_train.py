@@ -202,8 +202,9 @@ def test_cli_trains_from_config_file(tiny_store, tmp_path, capsys):
     store, atlas = tiny_store
     config = TrainConfig(store=str(store), atlas=str(atlas), out_dir=str(tmp_path / "run"), **TINY)
     path = config.save(tmp_path / "run.yaml")
-    assert main(["train", "--config", str(path), "--set", "max_steps=1", "--set", "k_neighbors=0"]) == 0
+    assert main(["train", "--config", str(path), "--max-steps", "1", "--k-neighbors", "0"]) == 0
     assert "checkpoint_last.pt" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["config"]["k_neighbors"] == 0
-    assert main(["train", "--config", str(path), "--set", "epoch=3"]) == 2
+    (tmp_path / "typo.yaml").write_text("epoch: 3\n")
+    assert main(["train", "--config", str(tmp_path / "typo.yaml")]) == 2
     assert "unknown key(s) ['epoch']" in capsys.readouterr().err

@@ -1,9 +1,9 @@
-"""The `drasclr` command line: one sub-command per module.
+"""The `drasclr` command line, a layer of its own over the public API.
 
-New commands live in this package (``drasclr/cli/<command>.py``), thin layers over the public
-API; the older ones still sit beside their library modules. Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
-module of the command being run is imported, so ``drasclr synth`` does not pay for torch.
-Bad input surfaces as a one-line error naming the problem, never a deep traceback.
+Each command is one module, ``drasclr/cli/<command>.py``, defining ``add_arguments(parser)`` and
+``run(args) -> int``; library modules hold no command-line code. Only the module of the command
+being run is imported, so ``drasclr synth`` does not pay for torch. Bad input, bad flags
+included, surfaces as a one-line error naming the problem, never a deep traceback.
 """
 from __future__ import annotations
 
@@ -11,15 +11,28 @@ import argparse
 import errno
 import importlib
 import sys
+from typing import NoReturn
 
 from drasclr import __version__
 
+DESCRIPTION = """\
+DrasCLR: anatomy-aware self-supervised learning for 3D lung CT (Yu et al., Medical Image
+Analysis 2023). The usual journey, one command per step:
+
+  drasclr atlas --mask atlas_lung_mask.nii.gz --out atlas.npz
+  drasclr preprocess --images scans/ --atlas atlas.npz --out store/
+  drasclr train --store store/ --atlas atlas.npz --out-dir runs/a
+  drasclr features --checkpoint runs/a/checkpoint_last.pt --store store/ --out features.npz
+  drasclr evaluate --features features.npz --clinical clinical.csv --store store/ --out report/
+
+`drasclr demo` runs all of it on a built-in synthetic cohort."""
+
 COMMANDS = {
-    "demo": ("drasclr.demo", "run the main job end to end on the built-in synthetic cohort"),
-    "synth": ("drasclr.data.synthetic", "generate a synthetic chest-CT cohort"),
-    "atlas": ("drasclr.data.atlas", "build the landmark atlas from an atlas lung mask"),
-    "preprocess": ("drasclr.data.preprocess", "turn CT files into a landmark patch store"),
-    "train": ("drasclr.pretrain.trainer", "MoCo pretraining of the DrasCLR encoder"),
+    "demo": ("drasclr.cli.demo", "run the whole journey on a built-in synthetic cohort"),
+    "synth": ("drasclr.cli.synth", "generate a synthetic chest-CT cohort"),
+    "atlas": ("drasclr.cli.atlas", "build the landmark atlas from an atlas lung mask"),
+    "preprocess": ("drasclr.cli.preprocess", "turn CT files into a landmark patch store"),
+    "train": ("drasclr.cli.train", "MoCo pretraining of the DrasCLR encoder"),
     "features": ("drasclr.cli.features", "patch and subject features of an encoder on a patch store"),
     "evaluate": ("drasclr.cli.evaluate",
                  "the paper's subject-level evaluation: readout, survival, COVID severity, report"),
@@ -29,9 +42,22 @@ COMMANDS = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``drasclr train: error: argument
+    --backend: invalid choice: ...``), exit code 2, like every other error of the command."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        # no abbreviations: a typo such as --epoch must fail, not set --epochs
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="drasclr", description=__doc__.splitlines()[0],
+    parser = OneLineErrorParser(
+        prog="drasclr", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="`drasclr COMMAND --help` describes a command's options.")
     parser.add_argument("--version", action="version", version=f"drasclr {__version__}")
     parser.add_argument("--debug", action="store_true",
@@ -47,12 +73,15 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit codes: 0 done, 1 failed (or some subjects failed, as the command
-    reports), 2 bad usage or input, 130 interrupted. Every error is one line naming the command;
-    ``--debug`` shows the traceback instead."""
+    """Run one command and return its exit code: 0 done (or help shown), 1 failed (or some
+    subjects failed, as the command reports), 2 bad usage or input, 130 interrupted. Every
+    error is one line naming the command; ``--debug`` shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) or a bad flag (2, one line printed)
+        return int(exit_.code or 0)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -16,7 +16,6 @@ metadata entry; ``drasclr atlas --mask M --out A.npz`` builds one from the comma
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from drasclr.atomic import atomic_write_bytes
+from drasclr.data.patches import PATCH_SIZE
 from drasclr.file_format import check_header
 from drasclr.ranges import AT_LEAST_ONE, Interval, check_number
 
@@ -212,7 +212,7 @@ def check_atlas(atlas: Atlas) -> None:
 
 def build_atlas(
     mask_path: str | Path,
-    patch_size: int = 32,
+    patch_size: int = PATCH_SIZE,
     step: int = 26,
     min_lung_fraction: float = 0.1,
     image_path: str | Path | None = None,
@@ -360,32 +360,3 @@ def _check_same_grid(image_path: Path, shape: tuple[int, ...], affine: np.ndarra
             f"{image_path}: atlas image grid {header.shape[:3]} does not match the mask's {shape} "
             "(shape and affine must agree)"
         )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mask", required=True, help="atlas lung mask (NIfTI); voxels > 0 are lung")
-    parser.add_argument("--image", help="atlas CT image on the same grid (recorded in the atlas)")
-    parser.add_argument("--out", required=True, help="atlas file to write (.npz)")
-    parser.add_argument("--patch-size", type=int, default=32)
-    parser.add_argument("--step", type=int, default=26)
-    parser.add_argument("--min-lung-fraction", type=float, default=0.1)
-    parser.add_argument("--max-landmarks", type=int, default=1000)
-    parser.add_argument("--k-max", type=int, default=8, help="neighbours stored per landmark")
-
-
-def run(args: argparse.Namespace) -> int:
-    atlas = build_atlas(
-        args.mask,
-        patch_size=args.patch_size,
-        step=args.step,
-        min_lung_fraction=args.min_lung_fraction,
-        image_path=args.image,
-        max_landmarks=args.max_landmarks,
-        k_max=args.k_max,
-    )
-    atlas.save(args.out)
-    print(
-        f"{args.out}: {atlas.num_landmarks} landmarks ({atlas.patch_size}^3 patches, step "
-        f"{atlas.step}, lung fraction > {atlas.min_lung_fraction:g})"
-    )
-    return 0

@@ -12,6 +12,10 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+#: Edge of every landmark patch in voxels of the 1 mm grid, and the encoder's input size
+#: (Yu et al. 2023, Section 3).
+PATCH_SIZE = 32
+
 #: HU of the padding: air, the bottom of the HU window.
 AIR_HU = -1024
 

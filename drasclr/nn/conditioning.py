@@ -16,9 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from drasclr.kernels.support import IntOrTriple, as_triple
+from drasclr.conv_common import IntOrTriple, as_groups, as_triple
 from drasclr.nn.grouped_conv import conv3d_by_group
-from drasclr.nn.grouping import as_groups
 from drasclr.nn.loc_cond_conv import Loc, LocCondConv3d
 
 CONDITIONINGS = ("loc_condconv", "hypernetwork", "concat", "none")

@@ -18,12 +18,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from drasclr.conv_common import as_groups
+from drasclr.data.patches import PATCH_SIZE
 from drasclr.nn.conditioning import CONDITIONINGS, make_conv3x3
 from drasclr.nn.grouped_conv import interleave
-from drasclr.nn.grouping import as_groups
 from drasclr.nn.loc_cond_conv import Loc, LocCondConv3d, check_backend, per_sample_coords
-
-PATCH_SIZE = 32
 
 
 class ConvBlock(nn.Module):

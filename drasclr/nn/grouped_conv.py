@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drasclr.kernels.support import IntOrTriple, as_triple
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_triple
 
 # Buckets whose per-group output has at most this many columns (samples x output voxels) run
 # as a batched matmul instead of a grouped convolution (measured on CPU, benchmarks/RESULTS.md).

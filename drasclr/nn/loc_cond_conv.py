@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.kernels.support import IntOrTriple, as_triple
+from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_groups, as_triple, check_loc
 from drasclr.nn.grouped_conv import conv3d_by_group
-from drasclr.nn.grouping import LandmarkGroups, as_groups, check_loc
 
 BACKENDS = ("auto", "loop", "grouped", "triton")
 
@@ -181,8 +180,8 @@ def check_backend(name: str) -> str:
 def per_sample_coords(loc: Loc, batch_size: int) -> Tensor:
     """(B, 3) coordinates of each sample from any accepted ``loc`` form (validated)."""
     if isinstance(loc, LandmarkGroups):
-        groups = as_groups(loc, batch_size)
-        return groups.coords[groups.index]
+        partition = as_groups(loc, batch_size)
+        return partition.coords[partition.index]
     return check_loc(loc, batch_size).expand(batch_size, 3)
 
 

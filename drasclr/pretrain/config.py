@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from drasclr.nn.conditioning import CONDITIONINGS
+from drasclr.pretrain.augment import AugmentConfig
 from drasclr.nn.loc_cond_conv import BACKENDS
 from drasclr.ranges import (
     AT_LEAST_ONE, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, Interval, check_fields,
@@ -25,8 +26,9 @@ from drasclr.ranges import (
 
 
 
-def _doc(text: str, default: Any, valid: Interval | None = None) -> Any:
-    return field(default=default, metadata={"help": text, "valid": valid})
+def _doc(text: str, default: Any, valid: Interval | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": text, "valid": valid, "choices": choices})
 
 
 @dataclass
@@ -45,25 +47,27 @@ class TrainConfig:
         "landmarks per batch; batch_size must be a multiple. 1 = the reference's mode", 16
     , AT_LEAST_ONE)
     queue_size: int = _doc("negatives per landmark queue, K (paper: 4096)", 4096, AT_LEAST_ONE)
-    bank_dtype: str = _doc("memory bank storage: float32 or bfloat16", "float32")
+    bank_dtype: str = _doc("memory bank storage", "float32", choices=("float32", "bfloat16"))
     bank_sharding: str = _doc(
         "memory bank across processes: replicated (each holds all L queues) or landmark (each "
         "holds ~L / processes queues and draws batches of its own landmarks; "
-        "drasclr.pretrain.memory_bank)", "replicated"
+        "drasclr.pretrain.memory_bank)", "replicated", choices=("replicated", "landmark")
     )
     rep_dim: int = _doc("representation size h (authors' code: 128)", 128, AT_LEAST_ONE)
     moco_dim: int = _doc(
         "projection size z, also the bank's key size (authors' code: 128)", 128, AT_LEAST_ONE
     )
     num_experts: int = _doc("experts per Loc-CondConv layer (authors' code: 8)", 8, AT_LEAST_ONE)
-    conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv")
-    backend: str = _doc("Loc-CondConv backend: auto, loop, grouped, triton", "auto")
+    conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv",
+                             choices=CONDITIONINGS)
+    backend: str = _doc("Loc-CondConv backend", "auto", choices=BACKENDS)
     k_neighbors: int = _doc(
         "neighbour patches per central patch (paper: 2); 0 disables", 2, COUNT
     )
     beta: float = _doc("weight of the neighbour loss (1.0: eq. 9's plain sum)", 1.0, NON_NEGATIVE)
     neighbour_loss: str = _doc(
-        "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum"
+        "sum: the reference's summed-logit form; mean: per-neighbour InfoNCE averaged", "sum",
+        choices=("sum", "mean"),
     )
     temperature: float = _doc("softmax temperature T (paper: 0.2)", 0.2, POSITIVE)
     momentum: float = _doc("key encoder momentum m (paper: 0.999)", 0.999, FRACTION)
@@ -76,7 +80,10 @@ class TrainConfig:
     grad_clip: float | None = _doc(
         "clip the gradient norm to this value (None: no clipping)", None, POSITIVE
     )
-    augment: bool = _doc("random affine, noise and contrast on both views and neighbours", True)
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={
+        "help": "probabilities and ranges of the random affine, noise and contrast applied to "
+                "both views and the neighbours (true/false: the reference's settings / none)",
+        "valid": None, "choices": None})
     shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
     amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
@@ -91,8 +98,10 @@ class TrainConfig:
     progress: bool = _doc("show a tqdm progress bar", True)
 
     def __post_init__(self) -> None:
-        # Numeric ranges at construction, so no path (Python, YAML, --set, CLI flags) builds a
-        # config that trains on a NaN learning rate; the rest waits for `validate`.
+        # the older `augment: true/false` (and a mapping of AugmentConfig fields) still work
+        self.augment = AugmentConfig.from_value(self.augment, source="augment")
+        # Numeric ranges at construction, so no path (Python, YAML, CLI flags) builds a config
+        # that trains on a NaN learning rate; the rest waits for `validate`.
         check_fields(self)
 
     # -- (de)serialisation -------------------------------------------------------------
@@ -114,16 +123,6 @@ class TrainConfig:
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A copy with some fields changed (checked like `from_dict`)."""
         return type(self).from_dict({**self.to_dict(), **overrides}, source="overrides")
-
-    def with_assignments(self, assignments: list[str]) -> "TrainConfig":
-        """Apply ``key=value`` strings (values parsed as YAML scalars, e.g. ``lr=0.1``)."""
-        overrides = {}
-        for item in assignments:
-            key, sep, text = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--set {item!r}: expected key=value")
-            overrides[key.strip()] = yaml.safe_load(text)
-        return self.replace(**overrides)
 
     def save(self, path: str | Path) -> Path:
         """Write as YAML (.yaml/.yml) or JSON (.json)."""
@@ -167,24 +166,17 @@ class TrainConfig:
                 f"queue_size {self.queue_size} is smaller than the {per_landmark} keys a landmark "
                 "receives per step; a step would overwrite its own keys"
             )
-        choices = {"bank_dtype": ("float32", "bfloat16"), "bank_sharding": ("replicated", "landmark"),
-                   "neighbour_loss": ("sum", "mean"),
-                   "backend": BACKENDS, "conditioning": CONDITIONINGS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name}: expected one of {allowed}, got {getattr(self, f.name)!r}")
         return self
-
-def describe() -> str:
-    """One line per field: name, default, help (for `drasclr train --help`)."""
-    lines = []
-    for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  {f.name} = {f.default!r}: {f.metadata['help']}")
-    return "\n".join(lines)
 
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     """Check ``value`` against the field's type hint; ints are accepted for floats."""
+    if hint is AugmentConfig:
+        return AugmentConfig.from_value(value, source)
     allowed = typing.get_args(hint) or (hint,)
     if value is None:
         if type(None) in allowed:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 
 
 def owned_landmarks(num_landmarks: int, rank: int, world_size: int) -> np.ndarray:

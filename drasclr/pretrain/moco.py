@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 from drasclr.pretrain.distributed import all_to_all, concat_all_gather, gather_sizes, world_size
 from drasclr.pretrain.losses import LossOutput, drasclr_loss
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank

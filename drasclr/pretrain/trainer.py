@@ -1,8 +1,5 @@
-"""MoCo pretraining loop, `drasclr.train()` and the `drasclr train` command (Yu et al. 2023,
-Section 3).
-
-    drasclr train --config run.yaml [--set key=value ...]
-    torchrun --nproc_per_node=4 -m drasclr.cli train --config run.yaml   # DDP, see distributed.py
+"""MoCo pretraining loop and `drasclr.train()` (Yu et al. 2023, Section 3); the command line is
+`drasclr train` (drasclr/cli/train.py), DDP through torchrun (see distributed.py).
 
 Each step: read a landmark-grouped batch from the patch store, augment two views of every
 patch and one of every neighbour on the device, run `DrasCLR` (losses, key update, enqueue),
@@ -18,7 +15,6 @@ batches of those landmarks (`OwnedLandmarkBatchSampler`); checkpoints are then s
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -32,10 +28,11 @@ import torch
 from torch import nn
 
 from drasclr.atomic import atomic_write_bytes, remove_stale_temporaries
+from drasclr.data.patches import PATCH_SIZE
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, RESUME_KEYS, load_checkpoint, save_checkpoint
-from drasclr.pretrain.config import TrainConfig, describe
+from drasclr.pretrain.config import TrainConfig
 from drasclr.pretrain.dataset import EpochBatches, PatchBatches
 from drasclr.pretrain.distributed import ProcessInfo, init_distributed
 from drasclr.pretrain.memory_bank import owned_landmarks
@@ -44,7 +41,6 @@ from drasclr.pretrain.sampler import LandmarkBatchSampler, OwnedLandmarkBatchSam
 from drasclr.pretrain.sharded_checkpoints import TRAINER_STATE, last_checkpoint, load_sharded, save_sharded
 from drasclr.worker_exit import DataLoaderWorkerInit
 
-ENCODER_INPUT = 32  # the encoder takes 32^3 patches (Yu et al. 2023, Section 3)
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
 # fields a resumed run must share with the checkpoint it continues
 RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype", "bank_sharding", "rep_dim",
@@ -131,7 +127,7 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
-        self.augment = PatchAugment(ENCODER_INPUT, config.augment)
+        self.augment = PatchAugment(PATCH_SIZE, config.augment)
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
             momentum=config.sgd_momentum, weight_decay=config.weight_decay,
@@ -400,9 +396,9 @@ def _check_inputs(config: TrainConfig, store, atlas) -> None:
         )
     if store.num_subjects == 0:
         raise ValueError(f"store {config.store}: no finished subjects to train on")
-    if store.patch_size != ENCODER_INPUT:
+    if store.patch_size != PATCH_SIZE:
         raise ValueError(f"store {config.store}: patches are {store.patch_size}^3, the encoder takes "
-                         f"{ENCODER_INPUT}^3")
+                         f"{PATCH_SIZE}^3")
     if config.landmarks_per_batch > store.num_landmarks:
         raise ValueError(f"landmarks_per_batch {config.landmarks_per_batch} exceeds the store's "
                          f"{store.num_landmarks} landmarks")
@@ -412,24 +408,3 @@ def _generator(device: torch.device, seed: int, rank: int, step: int) -> torch.G
     """A generator seeded from (seed, rank, step): the same draws whenever that step is run."""
     stream = np.random.SeedSequence([seed, rank + 1, step]).generate_state(2, dtype=np.uint64)
     return torch.Generator(device=device).manual_seed(int(stream[0] >> np.uint64(1)))
-
-
-# -- command line ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "configuration keys (YAML/JSON file or --set):\n" + describe()
-    parser.add_argument("--config", help="YAML or JSON file of a TrainConfig")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set lr=0.02 (repeatable)")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = TrainConfig.load(args.config) if args.config else TrainConfig()
-    config = config.with_assignments(args.set)
-    try:
-        result = train(config)
-    except FloatingPointError as error:
-        print(f"drasclr train: error: {error}", flush=True)
-        return 1
-    print(f"final checkpoint: {result.checkpoint}")
-    return 0

@@ -1,8 +1,8 @@
 """Fused Triton Loc-CondConv against a float64 reference.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes are tiny;
-with CUDA the same tests run the compiled kernels (``device`` fixture). The reference is the
-direct formula of Yu et al. 2023, eqs. 3-4: each sample convolved with its own mixed kernel.
+with CUDA the same tests run the compiled kernels (``device`` fixture). The reference is
+``drasclr.nn.reference``: each sample convolved with its own mixed kernel, in float64.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from drasclr.conv_common import LandmarkGroups
 from drasclr.kernels import (
     loc_cond_conv3d_forward,
     loc_cond_conv3d_grad_input,
@@ -17,7 +18,7 @@ from drasclr.kernels import (
     loc_cond_conv3d_triton,
     triton_unsupported_reason,
 )
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.nn.reference import reference_mixed_conv3d
 
 # Max abs error allowed, as a fraction of the reference's max abs value (float32 accumulation
 # in every case; bf16/fp16 round the mixed kernel to the input dtype before the product).
@@ -51,19 +52,14 @@ def make_case(grouping, c_in, c_out, kernel_size, dtype, device, memory_format=t
 
 
 def reference(x, weight, routing, bias, groups, stride, padding):
-    """float64 direct formula: sample b convolved with sum_e routing[index[b], e] * weight[e]."""
-    kernels = torch.einsum("ge,eoiabc->goiabc", routing.double(), weight.double())
-    return reference_from_landmark_kernels(x, kernels, bias, groups, stride, padding)
+    """The float64 reference, sample b mixed with its landmark's routing row."""
+    return reference_mixed_conv3d(x, routing[groups.index], weight, bias, stride, padding)
 
 
 def reference_from_landmark_kernels(x, kernels, bias, groups, stride, padding):
-    """float64 conv of each sample b with kernels[index[b]] (kernels: (G, C_out, C_in, k, k, k))."""
-    x, per_sample = x.double(), kernels.double()[groups.index]
-    batch, c_in = x.shape[:2]
-    # One grouped conv (groups = B) applies every sample's own kernel.
-    y = F.conv3d(x.reshape(1, batch * c_in, *x.shape[2:]), per_sample.flatten(0, 1),
-                 None if bias is None else bias.double().repeat(batch), stride, padding, groups=batch)
-    return y.reshape(batch, -1, *y.shape[2:])
+    """The float64 reference with kernels[index[b]] as sample b's kernel (a one-hot routing)."""
+    one_hot = F.one_hot(groups.index, groups.num_groups)
+    return reference_mixed_conv3d(x, one_hot, kernels, bias, stride, padding)
 
 
 def assert_close_scaled(actual, expected, dtype, name):

@@ -58,29 +58,10 @@ offset move it, small holes blur above -950 HU and panlobular change is only par
 """
 from __future__ import annotations
 
-import argparse
-
 from drasclr.data.synthetic.cohort import (
-    KINDS, generate_cohort, plan_subject, render_subject, sample_clinical,
+    generate_cohort, plan_subject, render_subject, sample_clinical,
 )
 from drasclr.data.synthetic.transform import map_template_points
 
 __all__ = ["generate_cohort", "map_template_points", "plan_subject", "render_subject",
            "sample_clinical"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="destination folder of the cohort")
-    parser.add_argument("--subjects", type=int, required=True, help="number of subjects")
-    parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    parser.add_argument("--kind", default="copd", help=f"one of {', '.join(KINDS)}")
-    parser.add_argument("--size", default="full", help="full or small (tests and demo)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = generate_cohort(args.out, args.subjects, seed=args.seed, kind=args.kind,
-                          size=args.size, workers=args.workers, progress=not args.no_progress)
-    print(f"wrote {args.subjects} {args.kind} subjects ({args.size}) to {out}")
-    return 0

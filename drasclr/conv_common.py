@@ -1,7 +1,8 @@
-"""Grouping of a batch by landmark, computed once per batch and shared by every layer.
+"""Helpers shared by ``drasclr.nn`` and ``drasclr.kernels``, below both (imports neither).
 
-Samples of one landmark share the same atlas coordinate and hence, in Loc-CondConv, exactly
-the same mixed kernel (Yu et al. 2023, eqs. 3-4). Every backend exploits that: the routing and the
+Convolution arguments as 3-tuples, and the grouping of a batch by landmark. Samples of one
+landmark share the same atlas coordinate and hence, in Loc-CondConv, exactly the same mixed
+kernel (Yu et al. 2023, Section 2.2, eq. 3-4). Every backend exploits that: the routing and the
 kernel mixture run once per distinct landmark, and the convolution runs over the samples of a
 landmark together. ``LandmarkGroups`` holds that partition; the encoder builds it once in its
 ``forward`` and hands it to each layer, so the (host-synchronising) ``torch.unique`` runs once
@@ -10,9 +11,28 @@ per batch, not once per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
+
+IntOrTriple = Union[int, Sequence[int]]
+
+
+#: The smallest valid value of each convolution argument (as ``nn.Conv3d``).
+CONV_ARGUMENT_MINIMUM = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
+
+
+def as_triple(value: IntOrTriple, name: str) -> tuple[int, int, int]:
+    """An int or a 3-sequence of ints as a 3-tuple; ValueError naming ``name`` otherwise,
+    also when ``name`` is a convolution argument below its minimum (``CONV_ARGUMENT_MINIMUM``)."""
+    triple = (value, value, value) if isinstance(value, int) else tuple(value)
+    if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in triple):
+        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}")
+    minimum = CONV_ARGUMENT_MINIMUM.get(name)
+    if minimum is not None and min(triple) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return triple  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: fields are tensors
