@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from drasclr.nn.grouping import LandmarkGroups
+from drasclr.conv_common import LandmarkGroups
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank, owned_landmarks
 from drasclr.pretrain.moco import unshuffle_keys
 

@@ -11,7 +11,7 @@ voxel's own atlas location. Here:
   ``drasclr.intensity.normalise_hu``; its coordinate is v's world point (scan affine) mapped
   into the atlas by the subject's saved registration, then ``Atlas.coords_of_points``.
   Voxels are evaluated in batches (each sample with its own coordinate: the encoder mixes one
-  kernel per sample, ``drasclr.nn.grouping``), in chunks whose results are saved atomically in
+  kernel per sample, ``drasclr.conv_common``), in chunks whose results are saved atomically in
   a work folder, so memory stays bounded for a whole lung and an interrupted job resumes.
   On CUDA the volume lives on the device, patches are gathered there and the encoder runs
   under bf16 autocast (``amp=False`` for float32).
