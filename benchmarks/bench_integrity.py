@@ -1,4 +1,4 @@
-"""What the patch-file integrity check costs (issue 11, item 2).
+"""What the patch-file integrity check costs.
 
 A full-size subject file: 575 landmarks of 32^3 int16 (37.7 MB). Measured in the same run,
 interleaved round by round (A, B, A, B ...), warm page cache:

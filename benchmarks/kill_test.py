@@ -1,4 +1,4 @@
-"""Hard kills at random moments lose nothing (issue 11, item 7). Not part of CI.
+"""Hard kills at random moments lose nothing. Not part of CI.
 
 For each trial the command is started, SIGKILLed (the main process only: its workers must die
 with it) at a random moment between its start and the end of an uninterrupted run, then run

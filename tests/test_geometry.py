@@ -1,4 +1,4 @@
-"""Issue 11, item 3: degenerate geometry ends as a failed subject whose reason names the
+"""degenerate geometry ends as a failed subject whose reason names the
 geometry problem; a header that likely contradicts the anatomy (mirrored left-right) gives the
 subject a manifest warning, not a failure."""
 import math

@@ -1,4 +1,4 @@
-"""Issue 11, item 2: a patch file whose bytes changed after it was written is found by its
+"""a patch file whose bytes changed after it was written is found by its
 manifest checksum, once per subject when the store first opens it, and refused naming the
 subject and the file; values outside the stored HU window are refused at write time."""
 import csv

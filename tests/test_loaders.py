@@ -1,4 +1,4 @@
-"""Issue 11, item 4: every loader refuses a corrupted file with a ValueError that names the
+"""every loader refuses a corrupted file with a ValueError that names the
 file and the problem (wrong shapes, missing keys, unknown config keys, non-finite values),
 never a KeyError, TypeError or torch RuntimeError from deep inside."""
 import io

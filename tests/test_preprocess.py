@@ -324,7 +324,7 @@ def test_density_tasks_are_planned_per_row_and_failures_keep_the_subject(uninter
 
 def test_damaged_patch_file_of_a_done_subject_is_redone_and_reported(uninterrupted, cohort,
                                                                       tmp_path, capsys):
-    """Issue 11: a re-run checks a done subject's file against its manifest checksum before
+    """a re-run checks a done subject's file against its manifest checksum before
     skipping it; a changed byte makes it redo the subject and say so."""
     reference, _ = uninterrupted
     table, atlas_path = cohort
@@ -350,7 +350,7 @@ def test_damaged_patch_file_of_a_done_subject_is_redone_and_reported(uninterrupt
 
 
 def test_mirrored_header_is_done_with_a_laterality_warning(uninterrupted, cohort, tmp_path):
-    """Issue 11: the same scan with its x axis mirrored in the header is still processed (real
+    """the same scan with its x axis mirrored in the header is still processed (real
     patients can look like this), but its manifest row says why it needs a review."""
     reference, _ = uninterrupted
     for row in PatchStore(reference).manifest:

@@ -1,4 +1,4 @@
-"""Issue 11, item 1: every numeric setting is checked for meaning (finite, in range, of the
+"""every numeric setting is checked for meaning (finite, in range, of the
 right kind) before any work, and the error names the setting. The settings are discovered
 (dataclass fields, function parameters), not listed by hand, so a new one is covered too."""
 import dataclasses

@@ -1,4 +1,4 @@
-"""Issue 11, item 6: the workers of a parallel run die with its main process, SIGKILL
+"""the workers of a parallel run die with its main process, SIGKILL
 included, and the next run removes the temporary files that killed writers left."""
 import os
 import signal
