@@ -1,7 +1,8 @@
 """Patch store random access: patches/second for random (subject, landmark) pairs + 2 neighbours.
 
-Training draws a batch of random (subject, landmark) pairs and needs each pair's patch and its k =
-2 neighbours' patches of the same subject (Yu et al. 2023, Section 2.4). Compared, in the same run:
+Training draws a batch of random (subject, landmark) pairs and needs each pair's patch and its
+k = 2 neighbours' patches of the same subject (Yu et al. 2023, Section 2.4). Compared, in the
+same run, interleaved round by round (benchmarks/interleave.py):
 
 - ``gather``: ``PatchStore.gather`` on memory-mapped per-subject files (this project);
 - ``load_per_pair``: the reference's per-subject access (``data/copd_patch.py`` testing path):
@@ -10,13 +11,12 @@ Training draws a batch of random (subject, landmark) pairs and needs each pair's
 Full-size store: 575 landmarks of 32^3 int16 per subject. Files are read through the page
 cache after the first touch, so this is the warm-cache rate of a local disk.
 
-    .venv/bin/python benchmarks/bench_store.py          # prints patches/s and the ratio
+    .venv/bin/python benchmarks/bench_store.py          # interleaved rounds: patches/s, ratios
     make bench                                          # pytest-benchmark timings
 """
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import pytest
 
 from drasclr.data.atlas import Atlas, nearest_neighbors, normalised_coords
 from drasclr.data.store import PatchStore, create_store, patch_path, write_subject
+from interleave import interleave
 
 NUM_SUBJECTS, NUM_LANDMARKS, PATCH, BATCH, K = 12, 575, 32, 128, 2
 
@@ -79,16 +80,18 @@ def main() -> None:
         atlas = build_store(Path(folder))
         store = PatchStore(folder)
         rng = np.random.default_rng(1)
-        rates = {}
-        for method, repeats in ((gather, 40), (load_per_pair, 2)):
-            method(store, *random_batch(rng, atlas))  # warm the page cache and the memory maps
-            start = time.perf_counter()
-            for _ in range(repeats):
-                method(store, *random_batch(rng, atlas))
-            rates[method.__name__] = repeats * BATCH * (1 + K) / (time.perf_counter() - start)
-        for name, rate in rates.items():
-            print(f"{name:>14}: {rate:10.0f} patches/s")
-        print(f"gather / load_per_pair: {rates['gather'] / rates['load_per_pair']:.0f}x")
+        batches = {gather: 40, load_per_pair: 1}  # per round, about a second each
+
+        def repeated(method, n):
+            return lambda: [method(store, *random_batch(rng, atlas)) for _ in range(n)]
+
+        # the warm-up fills the page cache and the memory maps
+        rounds = interleave({m.__name__: repeated(m, n) for m, n in batches.items()}, 3)
+    for method, n in batches.items():
+        rate = n * BATCH * (1 + K) / rounds.median(method.__name__)
+        print(f"{method.__name__:>14}: {rate:10.0f} patches/s (median of 3 interleaved rounds)")
+    speedups = [batches[gather] * r for r in rounds.ratios("load_per_pair", "gather")]
+    print("gather / load_per_pair per round: " + ", ".join(f"{s:.0f}x" for s in speedups))
 
 
 if __name__ == "__main__":
