@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank, owned_landmarks
 from drasclr.pretrain.moco import unshuffle_keys
 
@@ -85,14 +85,14 @@ def worker(rank: int, processes: int, port: int, rounds: int, steps: int, result
                     np.random.default_rng([round_, step, rank]).choice(owned, local // SUBJECTS_PER_LANDMARK,
                                                                        replace=False),
                     SUBJECTS_PER_LANDMARK))
-                groups = LandmarkGroups.from_loc(coords[landmark], local)
+                partition = LandmarkPartition.from_loc(coords[landmark], local)
                 query, summed, shuffled_key = (F.normalize(torch.randn(local, DIM, generator=generator), dim=1)
                                                for _ in range(3))
                 shuffle = torch.randperm(BATCH, generator=generator)
                 key, keys, landmarks = unshuffle_keys(shuffled_key, shuffle, offsets, landmark,
                                                       sharded=variant == "landmark")
-                banks[variant].negative_logits(query, landmark, groups)
-                banks[variant].negative_logits(summed, landmark, groups)
+                banks[variant].negative_logits(query, landmark, partition)
+                banks[variant].negative_logits(summed, landmark, partition)
                 banks[variant].enqueue(keys, landmarks)
             elapsed = torch.tensor([(time.perf_counter() - started) / steps])
             if processes > 1:

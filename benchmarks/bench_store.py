@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drasclr.data.atlas import Atlas, nearest_neighbors, normalised_coords
+from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
 from drasclr.data.store import PatchStore, create_store, patch_path, write_subject
 from interleave import interleave
 
@@ -33,7 +33,7 @@ def build_store(root: Path, seed: int = 0) -> Atlas:
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(12) * 26] * 3, indexing="ij"), -1).reshape(-1, 3)
     corners = grid[rng.choice(len(grid), NUM_LANDMARKS, replace=False)].astype(np.int64)
-    atlas = Atlas(corners, normalised_coords(corners), nearest_neighbors(corners, K),
+    atlas = Atlas(corners, normalised_coords(corners), nearest_neighbours(corners, K),
                   np.ones((4, 4, 4), np.uint8), np.eye(4), PATCH, 26, 0.1, "benchmark")
     create_store(root, atlas, root / "atlas.npz")
     for subject in range(NUM_SUBJECTS):
@@ -46,7 +46,7 @@ def random_batch(rng, atlas: Atlas) -> tuple[np.ndarray, np.ndarray]:
     """BATCH random pairs and their K neighbours: (BATCH * (1 + K),) subject and landmark indices."""
     subjects = rng.integers(0, NUM_SUBJECTS, BATCH)
     landmarks = rng.integers(0, NUM_LANDMARKS, BATCH)
-    with_neighbours = np.concatenate([landmarks[:, None], atlas.neighbors[landmarks, :K]], axis=1)
+    with_neighbours = np.concatenate([landmarks[:, None], atlas.neighbours[landmarks, :K]], axis=1)
     return np.repeat(subjects, 1 + K), with_neighbours.ravel()
 
 

@@ -9,7 +9,7 @@ autocast, forward+backward. Compare the two backends per layer in the pytest-ben
 import pytest
 import torch
 
-from drasclr.nn import LandmarkGroups, LocCondConv3d
+from drasclr.nn import LandmarkPartition, LocCondConv3d
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
 
@@ -29,13 +29,13 @@ def test_layer_forward_backward(benchmark, layer, backend):
     conv = LocCondConv3d(c_in, c_out, 3, stride, 1, num_experts=8, backend=backend).to(device)
     labels = torch.arange(128, device=device) // 8  # 16 landmarks x 8 subjects
     loc = torch.stack([labels / 15.0, -labels / 15.0, labels % 3 / 3.0], dim=1)
-    groups = LandmarkGroups.from_loc(loc, 128)
+    partition = LandmarkPartition.from_loc(loc, 128)
     x = torch.randn(128, c_in, size, size, size, device=device, requires_grad=True)
     params = list(conv.parameters())
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = conv(x, groups)
+            y = conv(x, partition)
         torch.autograd.grad(y.float().square().mean(), [x, *params])
         torch.cuda.synchronize()
 

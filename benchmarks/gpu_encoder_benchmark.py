@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from drasclr.nn import LandmarkGroups, LocCondConv3d
+from drasclr.nn import LandmarkPartition, LocCondConv3d
 
 # (name, C_in, C_out, stride, input size) of every convolution (k=3, padding 1),
 # docs/method.md#encoder.
@@ -269,7 +269,7 @@ def measure(run: Run, layer_spec, grouping: str, dtype_name: str, backend: str, 
     x = torch.randn(len(labels), c_in, size, size, size, device=run.device, requires_grad=True)
     loc = loc_for(labels, run.device)
     if layer_spec is not None:  # the encoder groups the batch once per forward; layers get it
-        loc = LandmarkGroups.from_loc(loc, len(labels))
+        loc = LandmarkPartition.from_loc(loc, len(labels))
     try:
         module = build(backend, layer_spec, run)
     except Exception as error:  # e.g. the encoder not available: record and go on

@@ -132,7 +132,7 @@ def preprocess_trial(images: Path, atlas: Path, reference: dict, out: Path, dela
 # -- training ---------------------------------------------------------------------------------
 
 TRAIN_SETTINGS = dict(epochs=3, batch_size=8, landmarks_per_batch=2, queue_size=8, num_experts=2,
-                      rep_dim=16, moco_dim=16, k_neighbors=1, checkpoint_every=1,
+                      rep_dim=16, moco_dim=16, k_neighbours=1, checkpoint_every=1,
                       progress=False, tensorboard=False, backend="grouped", device="cpu",
                       num_workers=1, seed=3)
 
@@ -141,13 +141,13 @@ def make_train_inputs(folder: Path, subjects: int = 4, landmarks: int = 6) -> tu
     """(store, atlas) of smooth random HU patches on a grid atlas."""
     from scipy.ndimage import gaussian_filter
 
-    from drasclr.data.atlas import Atlas, nearest_neighbors, normalised_coords
+    from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
     from drasclr.data.store import create_store, write_subject
 
     rng = np.random.default_rng(0)
     corners = np.stack(np.unravel_index(np.arange(landmarks), (2, 2, 8)), 1)[:, ::-1] * 26
     corners = np.ascontiguousarray(corners, dtype=np.int64)
-    atlas = Atlas(corners, normalised_coords(corners), nearest_neighbors(corners, 3),
+    atlas = Atlas(corners, normalised_coords(corners), nearest_neighbours(corners, 3),
                   np.ones((4, 4, 4), np.uint8), np.eye(4), 32, 26, 0.1, "kill test")
     atlas.save(folder / "atlas.npz")
     create_store(folder / "store", atlas, folder / "atlas.npz")

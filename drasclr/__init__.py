@@ -21,7 +21,7 @@ _LAZY_EXPORTS = {
     "train": "drasclr.pretrain",
     "TrainConfig": "drasclr.pretrain",
     "load_encoder": "drasclr.pretrain",
-    "load_reference_checkpoint": "drasclr.checkpoint",
+    "load_reference_checkpoint": "drasclr.reference_checkpoint",
     "extract_features": "drasclr.features",
     "evaluate": "drasclr.evaluation",
     "Encoder": "drasclr.nn",

@@ -4,7 +4,7 @@ Convolution arguments as 3-tuples, and the grouping of a batch by landmark. Samp
 landmark share the same atlas coordinate and hence, in Loc-CondConv, exactly the same mixed
 kernel (Yu et al. 2023, Section 2.2, eq. 3-4). Every backend exploits that: the routing and the
 kernel mixture run once per distinct landmark, and the convolution runs over the samples of a
-landmark together. ``LandmarkGroups`` holds that partition; the encoder builds it once in its
+landmark together. ``LandmarkPartition`` holds that partition; the encoder builds it once in its
 ``forward`` and hands it to each layer, so the (host-synchronising) ``torch.unique`` runs once
 per batch, not once per layer.
 """
@@ -36,7 +36,7 @@ def as_triple(value: IntOrTriple, name: str) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: fields are tensors
-class LandmarkGroups:
+class LandmarkPartition:
     """Partition of a batch of ``batch_size`` samples into ``G`` landmark groups.
 
     Attributes:
@@ -55,7 +55,7 @@ class LandmarkGroups:
     counts: tuple[int, ...]
 
     @property
-    def num_groups(self) -> int:
+    def num_landmarks(self) -> int:
         return len(self.counts)
 
     @property
@@ -68,7 +68,7 @@ class LandmarkGroups:
         return min(self.counts) == max(self.counts)
 
     @classmethod
-    def from_loc(cls, loc: Tensor, batch_size: int) -> "LandmarkGroups":
+    def from_loc(cls, loc: Tensor, batch_size: int) -> "LandmarkPartition":
         """Group a batch by its landmark coordinates.
 
         Args:
@@ -113,12 +113,12 @@ def check_loc(loc: Tensor, batch_size: int) -> Tensor:
     return loc
 
 
-def as_groups(loc: "Tensor | LandmarkGroups", batch_size: int) -> LandmarkGroups:
+def as_partition(loc: "Tensor | LandmarkPartition", batch_size: int) -> LandmarkPartition:
     """Accept either raw coordinates or an already computed grouping."""
-    if isinstance(loc, LandmarkGroups):
+    if isinstance(loc, LandmarkPartition):
         if loc.batch_size != batch_size:
             raise ValueError(
                 f"loc: grouping is for a batch of {loc.batch_size}, input has {batch_size} samples"
             )
         return loc
-    return LandmarkGroups.from_loc(loc, batch_size)
+    return LandmarkPartition.from_loc(loc, batch_size)

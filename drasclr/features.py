@@ -30,7 +30,7 @@ from drasclr.device import resolve_device
 from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
 
 FEATURES_FORMAT = "drasclr-features"
@@ -126,7 +126,7 @@ def extract_features(
     Args:
         source: an ``Encoder`` (copied: the caller's object is neither moved nor changed), or
             a file: drasclr's ``checkpoint_last.pt`` or ``encoder_epoch_NNNN.pt``, or the
-            authors' checkpoint (told apart by ``drasclr.checkpoint.load_any_encoder``).
+            authors' checkpoint (told apart by ``drasclr.reference_checkpoint.load_any_encoder``).
             May be None with ``random_init``.
         store: a patch store (folder or ``PatchStore``); its atlas is the one recorded in its
             ``store.json``.
@@ -198,10 +198,10 @@ def extract_features(
             patch_file = np.lib.format.open_memmap(
                 temporary, mode="w+", dtype=patch_dtype,
                 shape=(num_subjects, num_landmarks, encoder.rep_dim))
-        for (subject_index, landmark_index), x, groups in _encoder_inputs(
+        for (subject_index, landmark_index), x, partition in _encoder_inputs(
                 store, np.arange(num_landmarks), batch_size, coords_t, device):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                h = encoder(x, groups).float()
+                h = encoder(x, partition).float()
             sums.index_add_(0, torch.from_numpy(subject_index).to(device), h)
             if patch_file is not None:
                 patch_file[subject_index, landmark_index] = h.cpu().numpy()
@@ -256,7 +256,7 @@ def random_encoder(config: dict, seed: int) -> Encoder:
 
 def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, use_bf16: bool) -> int:
     """Set every BatchNorm's running statistics to their average over ``inputs`` (batches of
-    ``(index, x, groups)``), as ``torch.optim.swa_utils.update_bn`` does for one-input models;
+    ``(index, x, partition)``), as ``torch.optim.swa_utils.update_bn`` does for one-input models;
     leaves the encoder in eval mode. Returns the number of patches used (batches of one are
     skipped: the 1^3 activations of the last layer have no batch variance)."""
     norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -266,10 +266,10 @@ def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, use_bf16: bool) -> i
         module.momentum = None  # cumulative average over the batches
     encoder.train()
     used = 0
-    for _, x, groups in inputs:
+    for _, x, partition in inputs:
         if len(x) > 1:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                encoder(x, groups)
+                encoder(x, partition)
             used += len(x)
     for module, momentum in zip(norms, momenta):
         module.momentum = momentum
@@ -279,8 +279,8 @@ def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, use_bf16: bool) -> i
 
 def _encoder_inputs(store: PatchStore, landmarks: np.ndarray, batch_size: int,
                     coords: torch.Tensor, device: torch.device, limit: int | None = None):
-    """``((subject_index, landmark_index), x, groups)`` per batch of :func:`landmark_batches`:
-    normalised patches (B, 1, P, P, P) on ``device`` and their ``LandmarkGroups``, computed
+    """``((subject_index, landmark_index), x, partition)`` per batch of :func:`landmark_batches`:
+    normalised patches (B, 1, P, P, P) on ``device`` and their ``LandmarkPartition``, computed
     once per batch for all layers. The next batch is read from the store (and pinned, for
     CUDA) in a background thread while this one is encoded. ``limit``: stop after that many
     patches."""
@@ -309,13 +309,13 @@ def _encoder_inputs(store: PatchStore, landmarks: np.ndarray, batch_size: int,
 def _to_device(indices, future, coords: torch.Tensor, device: torch.device):
     x = normalise_hu(future.result().to(device, non_blocking=True))[:, None]
     landmark = torch.from_numpy(indices[1]).to(device)
-    return indices, x, LandmarkGroups.from_loc(coords[landmark], len(landmark))
+    return indices, x, LandmarkPartition.from_loc(coords[landmark], len(landmark))
 
 
 def _working_encoder(source, random_init: int | None) -> tuple[Encoder, dict]:
     """An encoder this call may move and change, and the metadata that says where it came
     from (``encoder``: its kind, ``source``: the file, ``name``: the default label)."""
-    from drasclr.checkpoint import AUTHORS_CHECKPOINT, load_any_encoder
+    from drasclr.reference_checkpoint import AUTHORS_CHECKPOINT, load_any_encoder
 
     metadata: dict = {"source": None}
     if isinstance(source, Encoder):

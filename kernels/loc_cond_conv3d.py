@@ -3,7 +3,7 @@
 Loc-CondConv (Yu et al. 2023, eqs. 3-4) convolves sample b with ``sum_e r[g, e] * W_e``, where
 ``g = index[b]`` is the sample's landmark and ``r`` the landmark's sigmoid routing weights.
 Samples of a landmark share that kernel exactly, so every kernel here is an implicit GEMM
-whose rows run over *all samples of one landmark* (``LandmarkGroups.order/offsets``); the deep
+whose rows run over *all samples of one landmark* (``LandmarkPartition.order/offsets``); the deep
 layers (2^3 or 1^3 outputs per sample) then still fill whole tiles.
 
 - ``_forward_kernel``: y = conv(x, mixed kernel) + bias. The mixed kernel tile is formed in
@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.testing import do_bench
 
-from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_triple
+from drasclr.conv_common import IntOrTriple, LandmarkPartition, as_triple
 
 from .support import interpreter_enabled, triton_unsupported_reason
 
@@ -340,7 +340,7 @@ def loc_cond_conv3d_forward(
     weight: Tensor,
     routing: Tensor,
     bias: Tensor | None,
-    groups: LandmarkGroups,
+    partition: LandmarkPartition,
     stride: tuple[int, int, int],
     padding: tuple[int, int, int],
     out: Tensor | None = None,
@@ -358,11 +358,11 @@ def loc_cond_conv3d_forward(
                           memory_format=_memory_format(x))
     weight = weight.contiguous()
     routing = routing.contiguous()
-    rows = max(groups.counts) * out_spatial[0] * out_spatial[1] * out_spatial[2]
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), groups.num_groups,
+    rows = max(partition.counts) * out_spatial[0] * out_spatial[1] * out_spatial[2]
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), partition.num_landmarks,
                          triton.cdiv(c_out, meta["BLOCK_N"]))
     _forward_kernel[grid](
-        x, weight, routing, bias if bias is not None else weight, out, groups.order, groups.offsets,
+        x, weight, routing, bias if bias is not None else weight, out, partition.order, partition.offsets,
         c_in, c_out, weight.shape[0],
         *spatial, *out_spatial,
         *x.stride(), *out.stride(),
@@ -377,7 +377,7 @@ def loc_cond_conv3d_grad_input(
     grad_out: Tensor,
     weight: Tensor,
     routing: Tensor,
-    groups: LandmarkGroups,
+    partition: LandmarkPartition,
     input_shape: tuple[int, ...],
     stride: tuple[int, int, int],
     padding: tuple[int, int, int],
@@ -391,11 +391,11 @@ def loc_cond_conv3d_grad_input(
                           memory_format=_memory_format(grad_out))
     weight = weight.contiguous()
     routing = routing.contiguous()
-    rows = max(groups.counts) * spatial[0] * spatial[1] * spatial[2]
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), groups.num_groups,
+    rows = max(partition.counts) * spatial[0] * spatial[1] * spatial[2]
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), partition.num_landmarks,
                          triton.cdiv(c_in, meta["BLOCK_N"]))
     _grad_input_kernel[grid](
-        grad_out, weight, routing, out, groups.order, groups.offsets,
+        grad_out, weight, routing, out, partition.order, partition.offsets,
         c_in, c_out, weight.shape[0],
         *spatial, *grad_out.shape[2:],
         *grad_out.stride(), *out.stride(),
@@ -409,7 +409,7 @@ def loc_cond_conv3d_grad_input(
 def loc_cond_conv3d_grad_mixed_kernel(
     grad_out: Tensor,
     x: Tensor,
-    groups: LandmarkGroups,
+    partition: LandmarkPartition,
     kernel_size: tuple[int, int, int],
     stride: tuple[int, int, int],
     padding: tuple[int, int, int],
@@ -420,13 +420,13 @@ def loc_cond_conv3d_grad_mixed_kernel(
     c_out = grad_out.shape[1]
     out_spatial = grad_out.shape[2:]
     taps = kernel_size[0] * kernel_size[1] * kernel_size[2]
-    grad_mixed = torch.zeros((groups.num_groups, c_out, c_in, *kernel_size), dtype=torch.float32,
+    grad_mixed = torch.zeros((partition.num_landmarks, c_out, c_in, *kernel_size), dtype=torch.float32,
                              device=x.device)
-    rows = max(groups.counts) * out_spatial[0] * out_spatial[1] * out_spatial[2]
+    rows = max(partition.counts) * out_spatial[0] * out_spatial[1] * out_spatial[2]
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(taps * c_in, meta["BLOCK_N"]),
-                         groups.num_groups, triton.cdiv(rows, rows_per_split))
+                         partition.num_landmarks, triton.cdiv(rows, rows_per_split))
     _grad_mixed_kernel_kernel[grid](
-        grad_out, x, grad_mixed, groups.order, groups.offsets,
+        grad_out, x, grad_mixed, partition.order, partition.offsets,
         c_in, c_out,
         *spatial, *out_spatial,
         *grad_out.stride(), *x.stride(),
@@ -447,11 +447,11 @@ class LocCondConv3dFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, routing, bias, groups, stride, padding):
+    def forward(ctx, x, weight, routing, bias, partition, stride, padding):
         ctx.save_for_backward(x, weight, routing)
-        ctx.groups, ctx.stride, ctx.padding = groups, stride, padding
+        ctx.partition, ctx.stride, ctx.padding = partition, stride, padding
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return loc_cond_conv3d_forward(x, weight, routing, bias, groups, stride, padding)
+        return loc_cond_conv3d_forward(x, weight, routing, bias, partition, stride, padding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -462,10 +462,10 @@ class LocCondConv3dFunction(torch.autograd.Function):
         grad_x = grad_weight = grad_routing = grad_bias = None
         if need_x:
             grad_x = loc_cond_conv3d_grad_input(
-                grad_out, weight, routing, ctx.groups, tuple(x.shape), ctx.stride, ctx.padding)
+                grad_out, weight, routing, ctx.partition, tuple(x.shape), ctx.stride, ctx.padding)
         if need_weight or need_routing:
             grad_mixed = loc_cond_conv3d_grad_mixed_kernel(
-                grad_out, x, ctx.groups, tuple(weight.shape[3:]), ctx.stride, ctx.padding)
+                grad_out, x, ctx.partition, tuple(weight.shape[3:]), ctx.stride, ctx.padding)
             grad_mixed = grad_mixed.flatten(1)  # (G, C_out * C_in * k^3)
             with torch.autocast(x.device.type, enabled=False):  # keep these contractions in fp32
                 if need_weight:
@@ -482,21 +482,21 @@ def loc_cond_conv3d_triton(
     weight: Tensor,
     routing: Tensor,
     bias: Tensor | None,
-    groups: LandmarkGroups,
+    partition: LandmarkPartition,
     stride: IntOrTriple = 1,
     padding: IntOrTriple = 0,
     dilation: IntOrTriple = 1,
 ) -> Tensor:
     """Loc-CondConv with the fused Triton kernels (Yu et al. 2023, eqs. 3-4).
 
-    Sample b is convolved with ``sum_e routing[groups.index[b], e] * weight[e]``, plus ``bias``.
+    Sample b is convolved with ``sum_e routing[partition.index[b], e] * weight[e]``, plus ``bias``.
 
     Args:
         x: (B, C_in, D, H, W), float32/bfloat16/float16, contiguous or channels-last-3d.
         weight: (E, C_out, C_in, k, k, k) experts, k in {1, 3}.
         routing: (G, E) per-landmark routing weights (already through the sigmoid).
         bias: (C_out,) or None.
-        groups: the batch's ``LandmarkGroups`` (G groups over B samples).
+        partition: the batch's ``LandmarkPartition`` (G groups over B samples).
         stride, padding, dilation: int or 3 ints; strides 1/2, paddings 0/1, dilation 1.
 
     Returns:
@@ -515,16 +515,16 @@ def loc_cond_conv3d_triton(
     num_experts, c_out, w_c_in, *kernel_size = weight.shape
     if w_c_in != c_in:
         raise ValueError(f"weight: experts expect {w_c_in} input channels, x has {c_in}")
-    if tuple(routing.shape) != (groups.num_groups, num_experts):
-        raise ValueError(f"routing: expected shape ({groups.num_groups}, {num_experts}) "
+    if tuple(routing.shape) != (partition.num_landmarks, num_experts):
+        raise ValueError(f"routing: expected shape ({partition.num_landmarks}, {num_experts}) "
                          f"(landmarks, experts), got {tuple(routing.shape)}")
-    if groups.batch_size != batch:
-        raise ValueError(f"groups: grouping is for {groups.batch_size} samples, x has {batch}")
+    if partition.batch_size != batch:
+        raise ValueError(f"partition: grouping is for {partition.batch_size} samples, x has {batch}")
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias: expected shape ({c_out},), got {tuple(bias.shape)}")
     if any(n <= 0 for n in _output_spatial(spatial, kernel_size, stride3, padding3)):
         raise ValueError(f"x: spatial size {tuple(spatial)} is smaller than kernel {tuple(kernel_size)}")
-    tensors = [t for t in (weight, routing, bias, groups.order, groups.offsets) if t is not None]
+    tensors = [t for t in (weight, routing, bias, partition.order, partition.offsets) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"all tensors must be on x's device {x.device}")
 
@@ -534,4 +534,4 @@ def loc_cond_conv3d_triton(
     # The Function manages precision itself (fp32 accumulation); autocast must not recast
     # the small PyTorch contractions inside it.
     with torch.autocast(device_type, enabled=False):
-        return LocCondConv3dFunction.apply(x, weight, routing, bias, groups, stride3, padding3)
+        return LocCondConv3dFunction.apply(x, weight, routing, bias, partition, stride3, padding3)

@@ -21,7 +21,7 @@ import drasclr
 from drasclr.pretrain.trainer import Trainer
 
 TINY_SHARDED = dict(batch_size=8, landmarks_per_batch=4, queue_size=8, num_experts=2, rep_dim=16,
-                    moco_dim=16, k_neighbors=1, progress=False, tensorboard=False, backend="grouped",
+                    moco_dim=16, k_neighbours=1, progress=False, tensorboard=False, backend="grouped",
                     device="cpu", bank_sharding="landmark", checkpoint_every=2, epochs=3)
 
 

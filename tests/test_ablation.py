@@ -70,9 +70,9 @@ def test_variants_differ_in_one_thing_and_resume(ablation_inputs, tmp_path):
     runs = tmp_path / "runs" / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["loc_condconv-k0", "loc_condconv-k2",
                                                       "none-k2"]
-    for run, expected in (("none-k2", {"conditioning": "none", "k_neighbors": 2}),
-                          ("loc_condconv-k2", {"conditioning": "loc_condconv", "k_neighbors": 2}),
-                          ("loc_condconv-k0", {"conditioning": "loc_condconv", "k_neighbors": 0})):
+    for run, expected in (("none-k2", {"conditioning": "none", "k_neighbours": 2}),
+                          ("loc_condconv-k2", {"conditioning": "loc_condconv", "k_neighbours": 2}),
+                          ("loc_condconv-k0", {"conditioning": "loc_condconv", "k_neighbours": 0})):
         state = torch.load(runs / run / "train" / "checkpoint_last.pt", weights_only=True)
         for key, setting in expected.items():
             assert state["config"][key] == setting
@@ -88,7 +88,7 @@ def test_variants_differ_in_one_thing_and_resume(ablation_inputs, tmp_path):
     ({"neighbours": [-1]}, r"neighbours: expected an integer in \[0, inf\)"),
     ({"inference_locations": ["shuffled"]}, "inference_locations: unknown"),
     ({"folds": 1}, r"folds: expected an integer in \[2, inf\)"),
-    ({"train": {"k_neighbors": 2}}, r"train: \['k_neighbors'\] are set by the ablation"),
+    ({"train": {"k_neighbours": 2}}, r"train: \['k_neighbours'\] are set by the ablation"),
     ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]"),
 ])
 def test_bad_configs_name_the_file(tmp_path, change, message):

@@ -76,10 +76,10 @@ def test_coords_neighbours_and_centres(random_mask):
     for landmark in range(atlas.num_landmarks):
         others = [j for j in range(atlas.num_landmarks) if j != landmark]
         nearest = sorted(others, key=lambda j: (distance[landmark, j], j))[:5]
-        assert atlas.neighbors[landmark].tolist() == nearest
-    np.testing.assert_array_equal(atlas.neighbor_table(2), atlas.neighbors[:, :2])
+        assert atlas.neighbours[landmark].tolist() == nearest
+    np.testing.assert_array_equal(atlas.neighbour_table(2), atlas.neighbours[:, :2])
     with pytest.raises(ValueError, match="k: expected 0..5"):
-        atlas.neighbor_table(6)
+        atlas.neighbour_table(6)
 
     centre = atlas.corners[3] + (PATCH - 1) / 2
     np.testing.assert_allclose(atlas.centres_voxel()[3], centre)
@@ -101,7 +101,7 @@ def test_save_load_round_trip_is_atomic(random_mask, tmp_path):
     atlas.save(out)
     assert [p.name for p in out.parent.iterdir()] == ["atlas.npz"]
     loaded = Atlas.load(out)
-    for name in ("corners", "coords", "neighbors", "mask", "affine"):
+    for name in ("corners", "coords", "neighbours", "mask", "affine"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(atlas, name))
     assert (loaded.patch_size, loaded.step, loaded.min_lung_fraction, loaded.source) == (
         PATCH, STEP, 0.1, str(path))

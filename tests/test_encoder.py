@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from drasclr.conv_common import as_groups
+from drasclr.conv_common import as_partition
 from drasclr.nn import CONDITIONINGS, Encoder, LocCondConv3d
 
 SMALL = dict(rep_dim=16, moco_dim=8, num_experts=2)  # full depth and 32^3 input, few channels
@@ -94,7 +94,7 @@ def test_loop_and_grouped_backends_agree_in_training():
     grad_loop = torch.autograd.grad(h_loop.square().sum(), encoder.conv2.routing.weight)[0]
     encoder.set_backend("grouped")
     assert all(m.backend == "grouped" for m in encoder.modules() if isinstance(m, LocCondConv3d))
-    h_grouped = encoder(x, as_groups(loc, x.shape[0]))
+    h_grouped = encoder(x, as_partition(loc, x.shape[0]))
     grad_grouped = torch.autograd.grad(h_grouped.square().sum(), encoder.conv2.routing.weight)[0]
     torch.testing.assert_close(h_grouped, h_loop, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_grouped, grad_loop, rtol=1e-3, atol=1e-5)

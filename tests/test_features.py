@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr.checkpoint import (
+from drasclr.reference_checkpoint import (
     AUTHORS_CHECKPOINT, ENCODER_FILE, TRAINING_CHECKPOINT, load_any_encoder,
 )
 from drasclr.cli import main as cli_main

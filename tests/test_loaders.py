@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr.checkpoint import load_any_encoder
-from drasclr.data.atlas import Atlas, nearest_neighbors, normalised_coords
+from drasclr.reference_checkpoint import load_any_encoder
+from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
 from drasclr.features import FeatureSet
 from drasclr.nn import Encoder
 from drasclr.pretrain.checkpoints import RESUME_KEYS, load_checkpoint, load_encoder, save_checkpoint
@@ -22,7 +22,7 @@ def good_atlas(seed=0):
     rng = np.random.default_rng(seed)
     corners = rng.choice(30, size=(9, 3), replace=False).astype(np.int64)
     return Atlas(corners=corners, coords=normalised_coords(corners),
-                 neighbors=nearest_neighbors(corners, 3), mask=np.ones((6, 6, 6), np.uint8),
+                 neighbours=nearest_neighbours(corners, 3), mask=np.ones((6, 6, 6), np.uint8),
                  affine=np.diag([0.8, 0.8, 1.5, 1.0]), patch_size=4, step=3,
                  min_lung_fraction=0.2, source="mask.nii.gz")
 
@@ -34,7 +34,7 @@ def write_atlas_file(path, arrays, metadata):
 
 
 def atlas_parts(atlas):
-    arrays = dict(corners=atlas.corners, coords=atlas.coords, neighbors=atlas.neighbors,
+    arrays = dict(corners=atlas.corners, coords=atlas.coords, neighbours=atlas.neighbours,
                   mask=atlas.mask, affine=atlas.affine)
     metadata = dict(format="drasclr-atlas", version=1, patch_size=atlas.patch_size,
                     step=atlas.step, min_lung_fraction=atlas.min_lung_fraction,
@@ -66,14 +66,14 @@ ATLAS_DAMAGES = {
     "corners float": (lambda a, m: a.update(corners=a["corners"].astype(np.float64)),
                       r"corners: expected \(L, 3\) integers"),
     "no landmarks": (lambda a, m: a.update(corners=a["corners"][:0], coords=a["coords"][:0],
-                                           neighbors=a["neighbors"][:0]),
+                                           neighbours=a["neighbours"][:0]),
                      "L >= 1"),
-    "neighbour out of range": (lambda a, m: a.update(neighbors=a["neighbors"] + 5),
-                               "neighbors: indices must name other landmarks"),
-    "neighbour is itself": (lambda a, m: a.update(neighbors=np.arange(9)[:, None].repeat(2, 1)),
-                            "neighbors: indices must name other landmarks"),
-    "neighbours of fewer landmarks": (lambda a, m: a.update(neighbors=a["neighbors"][:4]),
-                                      r"neighbors: expected \(9, K\) integers"),
+    "neighbour out of range": (lambda a, m: a.update(neighbours=a["neighbours"] + 5),
+                               "neighbours: indices must name other landmarks"),
+    "neighbour is itself": (lambda a, m: a.update(neighbours=np.arange(9)[:, None].repeat(2, 1)),
+                            "neighbours: indices must name other landmarks"),
+    "neighbours of fewer landmarks": (lambda a, m: a.update(neighbours=a["neighbours"][:4]),
+                                      r"neighbours: expected \(9, K\) integers"),
     "mask 2-D": (lambda a, m: a.update(mask=a["mask"][0]), "mask: expected a 3-D array"),
     "affine 3x3": (lambda a, m: a.update(affine=np.eye(3)), r"affine: expected a finite \(4, 4\)"),
     "affine infinite": (inf_affine, r"affine: expected a finite \(4, 4\)"),
@@ -84,7 +84,7 @@ ATLAS_DAMAGES = {
     "threshold 2": (lambda a, m: m.update(min_lung_fraction=2.0), "min_lung_fraction: expected"),
     "metadata key missing": (lambda a, m: m.pop("step"), r"missing key\(s\) \['step'\]"),
     "metadata key unknown": (lambda a, m: m.update(spacing=1.0), r"unknown key\(s\) \['spacing'\]"),
-    "array missing": (lambda a, m: a.pop("neighbors"), "not a drasclr atlas file"),
+    "array missing": (lambda a, m: a.pop("neighbours"), "not a drasclr atlas file"),
 }
 
 
@@ -93,7 +93,7 @@ def test_good_atlas_round_trips(tmp_path):
     atlas.save(tmp_path / "atlas.npz")
     loaded = Atlas.load(tmp_path / "atlas.npz")
     np.testing.assert_array_equal(loaded.corners, atlas.corners)
-    np.testing.assert_array_equal(loaded.neighbors, atlas.neighbors)
+    np.testing.assert_array_equal(loaded.neighbours, atlas.neighbours)
 
 
 @pytest.mark.parametrize("damage", list(ATLAS_DAMAGES))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drasclr.conv_common import as_groups
+from drasclr.conv_common import as_partition
 from drasclr.nn import LocCondConv3d, loc_cond_conv3d, reference_loc_cond_conv3d
 from drasclr.nn import loc_cond_conv as lcc
 from drasclr.nn.grouped_conv import interleave
@@ -57,20 +57,20 @@ def test_backends_match_float64_formula(case, layout):
 
 
 def test_loc_forms_agree():
-    """(3,) for the batch, (B, 3), a LandmarkGroups and an interleaved grouping: same output."""
+    """(3,) for the batch, (B, 3), a LandmarkPartition and an interleaved grouping: same output."""
     generator = torch.Generator().manual_seed(1)
     layer = LocCondConv3d(2, 3, 3, padding=1, num_experts=4).double()
     x = torch.randn(4, 2, 5, 5, 5, dtype=torch.double, generator=generator)
     point = torch.rand(3, dtype=torch.double, generator=generator)
     expected = reference_loc_cond_conv3d(x, point.expand(4, 3), layer.weight, layer.routing.weight,
                          layer.routing.bias, layer.bias, 1, 1, 1, 1)
-    for loc in (point, point.expand(4, 3), as_groups(point, 4)):
+    for loc in (point, point.expand(4, 3), as_partition(point, 4)):
         torch.testing.assert_close(layer(x, loc), expected)
 
     loc = landmark_batch("uneven", generator).double()
     x = torch.randn(loc.shape[0], 2, 5, 5, 5, dtype=torch.double, generator=generator)
     expected = layer(x, loc)
-    perm, interleaved = interleave(as_groups(loc, loc.shape[0]))
+    perm, interleaved = interleave(as_partition(loc, loc.shape[0]))
     for backend in ("loop", "grouped"):
         layer.backend = backend
         torch.testing.assert_close(layer(x[perm], interleaved), expected[perm])
@@ -79,7 +79,7 @@ def test_loc_forms_agree():
 def test_grouping_is_interleaved_by_bucket():
     """Bucket b holds sample i of every member group at start + i * G_b + j."""
     loc = landmark_batch("uneven", torch.Generator().manual_seed(2))
-    partition = as_groups(loc, loc.shape[0])
+    partition = as_partition(loc, loc.shape[0])
     perm, interleaved = interleave(partition)
     assert sorted(perm.tolist()) == list(range(loc.shape[0]))
     assert sorted(b.count for b in interleaved.buckets) == [1, 2, 3]
@@ -153,7 +153,7 @@ def test_auto_on_cpu_is_grouped_without_warning():
     (lambda layer, x, loc: layer(x, torch.ones(3, 3, dtype=torch.long)), "floating"),
     (lambda layer, x, loc: layer(x[:, :1], loc), "x: expected 2 channels"),
     (lambda layer, x, loc: layer(x[0], loc), "x: expected a 5-D tensor"),
-    (lambda layer, x, loc: layer(x[:2], as_groups(loc, 3)), "grouping is for a batch of 3"),
+    (lambda layer, x, loc: layer(x[:2], as_partition(loc, 3)), "grouping is for a batch of 3"),
     (lambda layer, x, loc: setattr(layer, "backend", "cuda"), "backend: expected one of"),
     (lambda layer, x, loc: LocCondConv3d(2, 3, 3, groups=2), "groups: 2 must divide"),
     (lambda layer, x, loc: loc_cond_conv3d(x, loc, layer.weight, layer.routing.weight[:, :2],

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 from drasclr.pretrain.losses import drasclr_loss, info_nce
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank
 
@@ -55,21 +55,21 @@ def _batch(landmark, num_landmarks=5, dim=4, seed=3):
     gen = torch.Generator().manual_seed(seed)
     table = torch.rand(num_landmarks, 3, generator=gen, dtype=torch.float64) * 2 - 1
     loc = table[landmark]
-    groups = LandmarkGroups.from_loc(loc, len(landmark))
+    partition = LandmarkPartition.from_loc(loc, len(landmark))
     unit = lambda *shape: F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
-    return groups, unit(len(landmark), dim), unit(len(landmark), dim), unit(len(landmark), 2, dim)
+    return partition, unit(len(landmark), dim), unit(len(landmark), dim), unit(len(landmark), 2, dim)
 
 
 @pytest.mark.parametrize("landmark", [
     [3, 3, 1, 1, 0, 0],          # uniform groups (landmark-grouped batch), unsorted landmarks
-    [4, 0, 4, 2, 4, 0, 1],       # uneven groups, interleaved
+    [4, 0, 4, 2, 4, 0, 1],       # uneven partition, interleaved
 ])
 def test_negative_logits_use_only_own_landmark_queue(landmark):
     landmark = torch.tensor(landmark)
     bank = _bank()
-    groups, query, _, _ = _batch(landmark)
+    partition, query, _, _ = _batch(landmark)
     query.requires_grad_(True)
-    logits = bank.negative_logits(query, landmark, groups)
+    logits = bank.negative_logits(query, landmark, partition)
     expected = torch.stack([bank.keys[l] @ q for q, l in zip(query, landmark.tolist())])
     torch.testing.assert_close(logits, expected)
     logits.sum().backward()  # gradient reaches the queries: sum over own queue
@@ -102,9 +102,9 @@ def _reference_losses(query, key, neighbours, bank, landmark, temperature, beta,
 def test_losses_match_float64_formula(mode, landmark):
     landmark = torch.tensor(landmark)
     bank = _bank(queue_size=9)
-    groups, query, key, neighbours = _batch(landmark, seed=7)
+    partition, query, key, neighbours = _batch(landmark, seed=7)
     key = F.normalize(query + 0.3 * key, dim=-1)  # some positives win, some lose: top-1 is informative
-    out = drasclr_loss(query, key, neighbours, bank, landmark, groups, temperature=0.2, beta=0.7,
+    out = drasclr_loss(query, key, neighbours, bank, landmark, partition, temperature=0.2, beta=0.7,
                        neighbour_mode=mode)
     expected = _reference_losses(query, key, neighbours, bank, landmark, 0.2, 0.7, mode)
     for got, want in zip(out, expected):
@@ -122,6 +122,6 @@ def test_info_nce_top1_and_value():
 
 def test_bad_neighbour_mode():
     landmark = torch.tensor([0, 0])
-    groups, query, key, neighbours = _batch(landmark)
+    partition, query, key, neighbours = _batch(landmark)
     with pytest.raises(ValueError, match="neighbour_mode"):
-        drasclr_loss(query, key, neighbours, _bank(), landmark, groups, 0.2, neighbour_mode="max")
+        drasclr_loss(query, key, neighbours, _bank(), landmark, partition, 0.2, neighbour_mode="max")

@@ -34,7 +34,7 @@ def test_ints_are_accepted_for_floats():
     ({"bank_dtype": "float16"}, "bank_dtype"),
     ({"neighbour_loss": "max"}, "neighbour_loss"),
     ({"backend": "cuda"}, "backend"),
-    ({"k_neighbors": -1}, "k_neighbors"),
+    ({"k_neighbours": -1}, "k_neighbours"),
 ])
 def test_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
@@ -87,7 +87,7 @@ def test_every_numeric_field_is_checked_for_meaning(field, bad):
 def test_ranges_admit_their_defaults_and_bounds():
     config = TrainConfig(store="s", atlas="a")
     assert config.validate() is config
-    config.replace(momentum=0.0, sgd_momentum=0.0, k_neighbors=0, warmup_steps=0, seed=0,
+    config.replace(momentum=0.0, sgd_momentum=0.0, k_neighbours=0, warmup_steps=0, seed=0,
                    weight_decay=0.0, beta=0.0).validate()
     with pytest.raises(ValueError, match=r"momentum: expected a finite number in \[0, 1\), got 1.0"):
         config.replace(momentum=1.0).validate()

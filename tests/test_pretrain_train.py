@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 
 import drasclr
 import drasclr.nn
-from drasclr.data.atlas import Atlas, nearest_neighbors, normalised_coords
+from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
 from drasclr.data.store import create_store, write_subject
 from drasclr.pretrain import TrainConfig, load_encoder
 from drasclr.pretrain.checkpoints import load_checkpoint
@@ -30,7 +30,7 @@ def make_store(root: Path, num_subjects=4, num_landmarks=6, seed=0, distinct_lev
     rng = np.random.default_rng(seed)
     corners = np.stack(np.unravel_index(np.arange(num_landmarks), (2, 2, 8)), 1)[:, ::-1] * 26
     corners = np.ascontiguousarray(corners, dtype=np.int64)
-    atlas = Atlas(corners=corners, coords=normalised_coords(corners), neighbors=nearest_neighbors(corners, min(3, num_landmarks - 1)),
+    atlas = Atlas(corners=corners, coords=normalised_coords(corners), neighbours=nearest_neighbours(corners, min(3, num_landmarks - 1)),
                   mask=np.ones((4, 4, 4), np.uint8), affine=np.eye(4), patch_size=32, step=26,
                   min_lung_fraction=0.1, source="synthetic")
     atlas_path = root / "atlas.npz"
@@ -85,7 +85,7 @@ def test_short_run_lowers_loss_and_raises_top1(tmp_path):
     # More subjects than queue slots, as in the real setting (K = 4096 << subjects): a queue
     # holding the query's own subject's older keys would push its positive away.
     store = make_store(tmp_path / "data", num_subjects=16, num_landmarks=2, distinct_levels=True)
-    result = _train(store, tmp_path / "run", epochs=20, max_steps=24, batch_size=8, k_neighbors=1,
+    result = _train(store, tmp_path / "run", epochs=20, max_steps=24, batch_size=8, k_neighbours=1,
                     queue_size=4, lr=0.05, momentum=0.9, tensorboard=True)
     torch.manual_seed(0)  # the trainer's initialisation (seed 0)
     initial = drasclr.nn.Encoder(**result.model.encoder_q.config)
@@ -110,7 +110,7 @@ def test_short_run_lowers_loss_and_raises_top1(tmp_path):
 
 
 def test_resume_continues_bit_for_bit(tiny_store, tmp_path, monkeypatch):
-    settings = dict(epochs=2, max_steps=4, checkpoint_every=2, batch_size=4, k_neighbors=1)
+    settings = dict(epochs=2, max_steps=4, checkpoint_every=2, batch_size=4, k_neighbours=1)
     whole = _train(tiny_store, tmp_path / "whole", **settings)
 
     from drasclr.pretrain.trainer import Trainer
@@ -141,7 +141,7 @@ def _ddp_worker(rank, store_atlas, out_dir, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    result = _train(store_atlas, out_dir, max_steps=2, batch_size=8, k_neighbors=1, device="cpu")
+    result = _train(store_atlas, out_dir, max_steps=2, batch_size=8, k_neighbours=1, device="cpu")
     torch.save({"bank": result.model.bank.state_dict(),
                 "encoder_q": result.model.encoder_q.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -175,7 +175,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_store, tmp_path, monkey
 
     monkeypatch.setattr(moco, "drasclr_loss", poisoned)
     with pytest.raises(FloatingPointError, match="step 2.*last good checkpoint"):
-        _train(tiny_store, tmp_path, max_steps=3, checkpoint_every=1, batch_size=4, k_neighbors=0)
+        _train(tiny_store, tmp_path, max_steps=3, checkpoint_every=1, batch_size=4, k_neighbours=0)
     state = load_checkpoint(tmp_path / "checkpoint_last.pt")
     assert state["position"]["step"] == 1
     assert all(torch.isfinite(v).all() for v in state["encoder_q"].values() if v.is_floating_point())
@@ -193,7 +193,7 @@ def test_bad_inputs_fail_before_work(tiny_store, tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         _train(tiny_store, tmp_path / "d", learning_rate=0.1)
     with pytest.raises(ValueError, match="k: expected 0..3"):
-        _train(tiny_store, tmp_path / "e", k_neighbors=4)
+        _train(tiny_store, tmp_path / "e", k_neighbours=4)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -202,9 +202,9 @@ def test_cli_trains_from_config_file(tiny_store, tmp_path, capsys):
     store, atlas = tiny_store
     config = TrainConfig(store=str(store), atlas=str(atlas), out_dir=str(tmp_path / "run"), **TINY)
     path = config.save(tmp_path / "run.yaml")
-    assert main(["train", "--config", str(path), "--max-steps", "1", "--k-neighbors", "0"]) == 0
+    assert main(["train", "--config", str(path), "--max-steps", "1", "--k-neighbours", "0"]) == 0
     assert "checkpoint_last.pt" in capsys.readouterr().out
-    assert load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["config"]["k_neighbors"] == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["config"]["k_neighbours"] == 0
     (tmp_path / "typo.yaml").write_text("epoch: 3\n")
     assert main(["train", "--config", str(tmp_path / "typo.yaml")]) == 2
     assert "unknown key(s) ['epoch']" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from drasclr.atomic import atomic_write_bytes
 from drasclr.data.patches import PATCH_SIZE
 from drasclr.file_format import check_header
 from drasclr.ranges import AT_LEAST_ONE, Interval, check_number
+from drasclr.deprecated_names import ATLAS_ARRAYS, renamed_keys
 
 #: Identifies an atlas file written by :meth:`Atlas.save`; bumped when the layout changes.
 ATLAS_FORMAT = "drasclr-atlas"
@@ -44,7 +45,7 @@ class Atlas:
     Attributes:
         corners: (L, 3) int64 patch corners, voxel indices in the mask array's axis order.
         coords: (L, 3) float32 normalised coordinates ``corners / corners.max(0) * 2 - 1``.
-        neighbors: (L, K) int64, for each landmark the K nearest other landmarks (distance
+        neighbours: (L, K) int64, for each landmark the K nearest other landmarks (distance
             between corners, nearest first, ties by index). K is ``k_max``, or L - 1 when the
             atlas has fewer landmarks than that.
         mask: (X, Y, Z) uint8 lung labels of the atlas, 0 outside.
@@ -58,7 +59,7 @@ class Atlas:
 
     corners: np.ndarray
     coords: np.ndarray
-    neighbors: np.ndarray
+    neighbours: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
     patch_size: int
@@ -71,12 +72,12 @@ class Atlas:
     def num_landmarks(self) -> int:
         return int(self.corners.shape[0])
 
-    def neighbor_table(self, k: int) -> np.ndarray:
+    def neighbour_table(self, k: int) -> np.ndarray:
         """(L, k) indices of each landmark's k nearest other landmarks, nearest first."""
-        available = self.neighbors.shape[1]
+        available = self.neighbours.shape[1]
         if not 0 <= k <= available:
             raise ValueError(f"k: expected 0..{available} neighbours for this atlas, got {k}")
-        return self.neighbors[:, :k]
+        return self.neighbours[:, :k]
 
     def centres_voxel(self) -> np.ndarray:
         """(L, 3) float64 patch centres in voxel indices: corner + (patch_size - 1) / 2."""
@@ -118,7 +119,7 @@ class Atlas:
             metadata=np.array(json.dumps(metadata)),
             corners=self.corners,
             coords=self.coords,
-            neighbors=self.neighbors,
+            neighbours=self.neighbours,
             mask=self.mask,
             affine=self.affine,
         )
@@ -140,8 +141,10 @@ class Atlas:
         try:
             with np.load(path, allow_pickle=False) as data:
                 metadata = json.loads(str(data["metadata"]))
-                names = ("corners", "coords", "neighbors", "mask", "affine")
-                arrays = {name: data[name] for name in names}
+                stored = renamed_keys({name: data[name] for name in data.files}, ATLAS_ARRAYS,
+                                      f"atlas file {path}")
+                arrays = {name: stored[name]
+                          for name in ("corners", "coords", "neighbours", "mask", "affine")}
         except Exception as error:  # zip, key and JSON errors all mean "not an atlas file"
             raise ValueError(f"{path}: not a drasclr atlas file ({error})") from error
         check_header(path, metadata, ATLAS_FORMAT, ATLAS_VERSION, "atlas file")
@@ -178,7 +181,7 @@ def check_atlas(atlas: Atlas) -> None:
     check_number("patch_size", atlas.patch_size, AT_LEAST_ONE)
     check_number("step", atlas.step, AT_LEAST_ONE)
     check_number("min_lung_fraction", atlas.min_lung_fraction, Interval(0, 1))  # raised up to 1
-    corners, coords, neighbors = atlas.corners, atlas.coords, atlas.neighbors
+    corners, coords, neighbours = atlas.corners, atlas.coords, atlas.neighbours
     if (corners.ndim != 2 or corners.shape[1:] != (3,) or len(corners) == 0
             or not np.issubdtype(corners.dtype, np.integer)):
         raise ValueError(f"corners: expected (L, 3) integers with L >= 1, got {corners.dtype} "
@@ -194,13 +197,13 @@ def check_atlas(atlas: Atlas) -> None:
     if not np.allclose(coords, normalised_coords(corners), atol=1e-5):
         raise ValueError("coords do not match the corners (expected corners / corners.max(0) "
                          "* 2 - 1)")
-    if (neighbors.ndim != 2 or len(neighbors) != len(corners)
-            or not np.issubdtype(neighbors.dtype, np.integer)):
-        raise ValueError(f"neighbors: expected ({len(corners)}, K) integers, got "
-                         f"{neighbors.dtype} {neighbors.shape}")
-    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= len(corners)
-                           or (neighbors == np.arange(len(corners))[:, None]).any()):
-        raise ValueError(f"neighbors: indices must name other landmarks in 0..{len(corners) - 1}")
+    if (neighbours.ndim != 2 or len(neighbours) != len(corners)
+            or not np.issubdtype(neighbours.dtype, np.integer)):
+        raise ValueError(f"neighbours: expected ({len(corners)}, K) integers, got "
+                         f"{neighbours.dtype} {neighbours.shape}")
+    if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= len(corners)
+                           or (neighbours == np.arange(len(corners))[:, None]).any()):
+        raise ValueError(f"neighbours: indices must name other landmarks in 0..{len(corners) - 1}")
     if atlas.mask.ndim != 3:
         raise ValueError(f"mask: expected a 3-D array, got shape {atlas.mask.shape}")
     affine = np.asarray(atlas.affine)
@@ -264,7 +267,7 @@ def build_atlas(
     return Atlas(
         corners=corners,
         coords=normalised_coords(corners),
-        neighbors=nearest_neighbors(corners, min(int(k_max), len(corners) - 1)),
+        neighbours=nearest_neighbours(corners, min(int(k_max), len(corners) - 1)),
         mask=labels,
         affine=affine,
         patch_size=int(patch_size),
@@ -315,7 +318,7 @@ def scale_corners(corners: np.ndarray, axis_max: np.ndarray) -> np.ndarray:
     return (scaled * 2.0 - 1.0).astype(np.float32)
 
 
-def nearest_neighbors(corners: np.ndarray, k: int) -> np.ndarray:
+def nearest_neighbours(corners: np.ndarray, k: int) -> np.ndarray:
     """(L, k) int64: each landmark's k nearest other landmarks, nearest first, ties by index."""
     distance = cdist(corners, corners)
     np.fill_diagonal(distance, np.inf)

@@ -38,6 +38,7 @@ from drasclr.atomic import remove_stale_temporaries
 from drasclr.data.atlas import Atlas
 from drasclr.data.density import DENSITY_MEASURES
 from drasclr.data.laterality import RIGHT_TO_LEFT, laterality_warning
+from drasclr.data.lung_segmentation import SEGMENTATION_METHODS
 from drasclr.data.registration import SCHEDULES
 from drasclr.data.store import (
     DONE,
@@ -54,8 +55,6 @@ from drasclr.worker_exit import die_with_parent
 
 #: Image files found in an ``images`` folder; every other (non-hidden) subfolder is a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-#: Lung segmentation methods of ``drasclr.data.lung_segmentation.segment_lungs``.
-SEGMENTATIONS = ("classical", "lungmask")
 #: Outcomes of a density-only task: the measures added, or not (the subject stays done).
 DENSITY_ADDED, DENSITY_FAILED = "density added", "density failed"
 
@@ -130,8 +129,8 @@ def preprocess(
         parse_shard(shard)  # before the atlas and the cohort are read
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
-    if segmentation not in SEGMENTATIONS:
-        raise ValueError(f"segmentation: expected one of {list(SEGMENTATIONS)}, got {segmentation!r}")
+    if segmentation not in SEGMENTATION_METHODS:
+        raise ValueError(f"segmentation: expected one of {list(SEGMENTATION_METHODS)}, got {segmentation!r}")
     atlas = Atlas.load(atlas_path)
     subjects = select_shard(find_subjects(images), shard)
     root = Path(out)

@@ -78,7 +78,7 @@ class AblationConfig:
                              f"{LOCATIONS}")
         check_number("folds", self.folds, Interval(2, integer=True))
         check_number("seed", self.seed, COUNT)
-        shared = {"store", "atlas", "out_dir", "conditioning", "k_neighbors"} & set(self.train)
+        shared = {"store", "atlas", "out_dir", "conditioning", "k_neighbours"} & set(self.train)
         if shared:
             raise ValueError(f"train: {sorted(shared)} are set by the ablation itself")
 
@@ -123,7 +123,7 @@ def run_ablations(config: AblationConfig, progress: bool = True) -> list[Section
             config, clinical, "Conditioning: how location enters the encoder (Table 6)",
             {_CONDITIONING_NAMES[v]: path for v, path in runs.items()}, progress))
     if config.neighbours:
-        runs = {k: _pretrain(config, progress, k_neighbors=k) for k in config.neighbours}
+        runs = {k: _pretrain(config, progress, k_neighbours=k) for k in config.neighbours}
         sections.append(_readout_section(
             config, clinical, "Neighbouring contrastive loss: number of neighbours (Table 8)",
             {("no neighbouring contrast" if k == 0 else f"{k} neighbour(s)"): path
@@ -138,18 +138,18 @@ _CONDITIONING_NAMES = {"none": "no conditioning", "concat": "concatenation",
 
 
 def _pretrain(config: AblationConfig, progress: bool, conditioning: str = "loc_condconv",
-              k_neighbors: int | None = None) -> Path:
+              k_neighbours: int | None = None) -> Path:
     """The checkpoint of one variant, pretrained (or resumed) in
     ``out/runs/<conditioning>-k<k>/train``: the studies share the run of DrasCLR's own
     settings (Loc-CondConv with the default neighbours) instead of training it twice."""
     from drasclr.pretrain import TrainConfig, train
 
-    if k_neighbors is None:
-        k_neighbors = TrainConfig.__dataclass_fields__["k_neighbors"].default
-    run_dir = Path(config.out) / "runs" / f"{conditioning}-k{k_neighbors}" / "train"
+    if k_neighbours is None:
+        k_neighbours = TrainConfig.__dataclass_fields__["k_neighbours"].default
+    run_dir = Path(config.out) / "runs" / f"{conditioning}-k{k_neighbours}" / "train"
     settings = {"seed": config.seed, "progress": progress, "tensorboard": False, **config.train}
     return Path(train(store=config.store, atlas=config.atlas, out_dir=str(run_dir),
-                      conditioning=conditioning, k_neighbors=k_neighbors, **settings).checkpoint)
+                      conditioning=conditioning, k_neighbours=k_neighbours, **settings).checkpoint)
 
 
 def _readout_section(config: AblationConfig, clinical, title: str, checkpoints: dict,
@@ -181,7 +181,7 @@ def _locations_section(config: AblationConfig, checkpoint: Path) -> Section:
     from drasclr.evaluation.detection import (
         PROBE_DRASCLR, SUBTYPES, DetectionConfig, evaluate_detection)
     from drasclr.evaluation.detection_patches import detection_patches
-    from drasclr.checkpoint import load_any_encoder
+    from drasclr.reference_checkpoint import load_any_encoder
 
     data = detection_patches(config.annotations, config.store)
     encoder, _ = load_any_encoder(checkpoint)

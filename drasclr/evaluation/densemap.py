@@ -69,11 +69,10 @@ from drasclr.atomic import atomic_path, atomic_write_bytes
 from drasclr.data.atlas import Atlas
 from drasclr.device import resolve_device
 from drasclr.data.io import CTVolume, read_ct
-from drasclr.data.patches import AIR_HU
+from drasclr.data.patches import AIR_HU, PATCH_SIZE
 from drasclr.intensity import HU_WINDOW, normalise_hu
 from drasclr.ranges import AT_LEAST_ONE, check_number
 
-PATCH_SIZE = 32
 #: Voxel v is patch index HALF of its patch: the patch covers v - HALF .. v + HALF - 1.
 HALF = PATCH_SIZE // 2
 #: The paper's detection rule (Section 4.3.1): box detected when >= 25 % of voxels are > 0.5.

@@ -184,8 +184,8 @@ def check_head_matches(head: SubtypeHead, encoder: nn.Module, head_path: str | o
 
 def load_encoder_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """An encoder from any checkpoint drasclr reads (training checkpoint, per-epoch encoder
-    file, authors' checkpoint: ``drasclr.checkpoint.load_any_encoder``), in eval mode."""
-    from drasclr.checkpoint import load_any_encoder
+    file, authors' checkpoint: ``drasclr.reference_checkpoint.load_any_encoder``), in eval mode."""
+    from drasclr.reference_checkpoint import load_any_encoder
 
     encoder, _ = load_any_encoder(path, map_location=device)
     return encoder.eval()

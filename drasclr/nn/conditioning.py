@@ -1,6 +1,6 @@
 """How the atlas location enters each convolution: the encoder's ablation variants.
 
-Every convolution of the encoder is called as ``conv(x, groups)``, so one backbone serves all
+Every convolution of the encoder is called as ``conv(x, partition)``, so one backbone serves all
 variants (``Encoder(conditioning=...)``, Yu et al. 2023, Section 4.4.1, Table 6):
 
     "loc_condconv"  ``LocCondConv3d``, the method (Section 2.2);
@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from drasclr.conv_common import IntOrTriple, as_groups, as_triple
-from drasclr.nn.grouped_conv import conv3d_by_group
+from drasclr.conv_common import IntOrTriple, as_partition, as_triple
+from drasclr.nn.grouped_conv import conv3d_by_landmark
 from drasclr.nn.loc_cond_conv import Loc, LocCondConv3d
 
 CONDITIONINGS = ("loc_condconv", "hypernetwork", "concat", "none")
@@ -33,7 +33,7 @@ class PlainConv3d(nn.Conv3d):
 class HyperConv3d(nn.Module):
     """Hypernetwork convolution: kernel = MLP(p), MLP = Linear(3, hidden), ReLU,
     Linear(hidden, C_out * C_in * k^3); one shared bias. As in Loc-CondConv, the kernel is
-    generated once per distinct landmark and applied with ``conv3d_by_group``.
+    generated once per distinct landmark and applied with ``conv3d_by_landmark``.
 
     Initialisation: the generated kernel starts at ``nn.Conv3d``'s scale (the last layer's
     bias drawn like a Conv3d weight, its weight small), so the variants start comparably.
@@ -64,10 +64,10 @@ class HyperConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor, loc: Loc) -> Tensor:
-        groups = as_groups(loc, x.shape[0])
-        coords = groups.coords.to(self.generator[0].weight.dtype)
-        kernels = self.generator(coords).view(groups.num_groups, *self.kernel_shape)
-        return conv3d_by_group(x, kernels, self.bias, groups, self.stride, self.padding)
+        partition = as_partition(loc, x.shape[0])
+        coords = partition.coords.to(self.generator[0].weight.dtype)
+        kernels = self.generator(coords).view(partition.num_landmarks, *self.kernel_shape)
+        return conv3d_by_landmark(x, kernels, self.bias, partition, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

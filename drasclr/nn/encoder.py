@@ -2,7 +2,7 @@
 
 Architecture of Yu et al. 2023, Section 3, as the authors' ``models/cnn3d.py`` builds it
 (docs/method.md#encoder); layer attribute names are the reference's so its checkpoints load
-by a key rename (``drasclr.checkpoint``), with
+by a key rename (``drasclr.reference_checkpoint``), with
 ``head`` for its projection ``fc``. Every convolution is 3x3x3, padding 1, then BatchNorm3d
 and ELU (after ``bn4`` too):
 
@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from drasclr.conv_common import as_groups
+from drasclr.conv_common import as_partition
 from drasclr.data.patches import PATCH_SIZE
 from drasclr.nn.conditioning import CONDITIONINGS, make_conv3x3
 from drasclr.nn.grouped_conv import interleave
@@ -110,7 +110,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, loc: Loc) -> Tensor:
         """h (B, rep_dim) of patches x (B, 1, 32, 32, 32) at locations loc: (B, 3)
-        normalised atlas coordinates, (3,) for the whole batch, or a ``LandmarkGroups``."""
+        normalised atlas coordinates, (3,) for the whole batch, or a ``LandmarkPartition``."""
         patch_shape = (1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
         if not isinstance(x, Tensor) or x.dim() != 5 or tuple(x.shape[1:]) != patch_shape:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -127,10 +127,10 @@ class Encoder(nn.Module):
 
         # Group the batch by landmark once, and put it in the order in which every layer
         # convolves its landmark groups without copying activations (see grouped_conv).
-        perm, groups = interleave(as_groups(loc, x.shape[0]))
+        perm, partition = interleave(as_partition(loc, x.shape[0]))
         if perm is None:
-            return self._features(x, groups)
-        return self._features(x[perm], groups)[torch.argsort(perm)]
+            return self._features(x, partition)
+        return self._features(x[perm], partition)[torch.argsort(perm)]
 
     def _features(self, x: Tensor, loc: Optional[Loc]) -> Tensor:
         x = self.act(self.bn1(self.conv1(x, loc)))

@@ -9,16 +9,16 @@ sample 1, ...). A bucket is then a free view
 
     (n * G_n, C_in, D, H, W) -> (n, G_n * C_in, D, H, W)
 
-and one grouped convolution (``groups = G_n * conv_groups``) applies all G_n kernels at once.
+and one grouped convolution (``partition = G_n * conv_groups``) applies all G_n kernels at once.
 A batch with uniform groups (the usual sampling) is a single bucket and a single call.
 Where a group's output is tiny (few samples x few voxels, the encoder's last layers with many
 landmarks) a batched matmul over unfolded patches replaces the grouped convolution, which
 oneDNN runs slowly there.
 
 Reordering a large activation costs about as much as the convolution itself on CPU, so an
-encoder interleaves its input ONCE (``interleave``) and passes the ``InterleavedGroups`` to
+encoder interleaves its input ONCE (``interleave``) and passes the ``InterleavedPartition`` to
 every layer, which then needs no copies at all; a lone layer given an ordinary
-``LandmarkGroups`` interleaves and restores its own input and output.
+``LandmarkPartition`` interleaves and restores its own input and output.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_triple
+from drasclr.conv_common import IntOrTriple, LandmarkPartition, as_triple
 
 # Buckets whose per-group output has at most this many columns (samples x output voxels) run
 # as a batched matmul instead of a grouped convolution (measured on CPU, benchmarks/RESULTS.md).
@@ -48,81 +48,81 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class InterleavedGroups(LandmarkGroups):
+class InterleavedPartition(LandmarkPartition):
     """The grouping of a batch already in interleaved order (see the module docstring).
 
-    A full ``LandmarkGroups`` (``index``, ``order``, ``offsets`` describe the interleaved
-    batch), so every backend accepts it; ``buckets`` lets ``conv3d_by_group`` skip reordering.
+    A full ``LandmarkPartition`` (``index``, ``order``, ``offsets`` describe the interleaved
+    batch), so every backend accepts it; ``buckets`` lets ``conv3d_by_landmark`` skip reordering.
     """
 
     buckets: tuple[Bucket, ...]
 
 
-def interleave(groups: LandmarkGroups) -> tuple[Optional[Tensor], InterleavedGroups]:
+def interleave(partition: LandmarkPartition) -> tuple[Optional[Tensor], InterleavedPartition]:
     """Permutation to the interleaved batch order and the grouping of the permuted batch.
 
     Returns:
         (perm, interleaved): ``x[perm]`` is the interleaved batch (perm is None when the batch
         already is), described by ``interleaved``.
     """
-    if isinstance(groups, InterleavedGroups):
-        return None, groups
-    device = groups.order.device
-    if groups.num_groups == 1:  # any order is interleaved
-        bucket = Bucket(0, groups.batch_size, torch.zeros(1, dtype=torch.long, device=device))
-        return None, InterleavedGroups(
-            coords=groups.coords, index=groups.index, order=groups.order,
-            offsets=groups.offsets, counts=groups.counts, buckets=(bucket,))
+    if isinstance(partition, InterleavedPartition):
+        return None, partition
+    device = partition.order.device
+    if partition.num_landmarks == 1:  # any order is interleaved
+        bucket = Bucket(0, partition.batch_size, torch.zeros(1, dtype=torch.long, device=device))
+        return None, InterleavedPartition(
+            coords=partition.coords, index=partition.index, order=partition.order,
+            offsets=partition.offsets, counts=partition.counts, buckets=(bucket,))
     by_count: dict[int, list[int]] = {}
-    for group, count in enumerate(groups.counts):
+    for group, count in enumerate(partition.counts):
         by_count.setdefault(count, []).append(group)
     buckets, samples, start = [], [], 0
     for count, member_list in by_count.items():
         members = torch.tensor(member_list, device=device)
-        first = groups.offsets[members]  # (G_n,) first sorted position of each member group
+        first = partition.offsets[members]  # (G_n,) first sorted position of each member group
         positions = torch.arange(count, device=device)[:, None] + first[None, :]  # (n, G_n)
-        samples.append(groups.order[positions.reshape(-1)])
+        samples.append(partition.order[positions.reshape(-1)])
         buckets.append(Bucket(start, count, members))
         start += count * len(member_list)
     perm = torch.cat(samples)
-    index = groups.index[perm]
-    interleaved = InterleavedGroups(
-        coords=groups.coords, index=index, order=torch.argsort(index, stable=True),
-        offsets=groups.offsets, counts=groups.counts, buckets=tuple(buckets))
+    index = partition.index[perm]
+    interleaved = InterleavedPartition(
+        coords=partition.coords, index=index, order=torch.argsort(index, stable=True),
+        offsets=partition.offsets, counts=partition.counts, buckets=tuple(buckets))
     return perm, interleaved
 
 
-def conv3d_by_group(
+def conv3d_by_landmark(
     x: Tensor,
     kernels: Tensor,
     bias: Optional[Tensor],
-    groups: LandmarkGroups,
+    partition: LandmarkPartition,
     stride: IntOrTriple = 1,
     padding: IntOrTriple = 0,
     dilation: IntOrTriple = 1,
     conv_groups: int = 1,
 ) -> Tensor:
-    """Sample b convolved with ``kernels[groups.index[b]]`` (plus ``bias``), as ``F.conv3d``.
+    """Sample b convolved with ``kernels[partition.index[b]]`` (plus ``bias``), as ``F.conv3d``.
 
     Args:
         x: (B, C_in, D, H, W).
         kernels: (G, C_out, C_in / conv_groups, kD, kH, kW), one kernel per landmark group.
-        bias: (C_out,) shared by all groups, or None.
-        groups: the batch's landmark grouping; an ``InterleavedGroups`` avoids all copies.
+        bias: (C_out,) shared by all partition, or None.
+        partition: the batch's landmark grouping; an ``InterleavedPartition`` avoids all copies.
         stride, padding, dilation, conv_groups: as ``stride``, ``padding``, ``dilation`` and
             ``groups`` of ``F.conv3d``.
 
     Returns:
         (B, C_out, D', H', W') in the order of x.
     """
-    if kernels.shape[0] != groups.num_groups:
-        raise ValueError(f"kernels: expected {groups.num_groups} per-landmark kernels "
+    if kernels.shape[0] != partition.num_landmarks:
+        raise ValueError(f"kernels: expected {partition.num_landmarks} per-landmark kernels "
                          f"(one per group), got {kernels.shape[0]}")
-    if groups.num_groups == 1:
+    if partition.num_landmarks == 1:
         return F.conv3d(x, kernels[0], bias, stride, padding, dilation, conv_groups)
-    if not isinstance(groups, InterleavedGroups):
-        perm, interleaved = interleave(groups)
-        y = conv3d_by_group(x[perm], kernels, bias, interleaved, stride, padding, dilation,
+    if not isinstance(partition, InterleavedPartition):
+        perm, interleaved = interleave(partition)
+        y = conv3d_by_landmark(x[perm], kernels, bias, interleaved, stride, padding, dilation,
                             conv_groups)
         return y[torch.argsort(perm)]
 
@@ -131,11 +131,11 @@ def conv3d_by_group(
     out_voxels = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
         x.shape[2:], kernels.shape[3:], stride, padding, dilation))
     # split, not one narrow per bucket: a narrow's backward fills a zero gradient of all of x
-    x_buckets = x.split([bucket.count * bucket.members.shape[0] for bucket in groups.buckets])
+    x_buckets = x.split([bucket.count * bucket.members.shape[0] for bucket in partition.buckets])
     outputs = []
-    for bucket, x_bucket in zip(groups.buckets, x_buckets):
+    for bucket, x_bucket in zip(partition.buckets, x_buckets):
         num_members = bucket.members.shape[0]
-        bucket_kernels = kernels if num_members == groups.num_groups else kernels[bucket.members]
+        bucket_kernels = kernels if num_members == partition.num_landmarks else kernels[bucket.members]
         gemm = (bucket.count * out_voxels <= GEMM_MAX_COLUMNS and conv_groups == 1
                 and dilation == (1, 1, 1))
         if gemm:

@@ -10,7 +10,7 @@ atlas coordinate p,
 Backends (same numbers, different speed):
     "loop":    one sample at a time, like the reference; the test and benchmark baseline.
     "grouped": routing and mixture once per distinct landmark, then all samples in a few
-               grouped convolutions (``conv3d_by_group``).
+               grouped convolutions (``conv3d_by_landmark``).
     "triton":  the fused kernels of ``drasclr.kernels``; falls back to "grouped"
                with a warning when they are missing or do not cover the call.
     "auto":    "triton" for supported CUDA calls, otherwise "grouped".
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.conv_common import IntOrTriple, LandmarkGroups, as_groups, as_triple, check_loc
-from drasclr.nn.grouped_conv import conv3d_by_group
+from drasclr.conv_common import IntOrTriple, LandmarkPartition, as_partition, as_triple, check_loc
+from drasclr.nn.grouped_conv import conv3d_by_landmark
 
 BACKENDS = ("auto", "loop", "grouped", "triton")
 
-Loc = Union[Tensor, LandmarkGroups]
+Loc = Union[Tensor, LandmarkPartition]
 
 
 def loc_cond_conv3d(
@@ -52,7 +52,7 @@ def loc_cond_conv3d(
     Args:
         x: (B, C_in, D, H, W) input patches.
         loc: (B, 3) normalised atlas coordinates, (3,) for the whole batch, or the batch's
-            ``LandmarkGroups`` (computed once per batch and shared by all layers).
+            ``LandmarkPartition`` (computed once per batch and shared by all layers).
         weight: (E, C_out, C_in / groups, kD, kH, kW) expert kernels.
         routing_weight: (E, 3) and routing_bias: (E,), the routing ``Linear(3, E)``.
         bias: (C_out,) shared bias, or None.
@@ -72,8 +72,8 @@ def loc_cond_conv3d(
         return _loop(x, loc, weight, routing_weight, routing_bias, bias,
                      stride, padding, dilation, groups)
 
-    landmark_groups = as_groups(loc, batch)
-    routing = torch.sigmoid(F.linear(landmark_groups.coords.to(routing_weight.dtype),
+    partition = as_partition(loc, batch)
+    routing = torch.sigmoid(F.linear(partition.coords.to(routing_weight.dtype),
                                      routing_weight, routing_bias))  # (G, E)
     triton_fn = None
     if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
@@ -81,10 +81,10 @@ def loc_cond_conv3d(
         if reason is not None:  # never silently: "auto" on CUDA warns too
             _warn_fallback_once(reason)
     if triton_fn is not None:
-        return triton_fn(x, weight, routing, bias, landmark_groups, stride, padding, dilation)
+        return triton_fn(x, weight, routing, bias, partition, stride, padding, dilation)
 
     kernels = torch.einsum("ge,e...->g...", routing, weight)  # mixture once per landmark
-    return conv3d_by_group(x, kernels, bias, landmark_groups, stride, padding, dilation, groups)
+    return conv3d_by_landmark(x, kernels, bias, partition, stride, padding, dilation, groups)
 
 
 class LocCondConv3d(nn.Module):
@@ -179,8 +179,8 @@ def check_backend(name: str) -> str:
 
 def per_sample_coords(loc: Loc, batch_size: int) -> Tensor:
     """(B, 3) coordinates of each sample from any accepted ``loc`` form (validated)."""
-    if isinstance(loc, LandmarkGroups):
-        partition = as_groups(loc, batch_size)
+    if isinstance(loc, LandmarkPartition):
+        partition = as_partition(loc, batch_size)
         return partition.coords[partition.index]
     return check_loc(loc, batch_size).expand(batch_size, 3)
 

@@ -86,7 +86,7 @@ def encoder_from_state(state: dict[str, Any], backend: str | None = None,
         ValueError: naming ``source``: a missing key, an ``encoder_config`` with unknown keys
             or bad values, weights of the wrong keys or shapes, or non-finite weights.
     """
-    from drasclr.checkpoint import load_checked_state
+    from drasclr.reference_checkpoint import load_checked_state
     from drasclr.nn import Encoder
 
     missing = [key for key in ENCODER_KEYS if key not in state]

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from drasclr.deprecated_names import CONFIG_KEYS, renamed_keys
 from drasclr.nn.conditioning import CONDITIONINGS
 from drasclr.pretrain.augment import AugmentConfig
 from drasclr.nn.loc_cond_conv import BACKENDS
@@ -61,7 +62,7 @@ class TrainConfig:
     conditioning: str = _doc("how location enters the encoder (drasclr.nn.Encoder)", "loc_condconv",
                              choices=CONDITIONINGS)
     backend: str = _doc("Loc-CondConv backend", "auto", choices=BACKENDS)
-    k_neighbors: int = _doc(
+    k_neighbours: int = _doc(
         "neighbour patches per central patch (paper: 2); 0 disables", 2, COUNT
     )
     beta: float = _doc("weight of the neighbour loss (1.0: eq. 9's plain sum)", 1.0, NON_NEGATIVE)
@@ -113,6 +114,7 @@ class TrainConfig:
         """Build from a mapping; unknown keys and wrong types raise ValueError naming them."""
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a mapping of field names, got {type(values).__name__}")
+        values = renamed_keys(values, CONFIG_KEYS, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

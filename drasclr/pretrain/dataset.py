@@ -20,22 +20,22 @@ class PatchBatches:
     Args:
         store: a `drasclr.data.store.PatchStore`.
         coords: (L, 3) normalised landmark coordinates (``Atlas.coords``).
-        neighbor_table: (L, >= k) landmark indices, nearest first (``Atlas.neighbor_table``).
-        k_neighbors: neighbours per central patch (0: none).
+        neighbour_table: (L, >= k) landmark indices, nearest first (``Atlas.neighbour_table``).
+        k_neighbours: neighbours per central patch (0: none).
     """
 
-    def __init__(self, store, coords: np.ndarray, neighbor_table: np.ndarray, k_neighbors: int) -> None:
+    def __init__(self, store, coords: np.ndarray, neighbour_table: np.ndarray, k_neighbours: int) -> None:
         if len(coords) != store.num_landmarks:
             raise ValueError(
                 f"atlas has {len(coords)} landmarks but the store at {getattr(store, 'root', '?')} "
                 f"has {store.num_landmarks}"
             )
-        if neighbor_table.shape[1] < k_neighbors:
-            raise ValueError(f"k_neighbors {k_neighbors}: the neighbour table has only {neighbor_table.shape[1]}")
+        if neighbour_table.shape[1] < k_neighbours:
+            raise ValueError(f"k_neighbours {k_neighbours}: the neighbour table has only {neighbour_table.shape[1]}")
         self.store = store
         self.coords = np.asarray(coords, dtype=np.float32)
-        self.neighbor_table = np.asarray(neighbor_table[:, :k_neighbors], dtype=np.int64)
-        self.k_neighbors = k_neighbors
+        self.neighbour_table = np.asarray(neighbour_table[:, :k_neighbours], dtype=np.int64)
+        self.k_neighbours = k_neighbours
 
     def load(self, subjects: np.ndarray, landmarks: np.ndarray) -> dict[str, torch.Tensor]:
         """A batch as tensors.
@@ -44,8 +44,8 @@ class PatchBatches:
             patches (N, P, P, P) int16, neighbours (N, k, P, P, P) int16, landmark (N,) long,
             loc (N, 3) float32, neighbour_loc (N, k, 3) float32.
         """
-        n, k = len(subjects), self.k_neighbors
-        neighbours = self.neighbor_table[landmarks]  # (N, k)
+        n, k = len(subjects), self.k_neighbours
+        neighbours = self.neighbour_table[landmarks]  # (N, k)
         all_landmarks = np.concatenate([landmarks[:, None], neighbours], axis=1)  # (N, 1 + k)
         all_subjects = np.repeat(np.asarray(subjects)[:, None], 1 + k, axis=1)
         patches = torch.from_numpy(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank
 
 
@@ -54,7 +54,7 @@ def drasclr_loss(
     neighbours: Tensor | None,
     bank: LandmarkMemoryBank,
     landmark: Tensor,
-    groups: LandmarkGroups,
+    partition: LandmarkPartition,
     temperature: float,
     beta: float = 1.0,
     neighbour_mode: str = "sum",
@@ -67,14 +67,14 @@ def drasclr_loss(
         neighbours: (B, k, D) unit embeddings of the neighbour patches, or None (k = 0).
         bank: the memory bank, read before this step's keys are enqueued.
         landmark: (B,) landmark index of each central patch.
-        groups: the batch's grouping by landmark (from the encoder's coordinates).
+        partition: the batch's grouping by landmark (from the encoder's coordinates).
         neighbour_mode: "sum" (reference) or "mean" (per-neighbour InfoNCE, averaged).
     """
     if neighbour_mode not in ("sum", "mean"):
         raise ValueError(f"neighbour_mode: expected 'sum' or 'mean', got {neighbour_mode!r}")
     key = key.detach()
     local_loss, local_top1 = info_nce(
-        (query * key).sum(1), bank.negative_logits(query, landmark, groups), temperature
+        (query * key).sum(1), bank.negative_logits(query, landmark, partition), temperature
     )
     if neighbours is None or neighbours.shape[1] == 0:
         zero = local_loss.new_zeros(())
@@ -82,14 +82,14 @@ def drasclr_loss(
     if neighbour_mode == "sum":
         summed = neighbours.sum(1)
         neighbour_loss, neighbour_top1 = info_nce(
-            (summed * key).sum(1), bank.negative_logits(summed, landmark, groups), temperature
+            (summed * key).sum(1), bank.negative_logits(summed, landmark, partition), temperature
         )
     else:
         k = neighbours.shape[1]
         flat = neighbours.flatten(0, 1)
         neighbour_loss, neighbour_top1 = info_nce(
             (flat * key.repeat_interleave(k, 0)).sum(1),
-            bank.negative_logits(flat, landmark.repeat_interleave(k), repeat_groups(groups, k)),
+            bank.negative_logits(flat, landmark.repeat_interleave(k), repeat_partition(partition, k)),
             temperature,
         )
     return LossOutput(
@@ -97,13 +97,13 @@ def drasclr_loss(
     )
 
 
-def repeat_groups(groups: LandmarkGroups, repeats: int) -> LandmarkGroups:
+def repeat_partition(partition: LandmarkPartition, repeats: int) -> LandmarkPartition:
     """The grouping of a batch whose samples are each repeated ``repeats`` times in place."""
-    steps = torch.arange(repeats, device=groups.order.device)
-    return LandmarkGroups(
-        coords=groups.coords,
-        index=groups.index.repeat_interleave(repeats),
-        order=(groups.order[:, None] * repeats + steps).flatten(),
-        offsets=groups.offsets * repeats,
-        counts=tuple(c * repeats for c in groups.counts),
+    steps = torch.arange(repeats, device=partition.order.device)
+    return LandmarkPartition(
+        coords=partition.coords,
+        index=partition.index.repeat_interleave(repeats),
+        order=(partition.order[:, None] * repeats + steps).flatten(),
+        offsets=partition.offsets * repeats,
+        counts=tuple(c * repeats for c in partition.counts),
     )

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 
 
 def owned_landmarks(num_landmarks: int, rank: int, world_size: int) -> np.ndarray:
@@ -145,25 +145,25 @@ class LandmarkMemoryBank(nn.Module):
         self.keys[sorted_landmark, slot] = keys[order].to(self.keys.dtype)
         self.pointers.add_(counts).remainder_(queue_size)
 
-    def negative_logits(self, query: Tensor, landmark: Tensor, groups: LandmarkGroups) -> Tensor:
+    def negative_logits(self, query: Tensor, landmark: Tensor, partition: LandmarkPartition) -> Tensor:
         """(B, K) dot products of each query with the queue of its own landmark.
 
         Args:
             query: (B, D).
             landmark: (B,) long, the landmark index of each query.
-            groups: the batch's grouping by landmark (as given to the encoder); every group
+            partition: the batch's grouping by landmark (as given to the encoder); every group
                 must hold a single landmark index.
         """
-        sorted_group = groups.index[groups.order]
-        group_landmark = self.local_index[landmark[groups.order[groups.offsets[:-1]]]]
+        sorted_group = partition.index[partition.order]
+        group_landmark = self.local_index[landmark[partition.order[partition.offsets[:-1]]]]
         queues = self.keys.index_select(0, group_landmark).to(query.dtype)
-        if groups.uniform:  # landmark-grouped batches: a plain reshape, no padding
-            laid_out = query[groups.order].view(groups.num_groups, groups.counts[0], -1)
+        if partition.uniform:  # landmark-grouped batches: a plain reshape, no padding
+            laid_out = query[partition.order].view(partition.num_landmarks, partition.counts[0], -1)
             sorted_logits = torch.bmm(laid_out, queues.transpose(1, 2)).flatten(0, 1)
         else:
             position = torch.arange(len(sorted_group), device=query.device)
-            position = position - groups.offsets[sorted_group]
-            laid_out = query.new_zeros(groups.num_groups, max(groups.counts), query.shape[1])
-            laid_out = laid_out.index_put((sorted_group, position), query[groups.order])
+            position = position - partition.offsets[sorted_group]
+            laid_out = query.new_zeros(partition.num_landmarks, max(partition.counts), query.shape[1])
+            laid_out = laid_out.index_put((sorted_group, position), query[partition.order])
             sorted_logits = torch.bmm(laid_out, queues.transpose(1, 2))[sorted_group, position]
-        return sorted_logits.new_empty(sorted_logits.shape).index_copy(0, groups.order, sorted_logits)
+        return sorted_logits.new_empty(sorted_logits.shape).index_copy(0, partition.order, sorted_logits)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 from drasclr.pretrain.distributed import all_to_all, concat_all_gather, gather_sizes, world_size
 from drasclr.pretrain.losses import LossOutput, drasclr_loss
 from drasclr.pretrain.memory_bank import LandmarkMemoryBank
@@ -73,9 +73,9 @@ class DrasCLR(nn.Module):
             num_landmarks, queue_size, encoder.config["moco_dim"], bank_dtype, generator, bank_landmarks
         )
 
-    def embed(self, encoder: nn.Module, x: Tensor, groups: LandmarkGroups) -> Tensor:
+    def embed(self, encoder: nn.Module, x: Tensor, partition: LandmarkPartition) -> Tensor:
         """Unit projection z / |z| of patches ``x`` (N, 1, P, P, P), in float32."""
-        return F.normalize(encoder.head(encoder(x, groups)).float(), dim=1)
+        return F.normalize(encoder.head(encoder(x, partition)).float(), dim=1)
 
     def forward(
         self,
@@ -97,22 +97,22 @@ class DrasCLR(nn.Module):
             shuffle_generator: the same-seeded generator on every process (shuffled BN).
         """
         batch, k = neighbours.shape[:2]
-        groups = LandmarkGroups.from_loc(loc, batch)
-        query = self.embed(self.encoder_q, view_q, groups)
+        partition = LandmarkPartition.from_loc(loc, batch)
+        query = self.embed(self.encoder_q, view_q, partition)
         neighbour_query = None
         if k:
             flat_loc = neighbour_loc.reshape(-1, 3)
-            neighbour_groups = LandmarkGroups.from_loc(flat_loc, len(flat_loc))
+            neighbour_partition = LandmarkPartition.from_loc(flat_loc, len(flat_loc))
             neighbour_query = self.embed(
-                self.encoder_q, neighbours.flatten(0, 1), neighbour_groups
+                self.encoder_q, neighbours.flatten(0, 1), neighbour_partition
             ).view(batch, k, -1)
 
         with torch.no_grad():
             self._momentum_update_key_encoder()
-            key, enqueued_keys, enqueued_landmarks = self._encode_keys(view_k, loc, landmark, groups, shuffle_generator)
+            key, enqueued_keys, enqueued_landmarks = self._encode_keys(view_k, loc, landmark, partition, shuffle_generator)
 
         out = drasclr_loss(
-            query, key, neighbour_query, self.bank, landmark, groups,
+            query, key, neighbour_query, self.bank, landmark, partition,
             self.temperature, self.beta, self.neighbour_mode,
         )
         self._dequeue_and_enqueue(enqueued_keys, enqueued_landmarks)
@@ -127,18 +127,18 @@ class DrasCLR(nn.Module):
 
     @torch.no_grad()
     def _encode_keys(
-        self, view_k: Tensor, loc: Tensor, landmark: Tensor, groups: LandmarkGroups,
+        self, view_k: Tensor, loc: Tensor, landmark: Tensor, partition: LandmarkPartition,
         shuffle_generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """This process's keys, and the keys and landmarks to enqueue here: all processes'
         (rank order) for a replicated bank, this process's own for a landmark-sharded one."""
         processes = world_size()
         if processes == 1:
-            key = self.embed(self.encoder_k, view_k, groups)
+            key = self.embed(self.encoder_k, view_k, partition)
             return key, key, landmark
         sizes = gather_sizes(len(view_k), view_k.device)
         if not self.shuffle_bn:
-            key = self.embed(self.encoder_k, view_k, groups)
+            key = self.embed(self.encoder_k, view_k, partition)
             if self.sharded:
                 return key, key, landmark
             return key, concat_all_gather(key, sizes), concat_all_gather(landmark, sizes)
@@ -149,7 +149,7 @@ class DrasCLR(nn.Module):
         shuffle = torch.randperm(offsets[-1], generator=shuffle_generator, device=view_k.device)
         mine = shuffle[offsets[rank] : offsets[rank + 1]]
         shuffled_key = self.embed(
-            self.encoder_k, all_views[mine], LandmarkGroups.from_loc(all_loc[mine], len(mine))
+            self.encoder_k, all_views[mine], LandmarkPartition.from_loc(all_loc[mine], len(mine))
         )
         return unshuffle_keys(shuffled_key, shuffle, offsets, landmark, self.sharded)
 

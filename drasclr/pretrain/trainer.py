@@ -29,6 +29,7 @@ from torch import nn
 
 from drasclr.atomic import atomic_write_bytes, remove_stale_temporaries
 from drasclr.data.patches import PATCH_SIZE
+from drasclr.deprecated_names import CONFIG_KEYS, renamed_keys
 from drasclr.device import resolve_device
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, RESUME_KEYS, load_checkpoint, save_checkpoint
@@ -44,7 +45,7 @@ from drasclr.worker_exit import DataLoaderWorkerInit
 METRICS = ("loss", "local_loss", "neighbour_loss", "local_top1", "neighbour_top1")
 # fields a resumed run must share with the checkpoint it continues
 RESUME_FIXED = ("batch_size", "landmarks_per_batch", "queue_size", "bank_dtype", "bank_sharding", "rep_dim",
-                "moco_dim", "num_experts", "conditioning", "k_neighbors", "seed")
+                "moco_dim", "num_experts", "conditioning", "k_neighbours", "seed")
 
 
 @dataclass
@@ -91,8 +92,8 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         store, atlas = PatchStore(config.store), Atlas.load(config.atlas)
         _check_inputs(config, store, atlas)
-        self.source = PatchBatches(store, atlas.coords, atlas.neighbor_table(config.k_neighbors),
-                                   config.k_neighbors)
+        self.source = PatchBatches(store, atlas.coords, atlas.neighbour_table(config.k_neighbours),
+                                   config.k_neighbours)
         self.sharded = config.bank_sharding == "landmark"
         self.sampler = (OwnedLandmarkBatchSampler if self.sharded else LandmarkBatchSampler)(
             store.num_subjects, store.num_landmarks, config.batch_size, config.landmarks_per_batch,
@@ -300,7 +301,7 @@ class Trainer:
                                           required=RESUME_KEYS))
 
     def _restore(self, state: dict) -> None:
-        saved = state["config"]
+        saved = renamed_keys(state["config"], CONFIG_KEYS, str(self.out_dir / LAST))
         changed = [name for name in RESUME_FIXED if saved.get(name) != getattr(self.config, name)]
         if changed:
             raise ValueError(

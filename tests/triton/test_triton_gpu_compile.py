@@ -14,7 +14,7 @@ import pytest
 
 GEOMETRY = dict(KD=3, KH=3, KW=3, SD=2, SH=2, SW=2, PD=1, PH=1, PW=1)
 BLOCKS = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
-INDEX = "*i64"  # LandmarkGroups.order / offsets are long tensors
+INDEX = "*i64"  # LandmarkPartition.order / offsets are long tensors
 KERNELS = {  # kernel name -> (pointer argument types, extra constexprs)
     "_forward_kernel": ({"x_ptr": "*bf16", "w_ptr": "*fp32", "r_ptr": "*fp32", "bias_ptr": "*fp32",
                          "y_ptr": "*bf16", "order_ptr": INDEX, "offsets_ptr": INDEX},

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drasclr.conv_common import LandmarkGroups
+from drasclr.conv_common import LandmarkPartition
 from drasclr.kernels import (
     loc_cond_conv3d_forward,
     loc_cond_conv3d_grad_input,
@@ -24,7 +24,7 @@ from drasclr.nn.reference import reference_mixed_conv3d
 # in every case; bf16/fp16 round the mixed kernel to the input dtype before the product).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
-# Landmark label of each sample: one landmark, all distinct, and uneven interleaved groups
+# Landmark label of each sample: one landmark, all distinct, and uneven interleaved partition
 # (sizes 3, 1, 1) so that restoring the original sample order is tested too.
 GROUPINGS = {"one": [0, 0, 0, 0], "distinct": [0, 1, 2, 3], "uneven": [2, 0, 2, 1, 2]}
 SPATIAL = (4, 5, 6)  # anisotropic, odd and even, to catch axis mix-ups and stride-2 edges
@@ -33,32 +33,32 @@ NUM_EXPERTS = 3
 
 
 
-def make_groups(labels: list[int], device) -> LandmarkGroups:
+def make_partition(labels: list[int], device) -> LandmarkPartition:
     loc = torch.tensor(labels, dtype=torch.float32, device=device)[:, None] * torch.tensor(
         [0.1, -0.2, 0.3], device=device)
-    return LandmarkGroups.from_loc(loc, len(labels))
+    return LandmarkPartition.from_loc(loc, len(labels))
 
 
 def make_case(grouping, c_in, c_out, kernel_size, dtype, device, memory_format=torch.contiguous_format):
     """Fresh random leaf tensors (x in ``dtype``, parameters in float32) and the grouping."""
-    groups = make_groups(GROUPINGS[grouping], device)
-    x = torch.randn(groups.batch_size, c_in, *SPATIAL, device=device).to(dtype)
+    partition = make_partition(GROUPINGS[grouping], device)
+    x = torch.randn(partition.batch_size, c_in, *SPATIAL, device=device).to(dtype)
     x = x.to(memory_format=memory_format).requires_grad_()
     weight = torch.randn(NUM_EXPERTS, c_out, c_in, *(kernel_size,) * 3, device=device) / (c_in * kernel_size**3) ** 0.5
-    routing = torch.rand(groups.num_groups, NUM_EXPERTS, device=device)
+    routing = torch.rand(partition.num_landmarks, NUM_EXPERTS, device=device)
     bias = torch.randn(c_out, device=device)
     leaves = [weight.requires_grad_(), routing.requires_grad_(), bias.requires_grad_()]
-    return groups, x, *leaves
+    return partition, x, *leaves
 
 
-def reference(x, weight, routing, bias, groups, stride, padding):
+def reference(x, weight, routing, bias, partition, stride, padding):
     """The float64 reference, sample b mixed with its landmark's routing row."""
-    return reference_mixed_conv3d(x, routing[groups.index], weight, bias, stride, padding)
+    return reference_mixed_conv3d(x, routing[partition.index], weight, bias, stride, padding)
 
 
-def reference_from_landmark_kernels(x, kernels, bias, groups, stride, padding):
+def reference_from_landmark_kernels(x, kernels, bias, partition, stride, padding):
     """The float64 reference with kernels[index[b]] as sample b's kernel (a one-hot routing)."""
-    one_hot = F.one_hot(groups.index, groups.num_groups)
+    one_hot = F.one_hot(partition.index, partition.num_landmarks)
     return reference_mixed_conv3d(x, one_hot, kernels, bias, stride, padding)
 
 
@@ -69,11 +69,11 @@ def assert_close_scaled(actual, expected, dtype, name):
     assert error <= tol, f"{name}: max error {error:.3g} > {tol:.3g}"
 
 
-def check_against_reference(x, weight, routing, bias, groups, stride, padding, dtype):
-    y = loc_cond_conv3d_triton(x, weight, routing, bias, groups, stride, padding)
+def check_against_reference(x, weight, routing, bias, partition, stride, padding, dtype):
+    y = loc_cond_conv3d_triton(x, weight, routing, bias, partition, stride, padding)
     leaves = [t for t in (x, weight, routing, bias) if t is not None]
     # Reference from the same (already rounded) inputs, so only kernel arithmetic is compared.
-    y_ref = reference(x, weight, routing, bias, groups, stride, padding)
+    y_ref = reference(x, weight, routing, bias, partition, stride, padding)
     assert y.shape == y_ref.shape and y.dtype == x.dtype
     assert_close_scaled(y, y_ref, dtype, "output")
 
@@ -91,34 +91,34 @@ def check_against_reference(x, weight, routing, bias, groups, stride, padding, d
     (3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0), (1, 1, 0), (1, 2, 0), (1, 1, 1), (1, 2, 1)])
 def test_float32_forward_and_gradients(device, grouping, kernel_size, stride, padding):
     case = make_case(grouping, 3, 5, kernel_size, torch.float32, device)
-    groups, *tensors = case
-    check_against_reference(*tensors, groups, stride, padding, torch.float32)
+    partition, *tensors = case
+    check_against_reference(*tensors, partition, stride, padding, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kernel_size,stride,padding", [(3, 1, 1), (3, 2, 0), (1, 2, 1)])
 def test_half_precision_forward_and_gradients(device, dtype, kernel_size, stride, padding):
-    groups, *tensors = make_case("uneven", 3, 5, kernel_size, dtype, device)
-    check_against_reference(*tensors, groups, stride, padding, dtype)
+    partition, *tensors = make_case("uneven", 3, 5, kernel_size, dtype, device)
+    check_against_reference(*tensors, partition, stride, padding, dtype)
 
 
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (1, 1)])
 def test_single_input_channel(device, kernel_size, stride):
     """conv1 of the encoder: C_in = 1 (a reduction of only k^3 terms)."""
-    groups, *tensors = make_case("uneven", 1, 4, kernel_size, torch.float32, device)
-    check_against_reference(*tensors, groups, stride, kernel_size // 2, torch.float32)
+    partition, *tensors = make_case("uneven", 1, 4, kernel_size, torch.float32, device)
+    check_against_reference(*tensors, partition, stride, kernel_size // 2, torch.float32)
 
 
 def test_many_channels_span_several_tiles(device):
     """More channels than one block along N and K, and no bias."""
-    groups, x, weight, routing, _ = make_case("uneven", 40, 36, 1, torch.float32, device)
-    check_against_reference(x, weight, routing, None, groups, 1, 0, torch.float32)
+    partition, x, weight, routing, _ = make_case("uneven", 40, 36, 1, torch.float32, device)
+    check_against_reference(x, weight, routing, None, partition, 1, 0, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_channels_last_input(device, dtype):
-    groups, *tensors = make_case("uneven", 3, 4, 3, dtype, device, torch.channels_last_3d)
-    y = check_against_reference(*tensors, groups, 2, 1, dtype)
+    partition, *tensors = make_case("uneven", 3, 4, 3, dtype, device, torch.channels_last_3d)
+    y = check_against_reference(*tensors, partition, 2, 1, dtype)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
@@ -127,45 +127,45 @@ def test_launchers_write_every_element_of_poisoned_buffers(device):
 
     The buffers are channels-last views, so the kernels' stride handling is checked too.
     """
-    groups, x, weight, routing, bias = make_case("uneven", 3, 4, 3, torch.float32, device)
+    partition, x, weight, routing, bias = make_case("uneven", 3, 4, 3, torch.float32, device)
     stride, padding = (2, 2, 2), (1, 1, 1)
-    y_ref = reference(x, weight, routing, bias, groups, stride, padding)
+    y_ref = reference(x, weight, routing, bias, partition, stride, padding)
     out = torch.full(y_ref.shape, float("nan"), device=device).to(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        loc_cond_conv3d_forward(x, weight, routing, bias, groups, stride, padding, out=out)
+        loc_cond_conv3d_forward(x, weight, routing, bias, partition, stride, padding, out=out)
     assert_close_scaled(out, y_ref, torch.float32, "poisoned output")
 
     grad_out = torch.randn(y_ref.shape, device=device)
     grad_x_ref, = torch.autograd.grad(y_ref, x, grad_out.double())
     grad_x = torch.full(x.shape, float("nan"), device=device).to(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        loc_cond_conv3d_grad_input(grad_out, weight, routing, groups, tuple(x.shape), stride, padding,
+        loc_cond_conv3d_grad_input(grad_out, weight, routing, partition, tuple(x.shape), stride, padding,
                                    out=grad_x)
     assert_close_scaled(grad_x, grad_x_ref, torch.float32, "poisoned grad input")
 
 
 def test_split_reduction_of_kernel_gradient(device):
     """Splitting a landmark's rows over many programs (atomics) gives the same kernel grads."""
-    groups, x, *_ = make_case("uneven", 2, 3, 3, torch.float32, device)
-    grad_out = torch.randn(groups.batch_size, 3, *SPATIAL, device=device)
-    args = (grad_out, x.detach(), groups, (3, 3, 3), (1, 1, 1), (1, 1, 1))
+    partition, x, *_ = make_case("uneven", 2, 3, 3, torch.float32, device)
+    grad_out = torch.randn(partition.batch_size, 3, *SPATIAL, device=device)
+    args = (grad_out, x.detach(), partition, (3, 3, 3), (1, 1, 1), (1, 1, 1))
     whole = loc_cond_conv3d_grad_mixed_kernel(*args, rows_per_split=4096)
     split = loc_cond_conv3d_grad_mixed_kernel(*args, rows_per_split=64)  # 120 rows/sample: 6 splits
-    kernels = torch.randn(groups.num_groups, 3, 2, 3, 3, 3, dtype=torch.float64, device=device,
+    kernels = torch.randn(partition.num_landmarks, 3, 2, 3, 3, 3, dtype=torch.float64, device=device,
                           requires_grad=True)
-    y_ref = reference_from_landmark_kernels(x.detach(), kernels, None, groups, 1, 1)
+    y_ref = reference_from_landmark_kernels(x.detach(), kernels, None, partition, 1, 1)
     expected, = torch.autograd.grad(y_ref, kernels, grad_out.double())
     assert_close_scaled(whole, expected, torch.float32, "kernel grad, one program per landmark")
     assert_close_scaled(split, expected, torch.float32, "kernel grad, split rows")
 
 
 def test_autocast_runs_in_the_autocast_dtype(device):
-    groups, x, weight, routing, bias = make_case("uneven", 3, 4, 3, torch.float32, device)
+    partition, x, weight, routing, bias = make_case("uneven", 3, 4, 3, torch.float32, device)
     dtype = torch.bfloat16
     with torch.autocast(device.type, dtype=dtype):
-        y = loc_cond_conv3d_triton(x, weight, routing, bias, groups, 1, 1)
+        y = loc_cond_conv3d_triton(x, weight, routing, bias, partition, 1, 1)
     assert y.dtype == dtype
-    y_ref = reference(x.to(dtype), weight, routing, bias, groups, 1, 1)
+    y_ref = reference(x.to(dtype), weight, routing, bias, partition, 1, 1)
     assert_close_scaled(y, y_ref, dtype, "autocast output")
     grads = torch.autograd.grad(y.float().square().sum(), [x, weight, routing])
     assert [g.dtype for g in grads] == [torch.float32] * 3  # parameters keep their dtype
@@ -202,12 +202,12 @@ def test_cpu_without_interpreter_is_unsupported(monkeypatch):
 @pytest.mark.parametrize("bad,message", [
     ("routing", "routing: expected shape"),
     ("channels", "input channels"),
-    ("batch", "groups: grouping is for"),
+    ("batch", "partition: grouping is for"),
     ("bias", "bias: expected shape"),
     ("stride", "unsupported call: stride"),
 ])
 def test_bad_input_raises_clear_errors(device, bad, message):
-    groups, x, weight, routing, bias = make_case("uneven", 3, 4, 3, torch.float32, device)
+    partition, x, weight, routing, bias = make_case("uneven", 3, 4, 3, torch.float32, device)
     stride = 1
     if bad == "routing":
         routing = routing[:, :2]
@@ -220,4 +220,4 @@ def test_bad_input_raises_clear_errors(device, bad, message):
     else:
         stride = 4
     with pytest.raises(ValueError, match=message):
-        loc_cond_conv3d_triton(x, weight, routing, bias, groups, stride, 1)
+        loc_cond_conv3d_triton(x, weight, routing, bias, partition, stride, 1)

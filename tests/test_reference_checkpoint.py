@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drasclr import load_reference_checkpoint
-from drasclr.checkpoint import reference_state_dict_to_encoder
+from drasclr.reference_checkpoint import reference_state_dict_to_encoder
 from drasclr.nn import Encoder
 
 
