@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from drasclr.atomic import atomic_write_bytes
 from drasclr.pretrain.checkpoints import load_checkpoint, save_checkpoint
@@ -83,6 +82,8 @@ def save_sharded(out_dir: str | Path, step: int, bank: LandmarkMemoryBank, train
     if rank == 0 and directory.exists():  # left by a save that was interrupted
         shutil.rmtree(directory)
     _barrier()
+    import torch.distributed.checkpoint as dcp  # here: importing it costs seconds
+
     with _single_process_is_intended():
         dcp.save(bank_entries(bank), checkpoint_id=directory / "bank")
     if rank == 0:
@@ -117,6 +118,8 @@ def last_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_sharded(directory: Path, bank: LandmarkMemoryBank, map_location="cpu") -> dict[str, Any]:
     """Fill ``bank`` with its landmarks' queues from ``directory``; return the trainer state."""
+    import torch.distributed.checkpoint as dcp  # here: importing it costs seconds
+
     with _single_process_is_intended():
         dcp.load(bank_entries(bank), checkpoint_id=directory / "bank")  # in place, through the views
     return load_checkpoint(directory / TRAINER_STATE, map_location=map_location)
