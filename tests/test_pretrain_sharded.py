@@ -194,21 +194,33 @@ def test_each_process_holds_its_landmarks_and_writes_its_shard(two_process_run):
         assert shard["keys"].shape == (4, TINY_SHARDED["queue_size"], TINY_SHARDED["moco_dim"])
         assert [h["step"] for h in shard["history"]] == [1, 2, 3, 4, 5]
     directory = last_checkpoint(two_process_run)
-    assert directory.name == "step_00000005"
+    assert directory.name == "step_00000005_epoch_0000"
     assert sorted(p.name for p in (directory / "bank").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    assert [p.name for p in (two_process_run / "checkpoints").iterdir()] == ["step_00000005"]
+    assert [p.name for p in (two_process_run / "checkpoints").iterdir()] == ["step_00000005_epoch_0000"]
     # the encoder loads on one process without the bank
     encoder = drasclr.pretrain.load_encoder(shards[0]["checkpoint"])
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(tensor, shards[0]["encoder_q"][name]), name
 
 
+def _interrupted_save(*args, **kwargs):
+    raise KeyboardInterrupt  # after this process's bank shard, before the pointer switch
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
-def test_saved_on_two_resumes_on_other_counts_with_the_same_queues(store, two_process_run, tmp_path, world_size):
+def test_saved_on_two_resumes_on_other_counts_with_the_same_queues(store, two_process_run, tmp_path,
+                                                                     world_size, monkeypatch):
     shutil.copytree(two_process_run, tmp_path, dirs_exist_ok=True)
     saved_keys, saved_pointers = global_bank(results(two_process_run, 2))
     # one more step: resharded by ownership, the epoch's plan continued on `world_size`
     if world_size == 1:
+        # first a save that dies half-way: the previous checkpoint stays the one named
+        with monkeypatch.context() as patch:
+            patch.setattr("drasclr.pretrain.sharded_checkpoints.save_checkpoint", _interrupted_save)
+            with pytest.raises(KeyboardInterrupt):
+                train_and_record(*store, str(tmp_path), 6)
+        assert (tmp_path / "checkpoints" / "step_00000006_epoch_0000" / "bank" / ".metadata").exists()
+        assert last_checkpoint(tmp_path).name == "step_00000005_epoch_0000"
         train_and_record(*store, str(tmp_path), 6)
     else:
         run_processes(world_size, train_and_record, *store, str(tmp_path), 6)
@@ -224,7 +236,7 @@ def test_saved_on_two_resumes_on_other_counts_with_the_same_queues(store, two_pr
         slots = (saved_pointers[landmark] + torch.arange(queue_size)) % queue_size
         kept = slots[written[landmark]:]
         assert torch.equal(keys[landmark, kept], saved_keys[landmark, kept]), landmark
-    assert last_checkpoint(tmp_path).name == "step_00000006"
+    assert last_checkpoint(tmp_path).name == "step_00000006_epoch_0000"
 
 
 # -- torchrun --------------------------------------------------------------------------------
@@ -246,7 +258,7 @@ def test_two_nodes_of_two_processes_over_loopback(store, tmp_path):
         assert shard["landmarks"].tolist() == list(range(rank, NUM_LANDMARKS, 4))
     keys, pointers = global_bank(shards)
     assert pointers.sum() == 2 * 8  # two steps of 8 pairs, no queue wrapped yet
-    assert last_checkpoint(tmp_path).name == "step_00000002"
+    assert last_checkpoint(tmp_path).name == "step_00000002_epoch_0000"
     # saved on 4, resumed on 2: each process reads its landmarks' queues from the 4 shards
     resumed = tmp_path / "on_two"
     shutil.copytree(tmp_path, resumed, ignore=shutil.ignore_patterns("result_rank*", "on_two"))

@@ -3,8 +3,8 @@ run on any number of processes reads back the queues of the landmarks it now own
 
 Layout of ``out_dir``::
 
-    checkpoint_last.json           {"format", "version", "directory": "checkpoints/step_00000040"}
-    checkpoints/step_00000040/
+    checkpoint_last.json           {"format", "version", "directory": "checkpoints/step_00000040_epoch_0002"}
+    checkpoints/step_00000040_epoch_0002/
         trainer.pt                 `drasclr.pretrain.checkpoints` format without the bank:
                                    encoders, optimizer, scheduler, rng, position, config
         bank/                      torch.distributed.checkpoint (DCP) files: one
@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from drasclr.atomic import atomic_write_bytes
 from drasclr.pretrain.checkpoints import load_checkpoint, save_checkpoint
@@ -74,21 +73,28 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_sharded(out_dir: str | Path, step: int, bank: LandmarkMemoryBank, trainer_state: dict[str, Any],
+def save_sharded(out_dir: str | Path, name: str, bank: LandmarkMemoryBank, trainer_state: dict[str, Any],
                  rank: int) -> Path:
     """Collective: every process calls it with its bank shard; rank 0's ``trainer_state`` is
-    written. Returns the new checkpoint's ``trainer.pt``."""
+    written. ``name``: the new directory under ``checkpoints/``, distinct for every position
+    of a run (two saves at one step, e.g. ``checkpoint_every`` and the epoch's end, must not
+    share it: the second would delete the checkpoint the pointer names). Returns the new
+    checkpoint's ``trainer.pt``."""
     out_dir = Path(out_dir)
-    directory = out_dir / "checkpoints" / f"step_{step:08d}"
+    directory = out_dir / "checkpoints" / name
+    if directory == last_checkpoint(out_dir):
+        raise ValueError(f"{directory}: is the last complete checkpoint; save under a new name")
     if rank == 0 and directory.exists():  # left by a save that was interrupted
         shutil.rmtree(directory)
     _barrier()
+    import torch.distributed.checkpoint as dcp  # here: importing it costs seconds
+
     with _single_process_is_intended():
         dcp.save(bank_entries(bank), checkpoint_id=directory / "bank")
     if rank == 0:
         save_checkpoint(trainer_state, directory / TRAINER_STATE)
         pointer = {"format": POINTER_FORMAT, "version": POINTER_VERSION,
-                   "directory": str(directory.relative_to(out_dir)), "step": step}
+                   "directory": str(directory.relative_to(out_dir))}
         atomic_write_bytes(out_dir / POINTER, json.dumps(pointer).encode())
         for old in (out_dir / "checkpoints").iterdir():
             if old != directory:
@@ -117,6 +123,8 @@ def last_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_sharded(directory: Path, bank: LandmarkMemoryBank, map_location="cpu") -> dict[str, Any]:
     """Fill ``bank`` with its landmarks' queues from ``directory``; return the trainer state."""
+    import torch.distributed.checkpoint as dcp  # here: importing it costs seconds
+
     with _single_process_is_intended():
         dcp.load(bank_entries(bank), checkpoint_id=directory / "bank")  # in place, through the views
     return load_checkpoint(directory / TRAINER_STATE, map_location=map_location)

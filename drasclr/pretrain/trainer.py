@@ -273,7 +273,8 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         if self.sharded:
-            save_sharded(self.out_dir, self.step, self.model.bank, state, self.process.rank)
+            save_sharded(self.out_dir, f"step_{self.step:08d}_epoch_{self.epoch:04d}", self.model.bank, state,
+                         self.process.rank)
         else:
             save_checkpoint(state, path)
 
