@@ -7,7 +7,7 @@ Launch one process per GPU with torchrun (NCCL on GPUs, Gloo on CPU, chosen auto
     # two nodes, 4 GPUs each: the same line on every node; HOST is node 0's address
     torchrun --nnodes=2 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d \
         --rdzv-endpoint=HOST:29500 --rdzv-id=RUN_NAME --max-restarts=3 \
-        -m drasclr.cli train --config run.yaml --set bank_sharding=landmark
+        -m drasclr.cli train --config run.yaml --bank-sharding landmark
     # (on node 1: --node-rank=1; the c10d rendezvous assigns the ranks)
 
 ``batch_size`` in the config is the global batch; each process trains on its share. With
