@@ -35,7 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-TIMING = ("seconds", "cpu_seconds", "patches_per_s")  # columns that differ between any two runs
+def timing(column: str) -> bool:
+    """Columns that differ between any two runs: wall and CPU times, throughput."""
+    return "seconds" in column or column == "patches_per_s"
 
 
 # -- running and killing ----------------------------------------------------------------------
@@ -90,7 +92,7 @@ def store_state(root: Path) -> dict:
              for folder in ("patches", "transforms") for path in sorted((root / folder).rglob("*"))
              if path.is_file()}
     with open(root / "manifest.csv", newline="") as file:
-        state["manifest.csv"] = [{k: v for k, v in row.items() if k not in TIMING}
+        state["manifest.csv"] = [{k: v for k, v in row.items() if not timing(k)}
                                  for row in csv.DictReader(file)]
     state["store.json"] = (root / "store.json").read_bytes()
     return state
@@ -175,7 +177,7 @@ def run_state(out: Path) -> dict:
         state[path.name] = torch.load(path, map_location="cpu", weights_only=True)
         state[path.name].get("config", {}).pop("out_dir", None)  # where, not what
     with open(out / "metrics.csv", newline="") as file:  # as text: the file, not its numbers
-        state["metrics.csv"] = [{k: v for k, v in row.items() if k not in TIMING}
+        state["metrics.csv"] = [{k: v for k, v in row.items() if not timing(k)}
                                 for row in csv.DictReader(file)]
     return state
 
