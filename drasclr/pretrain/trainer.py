@@ -87,6 +87,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         store, atlas = PatchStore(config.store), Atlas.load(config.atlas)
         _check_inputs(config, store, atlas)
+        store.verify_all()  # a damaged patch file stops the run here, never trained on
         self.source = PatchBatches(store, atlas.coords, atlas.neighbor_table(config.k_neighbors),
                                    config.k_neighbors)
         self.sampler = LandmarkBatchSampler(
