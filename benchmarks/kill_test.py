@@ -1,8 +1,10 @@
 """Hard kills at random moments lose nothing (issue 11, item 7). Not part of CI.
 
 For each trial the command is started, SIGKILLed (the main process only: its workers must die
-with it) at a random moment between its start and the end of an uninterrupted run, then run
-again to completion, and the result is compared with the uninterrupted run's:
+with it) at a random moment, then run again to completion, and the result is compared with the
+uninterrupted run's. The moment is drawn as a random amount of progress (k of the run's steps
+or subjects recorded, k from 0) plus a random delay of up to 2 s after it, so every trial kills
+the run at a random point of its work however loaded the machine is:
 
 - ``preprocess`` (2 workers, 3 small synthetic subjects): every patch and transform file
   byte-identical, the manifest identical apart from its timing columns, no temporary file
@@ -52,19 +54,30 @@ def run_to_end(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def run_and_kill(command: list[str], delay: float) -> bool:
-    """Start ``command``, SIGKILL its main process after ``delay`` seconds; True when the kill
-    came before it finished."""
+def run_and_kill(command: list[str], progress, done: int, delay: float) -> bool:
+    """Start ``command``; once ``progress()`` reaches ``done``, wait ``delay`` seconds and
+    SIGKILL its main process. True when the kill came before it finished."""
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
+    while process.poll() is None and progress() < done:
+        time.sleep(0.005)
     deadline = time.monotonic() + delay
     while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
     if process.poll() is not None:
         return False
     process.send_signal(signal.SIGKILL)
     process.wait()
     return True
+
+
+def rows(path: Path, marker: str = "") -> int:
+    """Lines of a CSV file past its header (containing ``marker``); 0 while it is missing."""
+    try:
+        lines = path.read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    return sum(marker in line for line in lines)
 
 
 # -- preprocessing ----------------------------------------------------------------------------
@@ -119,15 +132,16 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def preprocess_trial(images: Path, atlas: Path, reference: dict, out: Path, delay: float
-                     ) -> tuple[bool, str]:
+def preprocess_trial(images: Path, atlas: Path, reference: dict, out: Path, done: int,
+                     delay: float) -> tuple[bool, str]:
     command = preprocess_command(images, atlas, out)
-    killed = run_and_kill(command, delay)
+    killed = run_and_kill(command, lambda: rows(out / "manifest.csv"), done, delay)
     run_to_end(command)
     lost = differences(reference, store_state(out))
     left = temporaries(out)
     ok = not lost and not left
-    return ok, (f"killed at {delay:.1f} s" if killed else f"finished before {delay:.1f} s") + (
+    moment = f"{done} subject(s) recorded + {delay:.2f} s"
+    return ok, (f"killed at {moment}" if killed else f"finished before {moment}") + (
         "" if ok else f": differs in {lost[:5]}, temporary files left {left[:5]}")
 
 
@@ -182,15 +196,16 @@ def run_state(out: Path) -> dict:
     return state
 
 
-def train_trial(store: Path, atlas: Path, reference: dict, out: Path, delay: float
+def train_trial(store: Path, atlas: Path, reference: dict, out: Path, done: int, delay: float
                 ) -> tuple[bool, str]:
     command = train_command(store, atlas, out)
-    killed = run_and_kill(command, delay)
+    killed = run_and_kill(command, lambda: rows(out / "metrics.csv"), done, delay)
     run_to_end(command)
     lost = differences(reference, run_state(out))
     left = temporaries(out)
     ok = not lost and not left
-    return ok, (f"killed at {delay:.1f} s" if killed else f"finished before {delay:.1f} s") + (
+    moment = f"{done} step(s) recorded + {delay:.2f} s"
+    return ok, (f"killed at {moment}" if killed else f"finished before {moment}") + (
         "" if ok else f": differs in {lost[:5]}, temporary files left {left[:5]}")
 
 
@@ -215,22 +230,23 @@ def main() -> int:
                 images, atlas = make_cohort(work)
                 seconds = run_to_end(preprocess_command(images, atlas, work / "reference"))
                 reference = store_state(work / "reference")
+                units = rows(work / "reference" / "manifest.csv")
 
-                def trial(out, delay):
-                    return preprocess_trial(images, atlas, reference, out, delay)
+                def trial(out, done, delay):
+                    return preprocess_trial(images, atlas, reference, out, done, delay)
             else:
                 store, atlas = make_train_inputs(work)
                 seconds = run_to_end(train_command(store, atlas, work / "reference_run"))
                 reference = run_state(work / "reference_run")
+                units = rows(work / "reference_run" / "metrics.csv")
 
-                def trial(out, delay):
-                    return train_trial(store, atlas, reference, out, delay)
+                def trial(out, done, delay):
+                    return train_trial(store, atlas, reference, out, done, delay)
             print(f"{name}: uninterrupted run {seconds:.1f} s", flush=True)
             passed = 0
             for number in range(args.trials):
-                # before 90 % of the uninterrupted time, so nearly every trial is a kill
-                ok, message = trial(work / f"{name}_{number:02d}",
-                                    moments.uniform(0, 0.9 * seconds))
+                ok, message = trial(work / f"{name}_{number:02d}", moments.randrange(units),
+                                    moments.uniform(0, 2.0))
                 passed += ok
                 print(f"  {name} trial {number + 1}: {'ok' if ok else 'LOST'} ({message})",
                       flush=True)

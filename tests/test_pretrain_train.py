@@ -30,7 +30,7 @@ def make_store(root: Path, num_subjects=4, num_landmarks=6, seed=0, distinct_lev
     rng = np.random.default_rng(seed)
     corners = np.stack(np.unravel_index(np.arange(num_landmarks), (2, 2, 8)), 1)[:, ::-1] * 26
     corners = np.ascontiguousarray(corners, dtype=np.int64)
-    atlas = Atlas(corners=corners, coords=normalised_coords(corners), neighbors=nearest_neighbors(corners, 3),
+    atlas = Atlas(corners=corners, coords=normalised_coords(corners), neighbors=nearest_neighbors(corners, min(3, num_landmarks - 1)),
                   mask=np.ones((4, 4, 4), np.uint8), affine=np.eye(4), patch_size=32, step=26,
                   min_lung_fraction=0.1, source="synthetic")
     atlas_path = root / "atlas.npz"
