@@ -71,13 +71,12 @@ def run_and_kill(command: list[str], progress, done: int, delay: float) -> bool:
     return True
 
 
-def rows(path: Path, marker: str = "") -> int:
-    """Lines of a CSV file past its header (containing ``marker``); 0 while it is missing."""
+def rows(path: Path) -> int:
+    """Lines of a CSV file past its header; 0 while it is missing."""
     try:
-        lines = path.read_text().splitlines()[1:]
+        return max(len(path.read_text().splitlines()) - 1, 0)
     except OSError:
         return 0
-    return sum(marker in line for line in lines)
 
 
 # -- preprocessing ----------------------------------------------------------------------------
@@ -132,15 +131,17 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def preprocess_trial(images: Path, atlas: Path, reference: dict, out: Path, done: int,
-                     delay: float) -> tuple[bool, str]:
-    command = preprocess_command(images, atlas, out)
-    killed = run_and_kill(command, lambda: rows(out / "manifest.csv"), done, delay)
+def kill_and_resume(command: list[str], log: Path, state_of, reference: dict, done: int,
+                    delay: float, unit: str) -> tuple[bool, str]:
+    """One trial: kill ``command`` once ``log`` (a CSV it appends to) has ``done`` rows and
+    ``delay`` seconds more, run it to the end, compare ``state_of(out)`` with ``reference``.
+    (ok, what happened)."""
+    killed = run_and_kill(command, lambda: rows(log), done, delay)
     run_to_end(command)
-    lost = differences(reference, store_state(out))
-    left = temporaries(out)
+    lost = differences(reference, state_of(log.parent))
+    left = temporaries(log.parent)
     ok = not lost and not left
-    moment = f"{done} subject(s) recorded + {delay:.2f} s"
+    moment = f"{done} {unit}(s) recorded + {delay:.2f} s"
     return ok, (f"killed at {moment}" if killed else f"finished before {moment}") + (
         "" if ok else f": differs in {lost[:5]}, temporary files left {left[:5]}")
 
@@ -196,19 +197,6 @@ def run_state(out: Path) -> dict:
     return state
 
 
-def train_trial(store: Path, atlas: Path, reference: dict, out: Path, done: int, delay: float
-                ) -> tuple[bool, str]:
-    command = train_command(store, atlas, out)
-    killed = run_and_kill(command, lambda: rows(out / "metrics.csv"), done, delay)
-    run_to_end(command)
-    lost = differences(reference, run_state(out))
-    left = temporaries(out)
-    ok = not lost and not left
-    moment = f"{done} step(s) recorded + {delay:.2f} s"
-    return ok, (f"killed at {moment}" if killed else f"finished before {moment}") + (
-        "" if ok else f": differs in {lost[:5]}, temporary files left {left[:5]}")
-
-
 # -- the script -------------------------------------------------------------------------------
 
 def main() -> int:
@@ -233,7 +221,9 @@ def main() -> int:
                 units = rows(work / "reference" / "manifest.csv")
 
                 def trial(out, done, delay):
-                    return preprocess_trial(images, atlas, reference, out, done, delay)
+                    return kill_and_resume(preprocess_command(images, atlas, out),
+                                           out / "manifest.csv", store_state, reference, done,
+                                           delay, "subject")
             else:
                 store, atlas = make_train_inputs(work)
                 seconds = run_to_end(train_command(store, atlas, work / "reference_run"))
@@ -241,7 +231,8 @@ def main() -> int:
                 units = rows(work / "reference_run" / "metrics.csv")
 
                 def trial(out, done, delay):
-                    return train_trial(store, atlas, reference, out, done, delay)
+                    return kill_and_resume(train_command(store, atlas, out), out / "metrics.csv",
+                                           run_state, reference, done, delay, "step")
             print(f"{name}: uninterrupted run {seconds:.1f} s", flush=True)
             passed = 0
             for number in range(args.trials):

@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 
 from drasclr.data.store import PatchStore, create_store, patch_path, write_subject
-from tests.test_store import L, P, make_atlas
-
-
-def random_patches(rng):
-    return rng.integers(-1024, 241, size=(L, P, P, P), dtype=np.int16)
+from tests.test_store import L, P, make_atlas, random_patches
 
 
 @pytest.fixture
 def store(tmp_path):
+    """Three subjects written with their checksums."""
     root = tmp_path / "store"
     create_store(root, make_atlas(), tmp_path / "atlas.npz")
     rng = np.random.default_rng(11)
