@@ -4,15 +4,11 @@ bit-identical to an uninterrupted run: every tensor of every checkpoint, metrics
 (Preprocessing's kill-and-resume trial is tests/test_preprocess.py's
 test_interrupted_run_resumes_to_the_same_store.)"""
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import kill_test  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from benchmarks import kill_test
 
 
 @pytest.fixture(scope="module")

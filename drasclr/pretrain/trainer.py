@@ -164,8 +164,10 @@ class Trainer:
                         self._save(last)
                 else:
                     self.epoch, self.next_batch = self.epoch + 1, 0
-                    self._save(last)
+                    # the epoch's encoder file first: a kill between the two writes then redoes
+                    # the epoch's end on resume instead of skipping past the missing file
                     self._save_encoder(self.out_dir / f"encoder_epoch_{self.epoch:04d}.pt")
+                    self._save(last)
             if self.step > resumed_step or not last.exists():  # a finished run stays untouched
                 self._save(last)
         finally:
