@@ -1,8 +1,10 @@
 """Hard kills at random moments lose nothing. Not part of CI.
 
 For each trial the command is started, SIGKILLed (the main process only: its workers must die
-with it) at a random moment between its start and the end of an uninterrupted run, then run
-again to completion, and the result is compared with the uninterrupted run's:
+with it) at a random moment, then run again to completion, and the result is compared with the
+uninterrupted run's. The moment is drawn as a random amount of progress (k of the run's steps
+or subjects recorded, k from 0) plus a random delay of up to 2 s after it, so every trial kills
+the run at a random point of its work however loaded the machine is:
 
 - ``preprocess`` (2 workers, 3 small synthetic subjects): every patch and transform file
   byte-identical, the manifest identical apart from its timing columns, no temporary file
@@ -35,7 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-TIMING = ("seconds", "cpu_seconds", "patches_per_s")  # columns that differ between any two runs
+def timing(column: str) -> bool:
+    """Columns that differ between any two runs: wall and CPU times, throughput."""
+    return "seconds" in column or column == "patches_per_s"
 
 
 # -- running and killing ----------------------------------------------------------------------
@@ -50,19 +54,29 @@ def run_to_end(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def run_and_kill(command: list[str], delay: float) -> bool:
-    """Start ``command``, SIGKILL its main process after ``delay`` seconds; True when the kill
-    came before it finished."""
+def run_and_kill(command: list[str], progress, done: int, delay: float) -> bool:
+    """Start ``command``; once ``progress()`` reaches ``done``, wait ``delay`` seconds and
+    SIGKILL its main process. True when the kill came before it finished."""
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
+    while process.poll() is None and progress() < done:
+        time.sleep(0.005)
     deadline = time.monotonic() + delay
     while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
     if process.poll() is not None:
         return False
     process.send_signal(signal.SIGKILL)
     process.wait()
     return True
+
+
+def rows(path: Path) -> int:
+    """Lines of a CSV file past its header; 0 while it is missing."""
+    try:
+        return max(len(path.read_text().splitlines()) - 1, 0)
+    except OSError:
+        return 0
 
 
 # -- preprocessing ----------------------------------------------------------------------------
@@ -90,7 +104,7 @@ def store_state(root: Path) -> dict:
              for folder in ("patches", "transforms") for path in sorted((root / folder).rglob("*"))
              if path.is_file()}
     with open(root / "manifest.csv", newline="") as file:
-        state["manifest.csv"] = [{k: v for k, v in row.items() if k not in TIMING}
+        state["manifest.csv"] = [{k: v for k, v in row.items() if not timing(k)}
                                  for row in csv.DictReader(file)]
     state["store.json"] = (root / "store.json").read_bytes()
     return state
@@ -117,15 +131,18 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def preprocess_trial(images: Path, atlas: Path, reference: dict, out: Path, delay: float
-                     ) -> tuple[bool, str]:
-    command = preprocess_command(images, atlas, out)
-    killed = run_and_kill(command, delay)
+def kill_and_resume(command: list[str], log: Path, state_of, reference: dict, done: int,
+                    delay: float, unit: str) -> tuple[bool, str]:
+    """One trial: kill ``command`` once ``log`` (a CSV it appends to) has ``done`` rows and
+    ``delay`` seconds more, run it to the end, compare ``state_of(out)`` with ``reference``.
+    (ok, what happened)."""
+    killed = run_and_kill(command, lambda: rows(log), done, delay)
     run_to_end(command)
-    lost = differences(reference, store_state(out))
-    left = temporaries(out)
+    lost = differences(reference, state_of(log.parent))
+    left = temporaries(log.parent)
     ok = not lost and not left
-    return ok, (f"killed at {delay:.1f} s" if killed else f"finished before {delay:.1f} s") + (
+    moment = f"{done} {unit}(s) recorded + {delay:.2f} s"
+    return ok, (f"killed at {moment}" if killed else f"finished before {moment}") + (
         "" if ok else f": differs in {lost[:5]}, temporary files left {left[:5]}")
 
 
@@ -175,21 +192,9 @@ def run_state(out: Path) -> dict:
         state[path.name] = torch.load(path, map_location="cpu", weights_only=True)
         state[path.name].get("config", {}).pop("out_dir", None)  # where, not what
     with open(out / "metrics.csv", newline="") as file:  # as text: the file, not its numbers
-        state["metrics.csv"] = [{k: v for k, v in row.items() if k not in TIMING}
+        state["metrics.csv"] = [{k: v for k, v in row.items() if not timing(k)}
                                 for row in csv.DictReader(file)]
     return state
-
-
-def train_trial(store: Path, atlas: Path, reference: dict, out: Path, delay: float
-                ) -> tuple[bool, str]:
-    command = train_command(store, atlas, out)
-    killed = run_and_kill(command, delay)
-    run_to_end(command)
-    lost = differences(reference, run_state(out))
-    left = temporaries(out)
-    ok = not lost and not left
-    return ok, (f"killed at {delay:.1f} s" if killed else f"finished before {delay:.1f} s") + (
-        "" if ok else f": differs in {lost[:5]}, temporary files left {left[:5]}")
 
 
 # -- the script -------------------------------------------------------------------------------
@@ -213,22 +218,26 @@ def main() -> int:
                 images, atlas = make_cohort(work)
                 seconds = run_to_end(preprocess_command(images, atlas, work / "reference"))
                 reference = store_state(work / "reference")
+                units = rows(work / "reference" / "manifest.csv")
 
-                def trial(out, delay):
-                    return preprocess_trial(images, atlas, reference, out, delay)
+                def trial(out, done, delay):
+                    return kill_and_resume(preprocess_command(images, atlas, out),
+                                           out / "manifest.csv", store_state, reference, done,
+                                           delay, "subject")
             else:
                 store, atlas = make_train_inputs(work)
                 seconds = run_to_end(train_command(store, atlas, work / "reference_run"))
                 reference = run_state(work / "reference_run")
+                units = rows(work / "reference_run" / "metrics.csv")
 
-                def trial(out, delay):
-                    return train_trial(store, atlas, reference, out, delay)
+                def trial(out, done, delay):
+                    return kill_and_resume(train_command(store, atlas, out), out / "metrics.csv",
+                                           run_state, reference, done, delay, "step")
             print(f"{name}: uninterrupted run {seconds:.1f} s", flush=True)
             passed = 0
             for number in range(args.trials):
-                # before 90 % of the uninterrupted time, so nearly every trial is a kill
-                ok, message = trial(work / f"{name}_{number:02d}",
-                                    moments.uniform(0, 0.9 * seconds))
+                ok, message = trial(work / f"{name}_{number:02d}", moments.randrange(units),
+                                    moments.uniform(0, 2.0))
                 passed += ok
                 print(f"  {name} trial {number + 1}: {'ok' if ok else 'LOST'} ({message})",
                       flush=True)

@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 
 from drasclr.data.store import PatchStore, create_store, patch_path, write_subject
-from tests.test_store import L, P, make_atlas
-
-
-def random_patches(rng):
-    return rng.integers(-1024, 241, size=(L, P, P, P), dtype=np.int16)
+from tests.test_store import L, P, make_atlas, random_patches
 
 
 @pytest.fixture
 def store(tmp_path):
+    """Three subjects written with their checksums."""
     root = tmp_path / "store"
     create_store(root, make_atlas(), tmp_path / "atlas.npz")
     rng = np.random.default_rng(11)
@@ -113,3 +110,17 @@ def test_values_outside_the_hu_window_are_refused_at_write(store, low, high):
         write_subject(store, "d", "d.nii", patches)
     assert not patch_path(store, "d").exists()
     assert "d" not in PatchStore(store).subject_ids
+
+
+def test_training_refuses_a_damaged_store_before_any_step(tmp_path):
+    import drasclr
+    from benchmarks.kill_test import TRAIN_SETTINGS, make_train_inputs
+
+    store, atlas = make_train_inputs(tmp_path)
+    flip_byte(patch_path(store, "s02"), -7)
+    settings = {**TRAIN_SETTINGS, "num_workers": 0}
+    with pytest.raises(ValueError, match=rf"{patch_path(store, 's02')}: subject 's02': patch "
+                                         "file damaged"):
+        drasclr.train(store=str(store), atlas=str(atlas), out_dir=str(tmp_path / "run"),
+                      **settings)
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()

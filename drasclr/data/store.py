@@ -323,6 +323,17 @@ class PatchStore:
                              f"not the one the store was cut with ({self.num_landmarks} landmarks)")
         return atlas
 
+    def verify_all(self) -> None:
+        """Check every subject not yet checked against its manifest checksum (ValueError naming
+        the first damaged subject and file). A job that reads every subject (training) calls
+        this before its first step, so a damaged file stops it before any work, in the main
+        process, and its DataLoader workers inherit the subjects as checked."""
+        for index, subject_id in enumerate(self.subject_ids):
+            if self.verify and index not in self._verified and self._checksums[index]:
+                verify_patch_file(patch_path(self.root, subject_id), subject_id,
+                                  self._checksums[index])
+                self._verified.add(index)
+
     def subject_patches(self, index: int) -> np.ndarray:
         """(L, P, P, P) int16 read-only memory map of subject ``index``'s patches."""
         if not 0 <= index < self.num_subjects:

@@ -92,6 +92,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         store, atlas = PatchStore(config.store), Atlas.load(config.atlas)
         _check_inputs(config, store, atlas)
+        store.verify_all()  # a damaged patch file stops the run here, never trained on
         self.source = PatchBatches(store, atlas.coords, atlas.neighbour_table(config.k_neighbours),
                                    config.k_neighbours)
         self.sharded = config.bank_sharding == "landmark"
@@ -177,8 +178,10 @@ class Trainer:
                 else:
                     self.epoch, self.next_batch = self.epoch + 1, 0
                     self.segment = self.sampler.first_segment() if self.sharded else None
-                    self._save(last)
+                    # the epoch's encoder file first: a kill between the two writes then redoes
+                    # the epoch's end on resume instead of skipping past the missing file
                     self._save_encoder(self.out_dir / f"encoder_epoch_{self.epoch:04d}.pt")
+                    self._save(last)
             if self.step > resumed_step or self._last is None:  # a finished run stays untouched
                 self._save(last)
         finally:
