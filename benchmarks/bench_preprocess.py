@@ -1,4 +1,4 @@
-"""End-to-end preprocessing speed: seconds per full-size subject per core (issue #5, item 8).
+"""End-to-end preprocessing speed: seconds per full-size subject per core.
 
 One worker process (one core, one ITK thread) runs the whole pipeline: read, resample to
 1 mm, segment, register to the atlas, cut the patches, write the store. Reported per subject:

@@ -1,6 +1,7 @@
 """Per-stage cost of ``process_subject`` on a clinical-size CT, and its two speed-ups' ratios.
 
-Measured in one run, on one core (one ITK thread):
+Measured in one run, on one core (one ITK thread); the compared pairs are interleaved round by
+round (benchmarks/interleave.py) and reported as the median per-round ratio with its spread:
 
 1. ``process_subject`` stage by stage (read, resample, segment, register, cut) on a
    clinical-size scan: a full-size synthetic subject re-gridded to 512 x 512 in-plane voxels
@@ -10,7 +11,7 @@ Measured in one run, on one core (one ITK thread):
 3. Registration on a small synthetic subject: the ``fast`` schedule against the ``reference``
    schedule (docs/method.md#registration), with both landmark errors against the truth.
 
-    .venv/bin/python benchmarks/bench_subject.py [--skip-reference]
+    .venv/bin/python benchmarks/bench_subject.py [--skip-reference] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from interleave import Rounds, interleave
 
 FULL_INPLANE = 512
 SLICE_MM = 0.7
@@ -58,26 +60,28 @@ def time_stages(scan: Path, atlas) -> tuple[dict[str, float], float]:
     return dict(result.quality), time.process_time() - start
 
 
-def time_resampling(scan: Path) -> tuple[float, float]:
-    """CPU seconds (both single-threaded) of our resampler and of scipy's zoom."""
+def time_resampling(scan: Path, rounds: int) -> Rounds:
+    """Our resampler and scipy's zoom (both single-threaded), interleaved round by round."""
     from scipy import ndimage
 
     from drasclr.data.io import read_ct
     from drasclr.data.resample import resample_isotropic
 
     volume = read_ct(scan)
-    start = time.process_time()
-    ours = resample_isotropic(volume).array
-    separable = time.process_time() - start
-    factors = (np.asarray(ours.shape) - 1) / (np.asarray(volume.array.shape) - 1)
-    start = time.process_time()
-    ndimage.zoom(volume.array, factors, order=3, mode="mirror", output=np.float32, grid_mode=False)
-    scipy_seconds = time.process_time() - start
-    return separable, scipy_seconds
+    shape = resample_isotropic(volume).array.shape
+    factors = (np.asarray(shape) - 1) / (np.asarray(volume.array.shape) - 1)
+    return interleave({
+        "ours": lambda: resample_isotropic(volume),
+        "scipy zoom": lambda: ndimage.zoom(volume.array, factors, order=3, mode="mirror",
+                                           output=np.float32, grid_mode=False),
+    }, rounds, warmup=False)
 
 
-def time_schedules(cohort: Path, schedules: list[str]) -> dict[str, tuple[float, float]]:
-    """Seconds and mean landmark error (mm) per registration schedule, small subject."""
+def time_schedules(cohort: Path, schedules: list[str], rounds: int
+                   ) -> tuple[Rounds, dict[str, float]]:
+    """Whole ``process_subject`` calls per registration schedule on a small subject,
+    interleaved round by round (the schedules differ only in registration), and each
+    schedule's mean landmark error (mm) against the truth."""
     from drasclr.data.atlas import build_atlas
     from drasclr.data.subject import process_subject
     from drasclr.data.synthetic import map_template_points
@@ -87,17 +91,21 @@ def time_schedules(cohort: Path, schedules: list[str]) -> dict[str, tuple[float,
     truth = json.loads((cohort / "truth" / image.name.replace(".nii.gz", ".json")).read_text())
     true_points = map_template_points(truth, atlas.centres_world())
     results = {}
-    for schedule in schedules:
+
+    def run(schedule: str) -> None:
         result = process_subject(image, atlas, schedule=schedule)
         found = nib.affines.apply_affine(result.affine, result.landmark_voxels)
-        results[schedule] = (result.quality["seconds_register"],
-                             float(np.linalg.norm(found - true_points, axis=1).mean()))
-    return results
+        results[schedule] = float(np.linalg.norm(found - true_points, axis=1).mean())
+
+    timed = interleave({s: (lambda s=s: run(s)) for s in schedules}, rounds, warmup=False)
+    return timed, results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of each compared pair (default 3)")
     args = parser.parse_args()
     # One core: ITK reads its thread count when it first runs, which is after this point.
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
@@ -116,14 +124,19 @@ def main() -> None:
         total = sum(v for k, v in stages.items() if k.startswith("seconds_"))
         print("process_subject stages (s):", {k: round(float(v), 2) for k, v in stages.items()},
               f"wall total {total:.1f} s, CPU {cpu_seconds:.1f} s")
-        separable, scipy_seconds = time_resampling(scan)
-        print(f"resample to 1 mm (CPU): separable {separable:.2f} s, scipy zoom {scipy_seconds:.2f} s, "
-              f"ratio {scipy_seconds / separable:.1f}x")
+        resampling = time_resampling(scan, args.rounds)
+        print(f"resample to 1 mm: ours {resampling.median('ours'):.2f} s, scipy zoom "
+              f"{resampling.median('scipy zoom'):.2f} s (medians); scipy / ours per round "
+              f"{resampling.describe('scipy zoom', 'ours')}")
         small = generate_cohort(folder / "small", 1, seed=0, kind="copd", size="small", workers=1,
                                 progress=False)
         schedules = ["fast"] + ([] if args.skip_reference else ["reference"])
-        for schedule, (seconds, error) in time_schedules(small, schedules).items():
-            print(f"registration {schedule}: {seconds:.1f} s, mean landmark error {error:.2f} mm")
+        timed, errors = time_schedules(small, schedules, args.rounds)
+        for schedule, error in errors.items():
+            print(f"process_subject with the {schedule} schedule: {timed.median(schedule):.1f} s "
+                  f"(median), mean landmark error {error:.2f} mm")
+        if len(schedules) == 2:
+            print(f"reference / fast per round: {timed.describe('reference', 'fast')}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Synthetic cohort speed (issue #4 item 8): one subject per size, and the two choices that set it.
+"""Synthetic cohort speed: one subject per size, and the two choices that set it.
 
 Run: ``taskset -c 0 .venv/bin/python -m pytest benchmarks/bench_synthetic.py --benchmark-only
 --benchmark-columns=min,median,rounds --benchmark-timer=time.process_time``: one core, CPU time

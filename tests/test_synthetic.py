@@ -1,4 +1,4 @@
-"""The synthetic cohort's promised properties (issue #4 item 7) and its contract with the pipeline."""
+"""The synthetic cohort's promised properties and its contract with the pipeline."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Synthetic chest-CT cohorts: the library's built-in data (issue #4).
+"""Synthetic chest-CT cohorts: the library's built-in data (docs/architecture.md).
 
 ``generate_cohort(out_dir, subjects, seed=0, kind="copd", size="full")`` or
 ``drasclr synth --out DIR --subjects N --seed S [--kind copd|covid] [--size full|small]``

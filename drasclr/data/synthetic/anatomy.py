@@ -2,7 +2,7 @@
 
 World coordinates are millimetres in nibabel's RAS+ convention (x towards the patient's right,
 y anterior, z superior) with the origin at the centre of the template's field of view; the
-template grid is 1 mm isotropic with identity orientation (issue #4, item 6: the default atlas).
+template grid is 1 mm isotropic with identity orientation (the default atlas).
 Every subject is this anatomy under its own pose and smooth deformation (``transform.py``) with
 its own disease (``disease.py``).
 

@@ -2,7 +2,7 @@
 
 All lesions are drawn in template space, inside the lungs, before the subject is sampled, so
 they follow the subject's pose and deformation and their masks are exact. Each subtype is
-painted until its planned share of the lung volume is reached (issue #4 item 3):
+painted until its planned share of the lung volume is reached:
 
 - centrilobular (label 1): clusters of small holes (-1000 to -985 HU, radius 2-3.5 mm), centres
   weighted to the upper zones and at least ``CLE_MIN_DEPTH_MM`` (times the size scale, plus

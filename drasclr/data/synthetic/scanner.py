@@ -2,7 +2,7 @@
 
 Each subject has its own anisotropic spacing (in-plane and slice, ``SizeSpec``), a
 reconstruction sharpness (Gaussian point-spread sigma in mm), a noise level and a HU
-calibration offset of up to +-20 HU (issue #4 item 2). Noise is white noise passed through the
+calibration offset of up to +-20 HU. Noise is white noise passed through the
 same point-spread function, as in filtered back-projection, scaled so that its final standard
 deviation is the subject's noise level. The grid is axis-aligned RAS+ and centred on the world
 origin; voxels outside the sampled template read as air.

@@ -6,7 +6,7 @@ template world point
     x = A^-1 y + u(y),
 
 where A is the pose (rotation up to 10 degrees about each axis, per-axis scale 0.85-1.15 for
-body size and inspiration level, shift up to 15 mm; issue #4 item 2) and u is a cubic B-spline
+body size and inspiration level, shift up to 15 mm) and u is a cubic B-spline
 free-form deformation (Rueckert et al., IEEE TMI 1999) with control points on a lattice in
 subject world mm and displacements in template mm. The large variation lives in A; u is kept
 to about 1 mm RMS (3 mm at most) so an affine registration recovers landmarks to ~1 mm.
