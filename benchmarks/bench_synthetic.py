@@ -1,8 +1,8 @@
 """Synthetic cohort speed: one subject per size, and the two choices that set it.
 
 Run: ``taskset -c 0 .venv/bin/python -m pytest benchmarks/bench_synthetic.py --benchmark-only
---benchmark-columns=min,median,rounds --benchmark-timer=time.process_time``: one core, CPU time
-(on a shared machine wall time mostly measures the other jobs).
+-s``: one core. The two comparisons time their variants interleaved round by round
+(benchmarks/interleave.py) and print the median per-round ratio with its spread.
 
 - render: plan + disease + sampling + scanner effects of one subject (no files), small and full.
 - sampling: the separable per-slab template -> subject sampling (``scanner.sample_template``:
@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+
+from interleave import interleave
 
 from drasclr.data.synthetic.anatomy import HU_AIR, template_anatomy
 from drasclr.data.synthetic.cohort import plan_subject, render_subject
@@ -43,26 +45,28 @@ def _pointwise_sample(plan, template, hu, labels):
             ndimage.map_coordinates(labels, coordinates, order=0, mode="constant", cval=0))
 
 
-@pytest.mark.parametrize("method", ["separable_slabs", "pointwise_reference"])
-def test_sampling(benchmark, method):
+def test_sampling(benchmark):
+    """Separable slabs against the pointwise reference, interleaved round by round (the
+    reference takes minutes: 2 rounds). tests/test_synthetic.py checks the coordinates."""
     template = template_anatomy("small")
     plan = plan_subject(0, 1, "copd", "small")
     hu, labels = template.hu.copy(), template.lung.copy()
     benchmark.group = "synthetic: template -> subject sampling (small)"
+    variants = {
+        "separable_slabs": lambda: sample_template(plan.scanner, plan.transform, template.affine,
+                                                   hu, labels),
+        "pointwise_reference": lambda: _pointwise_sample(plan, template, hu, labels),
+    }
+    rounds = benchmark.pedantic(lambda: interleave(variants, 2, warmup=False), rounds=1,
+                                iterations=1)
+    print(f"\nsampling, seconds per round: {rounds.seconds}; reference / separable per round: "
+          f"{rounds.describe('pointwise_reference', 'separable_slabs')}")
+    assert rounds.median("separable_slabs") < rounds.median("pointwise_reference")
 
-    def run():
-        if method == "separable_slabs":
-            return sample_template(plan.scanner, plan.transform, template.affine, hu, labels)
-        return _pointwise_sample(plan, template, hu, labels)
 
-    # The reference takes minutes: one round. tests/test_synthetic.py checks the coordinates.
-    out_hu, _ = benchmark.pedantic(run, rounds=1 if method == "pointwise_reference" else 3,
-                                   iterations=1)
-    assert out_hu.shape == plan.scanner.shape
-
-
-@pytest.mark.parametrize("writer", ["write_nifti", "nibabel_save"])
-def test_write_full_subject(benchmark, writer, tmp_path):
+def test_write_full_subject(benchmark, tmp_path):
+    """``files.write_nifti`` against ``nibabel.save`` for the three files of a full-size
+    subject, interleaved round by round."""
     import nibabel as nib
 
     template_anatomy("full")
@@ -70,13 +74,18 @@ def test_write_full_subject(benchmark, writer, tmp_path):
     affine = np.asarray(truth["image_affine"])
     benchmark.group = "synthetic: write a full-size subject (3 files)"
 
-    def write():
-        for name, array in (("image", image), ("lung", lung), ("lesion", lesion)):
-            path = tmp_path / f"{name}.nii.gz"
-            if writer == "write_nifti":
-                write_nifti(path, array, affine)
-            else:
-                nib.save(nib.Nifti1Image(array, affine), path)
+    def writer(save):
+        def write():
+            for name, array in (("image", image), ("lung", lung), ("lesion", lesion)):
+                save(tmp_path / f"{name}.nii.gz", array)
+        return write
 
-    benchmark.pedantic(write, rounds=2, iterations=1)
+    variants = {
+        "write_nifti": writer(lambda path, array: write_nifti(path, array, affine)),
+        "nibabel_save": writer(lambda path, array: nib.save(nib.Nifti1Image(array, affine), path)),
+    }
+    rounds = benchmark.pedantic(lambda: interleave(variants, 5), rounds=1, iterations=1)
+    print(f"\nwriting, median s: ours {rounds.median('write_nifti'):.2f}, nibabel "
+          f"{rounds.median('nibabel_save'):.2f}; nibabel / ours per round: "
+          f"{rounds.describe('nibabel_save', 'write_nifti')}")
     assert nib.load(tmp_path / "image.nii.gz").shape == image.shape
