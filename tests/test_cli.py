@@ -123,6 +123,13 @@ def test_bad_flag_exits_2_with_one_line(capsys, args, expected):
     assert err.count("\n") == 1 and err.startswith("drasclr") and f"error: {expected}" in err
 
 
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_unknown_flag_names_the_command(capsys, command):
+    assert cli.main([command, "--no-such-flag", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"drasclr {command}: error: unrecognized arguments: --no-such-flag 1\n"
+
+
 @pytest.mark.parametrize("command,flag,value", [
     ("synth", "--kind", "asthma"), ("synth", "--size", "huge"),
     ("preprocess", "--segmentation", "unet"), ("preprocess", "--schedule", "slow"),

@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+        args, unknown = build_parser(command if command in COMMANDS else None).parse_known_args(argv)
     except SystemExit as exit_:  # --help, --version (0) or a bad flag (2, one line printed)
         return int(exit_.code or 0)
+    if unknown:  # after the command is known, so the line can name it
+        print(f"drasclr {args.command}: error: unrecognized arguments: {' '.join(unknown)}",
+              file=sys.stderr)
+        return 2
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
