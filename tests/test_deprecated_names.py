@@ -23,6 +23,14 @@ def test_old_config_key_is_renamed_with_a_warning(tmp_path):
         TrainConfig.from_dict({"k_neighbors": 1, "k_neighbours": 2})
 
 
+def test_ablation_train_block_knows_the_old_key():
+    from drasclr.evaluation.ablation import AblationConfig
+
+    with pytest.warns(DeprecationWarning, match="train: 'k_neighbors' is deprecated"):
+        with pytest.raises(ValueError, match=r"train: \['k_neighbours'\] are set by the ablation"):
+            AblationConfig("s", "a", "c.csv", "out", train={"k_neighbors": 1})
+
+
 def test_atlas_file_with_the_old_array_name_loads(tmp_path):
     store, atlas_path = make_store(tmp_path, num_subjects=1)
     atlas = Atlas.load(atlas_path)

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
+from drasclr.deprecated_names import CONFIG_KEYS, renamed_keys
 from drasclr.evaluation.report import Score, Section, Table
 from drasclr.nn.conditioning import CONDITIONINGS
 from drasclr.ranges import COUNT, Interval, check_number, check_numbers
@@ -78,6 +79,7 @@ class AblationConfig:
                              f"{LOCATIONS}")
         check_number("folds", self.folds, Interval(2, integer=True))
         check_number("seed", self.seed, COUNT)
+        self.train = renamed_keys(self.train, CONFIG_KEYS, "train")  # old spellings still work
         shared = {"store", "atlas", "out_dir", "conditioning", "k_neighbours"} & set(self.train)
         if shared:
             raise ValueError(f"train: {sorted(shared)} are set by the ablation itself")
