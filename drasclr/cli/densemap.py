@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
           f"{result.step}, {result.voxels} lung voxels in {result.seconds:.1f} s")
     if args.lesions:
         evaluation = dm.evaluate_map(result, args.lesions, lesion_label=args.lesion_value)
-        scores = dm.truth_scores(evaluation.prob, evaluation.truth, evaluation.lung)
+        scores = evaluation.scores()
         print(f"against {args.lesions}: voxel AUC {scores['auc']:.3f}, Dice {scores['dice']:.3f}, "
               f"lesion {100 * scores['prevalence']:.2f}% of {scores['voxels']} lung voxels")
     if args.annotations:
