@@ -13,6 +13,12 @@ from drasclr.demo import FULL, QUICK, DemoSettings, run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Stages: synthetic cohort, atlas, patch store, pretraining, features, the subject-level "
+        "evaluation; for the COPD cohort also subtype detection (probes and fine-tuning), label "
+        "efficiency, dense maps of held-out subjects scored against their true lesions and the "
+        "ablations. Each stage is kept under --out and skipped on a re-run; the report is "
+        "<out>/report/report.html. Stage times on a 2-core CPU: benchmarks/RESULTS.md.")
     defaults = DemoSettings()
     parser.add_argument("--out", type=Path, default=defaults.out,
                         help=f"output folder (default {defaults.out})")
