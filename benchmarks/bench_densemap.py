@@ -74,7 +74,7 @@ def reference_window(encoder: Encoder, head: SubtypeHead, scan: dm.PreparedScan,
                      voxels: np.ndarray) -> np.ndarray:
     """One voxel at a time: cut its patch (air outside the scan), its coordinate, one
     forward pass with the loop backend; what a per-window loop over the reference does."""
-    encoder.set_backend("loop")
+    encoder.backend = "loop"
     try:
         out = np.empty(len(voxels), np.float32)
         padded = np.pad(scan.hu, dm.HALF, constant_values=-1024)
@@ -86,7 +86,7 @@ def reference_window(encoder: Encoder, head: SubtypeHead, scan: dm.PreparedScan,
                 loc = torch.from_numpy(scan.coords_of_voxels(voxel[None]))
                 out[i] = float(head(encoder(x, loc))[0])
     finally:
-        encoder.set_backend("grouped")
+        encoder.backend = "grouped"
     return out
 
 

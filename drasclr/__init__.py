@@ -7,6 +7,7 @@ The user's journey needs this one import::
 
     import drasclr
     result = drasclr.train(store="store/", atlas="atlas.npz", out_dir="runs/a")
+    encoder = drasclr.load_encoder(result.checkpoint)  # or any other checkpoint kind
     features = drasclr.extract_features(result.checkpoint, "store/", out="features.npz")
     drasclr.evaluate(["features.npz"], "clinical.csv", "store/", "report/")
 
@@ -20,8 +21,8 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS = {
     "train": "drasclr.pretrain",
     "TrainConfig": "drasclr.pretrain",
-    "load_encoder": "drasclr.pretrain",
-    "load_reference_checkpoint": "drasclr.reference_checkpoint",
+    "load_encoder": "drasclr.checkpoint_formats",
+    "CheckpointError": "drasclr.checkpoint_formats",
     "extract_features": "drasclr.features",
     "evaluate": "drasclr.evaluation",
     "Encoder": "drasclr.nn",

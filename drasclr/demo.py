@@ -178,7 +178,7 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
     detection (Table 5), label efficiency (Fig. 5), dense maps of held-out subjects against
     their true lesions (Fig. 3) and the ablations (Tables 6-8). Each stage's sections are
     kept in ``out/sections/<stage>.json`` so a re-run skips finished stages."""
-    from drasclr.reference_checkpoint import load_any_encoder
+    from drasclr.checkpoint_formats import load_encoder
     from drasclr.evaluation.ablation import AblationConfig, run_ablations
     from drasclr.evaluation.densemap import report_sections
     from drasclr.evaluation.detection import (
@@ -189,7 +189,7 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
 
     annotations = cohort / "annotations.csv"
     data = detection_patches(annotations, store)
-    encoder, _ = load_any_encoder(checkpoint)
+    encoder = load_encoder(checkpoint)
     config = DetectionConfig(folds=folds, seed=args.seed, random_init=args.seed,
                              finetune=FineTuneConfig(epochs=sizes.epochs),
                              device=None if args.device == "auto" else args.device)

@@ -126,7 +126,7 @@ def extract_features(
     Args:
         source: an ``Encoder`` (copied: the caller's object is neither moved nor changed), or
             a file: drasclr's ``checkpoint_last.pt`` or ``encoder_epoch_NNNN.pt``, or the
-            authors' checkpoint (told apart by ``drasclr.reference_checkpoint.load_any_encoder``).
+            authors' checkpoint (told apart by `drasclr.load_encoder`).
             May be None with ``random_init``.
         store: a patch store (folder or ``PatchStore``); its atlas is the one recorded in its
             ``store.json``.
@@ -315,14 +315,14 @@ def _to_device(indices, future, coords: torch.Tensor, device: torch.device):
 def _working_encoder(source, random_init: int | None) -> tuple[Encoder, dict]:
     """An encoder this call may move and change, and the metadata that says where it came
     from (``encoder``: its kind, ``source``: the file, ``name``: the default label)."""
-    from drasclr.reference_checkpoint import AUTHORS_CHECKPOINT, load_any_encoder
+    from drasclr.checkpoint_formats import AUTHORS_CHECKPOINT, read_encoder_file
 
     metadata: dict = {"source": None}
     if isinstance(source, Encoder):
         encoder = copy.deepcopy(source)
         metadata.update(encoder="Encoder object", name="DrasCLR")
     elif source is not None:
-        encoder, kind = load_any_encoder(source)
+        encoder, kind = read_encoder_file(source)
         metadata.update(encoder=kind, source=str(Path(source).resolve()),
                         name="DrasCLR (authors)" if kind == AUTHORS_CHECKPOINT else "DrasCLR")
     if random_init is not None:

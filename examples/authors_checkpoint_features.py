@@ -5,7 +5,8 @@
 
 The checkpoint is the file the authors' DrasCLR training script writes (a ``torch.save`` dict
 with ``state_dict`` keys ``module.encoder_q.*``; docs/method.md#the-authors-checkpoints).
-``drasclr.load_reference_checkpoint`` keeps the query encoder and renames its keys; the
+``drasclr.load_encoder`` tells it from drasclr's own files by its contents, keeps the query
+encoder and renames its keys; the
 store must be cut with the authors' atlas landmarks for the coordinates to mean what their
 weights expect (``drasclr atlas --mask <their atlas lung mask>``, then ``drasclr preprocess``).
 The features file is the same as for our own checkpoints: ``subject_ids``, ``features`` (the
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
 
-    encoder = drasclr.load_reference_checkpoint(args.checkpoint)
+    encoder = drasclr.load_encoder(args.checkpoint)
     experts = encoder.conv1.weight.shape[0]
     print(f"{args.checkpoint}: encoder with {experts} experts per layer, "
           f"representation size {encoder.rep_dim}")

@@ -4,7 +4,7 @@ import sys
 
 import drasclr
 
-JOURNEY = ["train", "TrainConfig", "load_encoder", "load_reference_checkpoint",
+JOURNEY = ["train", "TrainConfig", "load_encoder", "CheckpointError",
            "extract_features", "evaluate", "Encoder", "LocCondConv3d"]
 
 

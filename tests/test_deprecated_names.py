@@ -4,7 +4,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from test_pretrain_train import TINY, make_store
+from helpers import TINY, make_store
 
 import drasclr
 from drasclr.data.atlas import Atlas

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from drasclr.conv_common import as_partition
-from drasclr.nn import CONDITIONINGS, Encoder, LocCondConv3d
+from drasclr.nn import CONDITIONINGS, Encoder, LocCondConv3d, loc_cond_conv
 
 SMALL = dict(rep_dim=16, moco_dim=8, num_experts=2)  # full depth and 32^3 input, few channels
 
@@ -92,18 +92,36 @@ def test_loop_and_grouped_backends_agree_in_training():
     x, loc = patches_at_landmarks([3, 1, 2], seed=4)
     h_loop = encoder(x, loc)
     grad_loop = torch.autograd.grad(h_loop.square().sum(), encoder.conv2.routing.weight)[0]
-    encoder.set_backend("grouped")
-    assert all(m.backend == "grouped" for m in encoder.modules() if isinstance(m, LocCondConv3d))
+    encoder.backend = "grouped"  # sets every layer's, not only the saved config
+    assert encoder.backend == encoder.config["backend"] == "grouped"
+    layers = [m for m in encoder.modules() if isinstance(m, LocCondConv3d)]
+    assert len(layers) == 13 and all(m.backend == "grouped" for m in layers)
     h_grouped = encoder(x, as_partition(loc, x.shape[0]))
     grad_grouped = torch.autograd.grad(h_grouped.square().sum(), encoder.conv2.routing.weight)[0]
     torch.testing.assert_close(h_grouped, h_loop, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_grouped, grad_loop, rtol=1e-3, atol=1e-5)
 
 
+def test_setting_the_backend_changes_what_every_layer_runs(monkeypatch):
+    calls = []
+    original = loc_cond_conv._loop
+    monkeypatch.setattr(loc_cond_conv, "_loop", lambda *a: calls.append(1) or original(*a))
+    encoder = Encoder(**SMALL, backend="grouped")
+    x, loc = patches_at_landmarks([2, 1], seed=5)
+    encoder(x, loc)
+    assert calls == []
+    encoder.backend = "loop"
+    encoder(x, loc)
+    assert len(calls) == 13  # one call per Loc-CondConv layer
+    encoder.backend = "grouped"
+    encoder(x, loc)
+    assert len(calls) == 13
+
+
 def test_config_rebuilds_the_encoder():
     torch.manual_seed(4)
     encoder = Encoder(conditioning="concat", **SMALL)
-    encoder.set_backend("loop")
+    encoder.backend = "loop"
     assert encoder.config == dict(SMALL, conditioning="concat", backend="loop")
     rebuilt = Encoder(**encoder.config)
     rebuilt.load_state_dict(encoder.state_dict())
@@ -117,7 +135,7 @@ def test_config_rebuilds_the_encoder():
     (lambda: Encoder(conditioning="film"), "conditioning: expected one of"),
     (lambda: Encoder(rep_dim=0), "rep_dim"),
     (lambda: Encoder(backend="gpu"), "backend"),
-    (lambda: Encoder(**SMALL).set_backend("fastest"), "backend"),
+    (lambda: setattr(Encoder(**SMALL), "backend", "fastest"), "backend"),
     (lambda: Encoder(**SMALL)(torch.randn(2, 1, 16, 16, 16), torch.rand(2, 3)), r"x: expected"),
     (lambda: Encoder(**SMALL)(torch.randn(2, 32, 32, 32), torch.rand(2, 3)), r"x: expected"),
     (lambda: Encoder(**SMALL)(torch.randn(2, 1, 32, 32, 32), torch.rand(3, 3)), "loc"),

@@ -142,7 +142,7 @@ def test_authors_checkpoint_gives_the_features_of_its_weights(pretrained, tmp_pa
     atlas = Atlas.load(result["atlas"])
     patches = np.load(Path(result["store"]) / "patches" / f"{features.subject_ids[0]}.npy")
     reference = encoder.double().eval()
-    reference.set_backend("loop")
+    reference.backend = "loop"
     with torch.no_grad():
         h = reference(normalise_hu(torch.from_numpy(patches)).double()[:, None],
                       torch.from_numpy(atlas.coords).double())

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr.reference_checkpoint import (
-    AUTHORS_CHECKPOINT, ENCODER_FILE, TRAINING_CHECKPOINT, load_any_encoder,
+from drasclr.checkpoint_formats import (
+    AUTHORS_CHECKPOINT,
+    ENCODER_FILE,
+    TRAINING_CHECKPOINT,
+    CheckpointError,
+    read_encoder_file,
 )
 from drasclr.cli import main as cli_main
 from drasclr.data.atlas import build_atlas
@@ -153,7 +157,7 @@ def test_every_source_kind_is_detected_and_gives_the_same_features(tiny_store, t
     for file, kind, name in (("checkpoint_last.pt", TRAINING_CHECKPOINT, "DrasCLR"),
                              ("encoder_epoch_0001.pt", ENCODER_FILE, "DrasCLR"),
                              ("checkpoint_0019.pth.tar", AUTHORS_CHECKPOINT, "DrasCLR (authors)")):
-        loaded, detected = load_any_encoder(tmp_path / file)
+        loaded, detected = read_encoder_file(tmp_path / file)
         assert detected == kind and not loaded.training
         result = extract_features(tmp_path / file, store, device="cpu", progress=False)
         meta = result.metadata
@@ -174,9 +178,9 @@ def test_unknown_or_missing_checkpoints_are_named(tiny_store, tmp_path):
                                        "authors' checkpoint"),
                           ("junk.pt", "not a readable torch checkpoint"),
                           ("foreign.pth.tar", "no query-encoder keys")):
-        with pytest.raises(ValueError, match=f"{file}: .*{message}"):
+        with pytest.raises(CheckpointError, match=f"{file}: .*{message}"):
             extract_features(tmp_path / file, store, progress=False)
-    with pytest.raises(FileNotFoundError, match="missing.pt: no such checkpoint file"):
+    with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint file"):
         extract_features(tmp_path / "missing.pt", store, progress=False)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from drasclr.data.store import PatchStore, create_store, patch_path, write_subject
-from tests.test_store import L, P, make_atlas, random_patches
+from helpers import L, P, make_atlas, random_patches
 
 
 @pytest.fixture

@@ -53,3 +53,12 @@ def test_kernels_import_without_nn():
             "loaded = sorted(m for m in sys.modules if m.startswith('drasclr.nn')); "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_checkpoint_formats_sit_below_their_users():
+    """drasclr.checkpoint_formats reads every checkpoint kind; training's checkpoints build on
+    it, never the reverse (no import cycle)."""
+    bad = sorted(name for name in imported_modules(ROOT / "drasclr" / "checkpoint_formats.py")
+                 if name.startswith(("drasclr.pretrain", "drasclr.features", "drasclr.evaluation")))
+    assert not bad
+    assert "drasclr.checkpoint_formats" in imported_modules(ROOT / "drasclr" / "pretrain" / "checkpoints.py")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr.reference_checkpoint import load_any_encoder
+from drasclr.checkpoint_formats import CheckpointError, load_encoder
 from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
 from drasclr.features import FeatureSet
 from drasclr.nn import Encoder
-from drasclr.pretrain.checkpoints import RESUME_KEYS, load_checkpoint, load_encoder, save_checkpoint
+from drasclr.pretrain.checkpoints import RESUME_KEYS, load_checkpoint, save_checkpoint
 
 # -- atlas files ---------------------------------------------------------------------------
 
@@ -163,54 +163,61 @@ CHECKPOINT_DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGES))
-@pytest.mark.parametrize("loader", ["load_encoder", "load_any_encoder"])
-def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, encoder_state, damage, loader):
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, encoder_state, damage):
     state = {"encoder_q": dict(encoder_state["encoder_q"]),
              "encoder_config": dict(encoder_state["encoder_config"])}
     change, message = CHECKPOINT_DAMAGES[damage]
     change(state, None)
     path = save_checkpoint(state, tmp_path / "encoder_epoch_0001.pt")
-    load = load_encoder if loader == "load_encoder" else load_any_encoder
-    with pytest.raises(ValueError, match=rf"^{path}: .*{message}"):
-        load(path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: .*{message}"):
+        load_encoder(path)
 
 
 def test_good_checkpoint_loads_the_same_weights(tmp_path, encoder_state):
     path = save_checkpoint(encoder_state, tmp_path / "encoder_epoch_0001.pt")
-    for encoder in (load_encoder(path), load_any_encoder(path)[0]):
-        for key, value in encoder.state_dict().items():
-            torch.testing.assert_close(value, encoder_state["encoder_q"][key], rtol=0, atol=0)
+    encoder = load_encoder(path, backend="loop")
+    assert encoder.backend == "loop" and not encoder.training
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, encoder_state["encoder_q"][key], rtol=0, atol=0)
 
 
 def test_resume_needs_the_whole_training_state(tmp_path, encoder_state):
     path = save_checkpoint(encoder_state, tmp_path / "checkpoint_last.pt")
     assert load_checkpoint(path)["encoder_config"] == encoder_state["encoder_config"]
-    with pytest.raises(ValueError, match=rf"^{path}: pretraining checkpoint without \['model', "):
+    with pytest.raises(CheckpointError, match=rf"^{path}: pretraining checkpoint without \['model', "):
         load_checkpoint(path, required=RESUME_KEYS)
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"", "unreadable checkpoint"),
-    (b"PK\x03\x04 not really a zip", "unreadable checkpoint"),
-    (None, "not a drasclr pretraining checkpoint"),  # a torch file of another kind
+    (b"", "not a readable torch checkpoint"),
+    (b"PK\x03\x04 not really a zip", "not a readable torch checkpoint"),
+    ({"weights": torch.zeros(2)}, "not a drasclr training checkpoint, encoder file or authors'"),
+    ({"format": "drasclr-features", "version": 1}, "not a drasclr checkpoint .format "
+                                                   "'drasclr-features'"),
+    ({"format": "drasclr-pretrain", "version": 7}, "checkpoint version 7, expected 1"),
+    ([1, 2], "not a drasclr training checkpoint.* .found list."),
+    ("absent", "no such checkpoint file"),
 ])
-def test_unreadable_or_foreign_checkpoint(tmp_path, content, message):
+def test_every_failure_is_one_error_type_naming_the_file(tmp_path, content, message):
     path = tmp_path / "x.pt"
-    if content is None:
-        torch.save({"weights": torch.zeros(2)}, path)
-    else:
+    if isinstance(content, bytes):
         path.write_bytes(content)
-    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+    elif content != "absent":
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: {message}") as caught:
         load_encoder(path)
+    assert isinstance(caught.value, ValueError) and caught.value.path == path
+    if content == "absent":  # resuming says the same
+        with pytest.raises(CheckpointError, match=rf"^{path}: no such checkpoint file"):
+            load_checkpoint(path)
 
 
 def test_truncated_checkpoint(tmp_path, encoder_state):
     path = save_checkpoint(encoder_state, tmp_path / "checkpoint_last.pt")
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(ValueError, match=rf"^{path}: "):
-        load_encoder(path)
-    with pytest.raises(ValueError, match=rf"^{path}: "):
-        load_any_encoder(path)
+    for load in (load_encoder, load_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"^{path}: not a readable torch checkpoint"):
+            load(path)
 
 
 # -- feature files ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -184,24 +184,25 @@ def test_bad_subjects_fail_with_reasons_and_good_ones_finish(uninterrupted, coho
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
 def test_interrupted_run_resumes_to_the_same_store(uninterrupted, cohort, tmp_path, signal_number):
     """Ctrl-C or a hard kill of the whole process group while the last subject runs, then a
-    re-run. A hard kill may leave a temporary file behind, never a file that counts as done."""
+    re-run. A hard kill may leave a temporary file behind, never a file that counts as done.
+    The run signals itself when the last subject (good1, in id order) starts: tests/signal_hook."""
     table, atlas_path = cohort
     out = tmp_path / "store"
     command = [sys.executable, "-m", "drasclr.cli", "preprocess", "--images", str(table),
                "--atlas", str(atlas_path), "--out", str(out), "--no-progress"]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    manifest = out / "manifest.csv"
-    while not (manifest.exists() and "good0" in manifest.read_text()):  # id order: good1 is next
-        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
-        time.sleep(0.05)
-    os.killpg(run.pid, signal_number)
+    hook = Path(__file__).with_name("signal_hook")
+    environment = {**os.environ, "DRASCLR_TEST_SIGNAL_AT": "good1",
+                   "DRASCLR_TEST_SIGNAL": signal.Signals(signal_number).name,
+                   "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe nobody reads while the run writes
+    with open(errors, "w") as stderr:
+        run = subprocess.Popen(command, stderr=stderr, env=environment, start_new_session=True)
     if signal_number == signal.SIGINT:
-        assert run.wait(timeout=60) == 130
-        assert "interrupted" in run.stderr.read()
+        assert run.wait(timeout=300) == 130, errors.read_text()
+        assert "interrupted" in errors.read_text()
         assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     else:
-        assert run.wait(timeout=60) == -signal.SIGKILL
+        assert run.wait(timeout=300) == -signal.SIGKILL, errors.read_text()
     assert PatchStore(out).subject_ids == ["good0"]
 
     summary = preprocess(table, atlas_path, out, workers=2, progress=False)

@@ -3,10 +3,8 @@ coverage, sharded checkpoints resumed on other process counts, torchrun over two
 and a killed worker restarted by torchrun."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -21,22 +19,15 @@ from drasclr.pretrain.memory_bank import owned_landmarks
 from drasclr.pretrain.moco import DrasCLR
 from drasclr.pretrain.sampler import OwnedLandmarkBatchSampler
 from drasclr.pretrain.sharded_checkpoints import POINTER, last_checkpoint
+from helpers import make_store, rendezvous_store, worker_environment
 from sharded_worker import TINY_SHARDED, train_and_record
-from test_pretrain_train import make_store
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 NUM_LANDMARKS = 8  # 8 subjects x 8 landmarks: 8 steps of 8 pairs per epoch
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _process_entry(rank, world_size, port, target, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _process_entry(port, rank, world_size, target, args):
+    os.environ.update(worker_environment(port.recv(), rank, world_size))
     torch.set_num_threads(1)
     try:
         target(*args)
@@ -48,11 +39,17 @@ def _process_entry(rank, world_size, port, target, args):
 
 def run_processes(world_size, target, *args, timeout=120):
     """``target(*args)`` in ``world_size`` forked processes set up like torchrun's workers."""
-    context, port = mp.get_context("fork"), free_port()
-    processes = [context.Process(target=_process_entry, args=(rank, world_size, port, target, args))
-                 for rank in range(world_size)]
+    context = mp.get_context("fork")
+    ports = [context.Pipe(duplex=False) for _ in range(world_size)]
+    processes = [context.Process(target=_process_entry,
+                                 args=(receiver, rank, world_size, target, args))
+                 for rank, (receiver, _) in enumerate(ports)]
     for process in processes:
         process.start()
+    # the store after the forks: a forked child must not copy the store's server thread
+    store = rendezvous_store(world_size)
+    for _, sender in ports:
+        sender.send(store.port)
     for process in processes:
         process.join(timeout)
     assert [p.exitcode for p in processes] == [0] * world_size
@@ -198,7 +195,7 @@ def test_each_process_holds_its_landmarks_and_writes_its_shard(two_process_run):
     assert sorted(p.name for p in (directory / "bank").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert [p.name for p in (two_process_run / "checkpoints").iterdir()] == ["step_00000005_epoch_0000"]
     # the encoder loads on one process without the bank
-    encoder = drasclr.pretrain.load_encoder(shards[0]["checkpoint"])
+    encoder = drasclr.load_encoder(shards[0]["checkpoint"])
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(tensor, shards[0]["encoder_q"][name]), name
 
@@ -245,14 +242,16 @@ def torchrun(*args, **popen):
 
 
 def test_two_nodes_of_two_processes_over_loopback(store, tmp_path):
-    port = free_port()
+    # the rendezvous store is the test's, on a port the system picked: neither node hosts it
+    rendezvous = rendezvous_store(2)
     nodes = [
         torchrun("--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=sharded-test",
-                 f"--rdzv-conf=is_host={node == 0}", str(WORKER), *store, str(tmp_path), "2")
+                 f"--rdzv-endpoint=127.0.0.1:{rendezvous.port}", "--rdzv-id=sharded-test",
+                 "--rdzv-conf=is_host=false", str(WORKER), *store, str(tmp_path), "2")
         for node in range(2)
     ]
     assert [node.wait(timeout=180) for node in nodes] == [0, 0]
+    del rendezvous  # its server thread stops before run_processes forks below
     shards = results(tmp_path, 4)
     for rank, shard in enumerate(shards):  # a quarter of the bank each
         assert shard["landmarks"].tolist() == list(range(rank, NUM_LANDMARKS, 4))

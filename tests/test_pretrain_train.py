@@ -1,50 +1,20 @@
 """drasclr.train end to end on a tiny synthetic store: learning, exact resume, DDP, errors."""
 import os
-import socket
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from scipy.ndimage import gaussian_filter
+from helpers import TINY, make_store, rendezvous_store, worker_environment
 
 import drasclr
 import drasclr.nn
-from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
-from drasclr.data.store import create_store, write_subject
-from drasclr.pretrain import TrainConfig, load_encoder
+from drasclr import load_encoder
+from drasclr.pretrain import TrainConfig
 from drasclr.pretrain.checkpoints import load_checkpoint
 from drasclr.pretrain.augment import PatchAugment
-
-TINY = dict(batch_size=8, landmarks_per_batch=2, queue_size=8, num_experts=2, rep_dim=16, moco_dim=16,
-            progress=False, tensorboard=False, backend="grouped")
-
-
-def make_store(root: Path, num_subjects=4, num_landmarks=6, seed=0, distinct_levels=False):
-    """An atlas of ``num_landmarks`` grid landmarks and a store of smooth random HU patches.
-
-    ``distinct_levels`` gives every subject its own mean density (as real lungs differ), a
-    signal that survives augmentation, so a short run can learn to tell subjects apart.
-    """
-    rng = np.random.default_rng(seed)
-    corners = np.stack(np.unravel_index(np.arange(num_landmarks), (2, 2, 8)), 1)[:, ::-1] * 26
-    corners = np.ascontiguousarray(corners, dtype=np.int64)
-    atlas = Atlas(corners=corners, coords=normalised_coords(corners), neighbours=nearest_neighbours(corners, min(3, num_landmarks - 1)),
-                  mask=np.ones((4, 4, 4), np.uint8), affine=np.eye(4), patch_size=32, step=26,
-                  min_lung_fraction=0.1, source="synthetic")
-    atlas_path = root / "atlas.npz"
-    atlas.save(atlas_path)
-    store = root / "store"
-    create_store(store, atlas, atlas_path)
-    levels = np.linspace(-850, -150, num_subjects) if distinct_levels else np.full(num_subjects, -500)
-    spread = 150 if distinct_levels else 400
-    for s, level in enumerate(levels):
-        field = gaussian_filter(rng.standard_normal((num_landmarks, 32, 32, 32)), (0, 3, 3, 3))
-        hu = level + spread * field / field.std()
-        write_subject(store, f"s{s:02d}", "synthetic", patches=hu.clip(-1024, 240).astype(np.int16))
-    return store, atlas_path
-
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
@@ -138,8 +108,7 @@ def test_resume_continues_bit_for_bit(tiny_store, tmp_path, monkeypatch):
 
 
 def _ddp_worker(rank, store_atlas, out_dir, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(worker_environment(port, rank, 2))
     torch.set_num_threads(1)
     result = _train(store_atlas, out_dir, max_steps=2, batch_size=8, k_neighbours=1, device="cpu")
     torch.save({"bank": result.model.bank.state_dict(),
@@ -148,10 +117,8 @@ def _ddp_worker(rank, store_atlas, out_dir, port):
 
 
 def test_two_process_gloo_run_ends_with_identical_banks(tiny_store, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(tiny_store, str(tmp_path), port), nprocs=2, join=True)
+    rendezvous = rendezvous_store(2)
+    mp.spawn(_ddp_worker, args=(tiny_store, str(tmp_path), rendezvous.port), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for name in rank0["bank"]:
         assert torch.equal(rank0["bank"][name], rank1["bank"][name]), name
@@ -186,7 +153,8 @@ def test_bad_inputs_fail_before_work(tiny_store, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such patch store"):
         _train((tmp_path / "nowhere", atlas), tmp_path / "a")
     other = make_store(tmp_path / "other", num_subjects=1, num_landmarks=5)
-    with pytest.raises(ValueError, match="5 landmarks but the store .* has 6"):
+    with pytest.raises(ValueError, match=rf"atlas {other[1]} \(5 landmarks\) is not the atlas the "
+                                         rf"store {store} was cut with \({atlas}, 6 landmarks"):
         _train((store, other[1]), tmp_path / "b")
     with pytest.raises(ValueError, match="not divisible by landmarks_per_batch"):
         _train(tiny_store, tmp_path / "c", batch_size=6, landmarks_per_batch=4)
@@ -195,6 +163,19 @@ def test_bad_inputs_fail_before_work(tiny_store, tmp_path):
     with pytest.raises(ValueError, match="k: expected 0..3"):
         _train(tiny_store, tmp_path / "e", k_neighbours=4)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_training_takes_the_atlas_from_the_store_record(tmp_path):
+    store, atlas = make_store(tmp_path / "data", num_subjects=2)
+    copy = tmp_path / "copy_of_the_atlas.npz"
+    shutil.copy(atlas, copy)
+    settings = dict(store=str(store), max_steps=1, k_neighbours=0, **TINY)
+    for given in (None, str(copy)):  # unset, or the same atlas elsewhere: both train
+        result = drasclr.train(atlas=given, out_dir=str(tmp_path / f"run_{given is None}"), **settings)
+        assert [row["step"] for row in result.history] == [1]
+    atlas.rename(tmp_path / "moved.npz")  # the store's record now points nowhere
+    with pytest.raises(FileNotFoundError, match=rf"store.json: the store's atlas {atlas} is gone"):
+        drasclr.train(atlas=str(copy), out_dir=str(tmp_path / "run_moved"), **settings)
 
 
 def test_cli_trains_from_config_file(tiny_store, tmp_path, capsys):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drasclr import load_reference_checkpoint
-from drasclr.reference_checkpoint import reference_state_dict_to_encoder
+from drasclr import CheckpointError, load_encoder
+from drasclr.checkpoint_formats import reference_state_dict_to_encoder
 from drasclr.nn import Encoder
 
 
@@ -113,7 +113,7 @@ def reference_checkpoint(tmp_path, rep_dim=24, moco_dim=12, num_experts=3):
 
 def test_reference_checkpoint_gives_the_authors_h(tmp_path):
     path, reference = reference_checkpoint(tmp_path)
-    encoder = load_reference_checkpoint(path)
+    encoder = load_encoder(path)
     assert not encoder.training
     assert encoder.config == dict(rep_dim=24, moco_dim=12, num_experts=3,
                                   conditioning="loc_condconv", backend="auto")
@@ -156,28 +156,29 @@ def test_own_checkpoint_round_trip(tmp_path):
 
 def test_not_a_reference_checkpoint_is_named(tmp_path):
     missing_file = tmp_path / "absent.pth"
-    with pytest.raises(ValueError, match="absent.pth: no such checkpoint file"):
-        load_reference_checkpoint(missing_file)
+    with pytest.raises(CheckpointError, match="absent.pth: no such checkpoint file"):
+        load_encoder(missing_file)
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth: not a readable torch checkpoint"):
-        load_reference_checkpoint(garbage)
+    with pytest.raises(CheckpointError, match="garbage.pth: not a readable torch checkpoint"):
+        load_encoder(garbage)
 
-    ours = tmp_path / "ours.pt"
-    torch.save(Encoder(rep_dim=8, moco_dim=4, num_experts=2).state_dict(), ours)
-    with pytest.raises(ValueError, match=r"ours.pt: .*missing key 'state_dict'"):
-        load_reference_checkpoint(ours)
+    bare = tmp_path / "bare.pt"  # a state dict alone: neither kind of checkpoint
+    torch.save(Encoder(rep_dim=8, moco_dim=4, num_experts=2).state_dict(), bare)
+    with pytest.raises(CheckpointError, match=r"bare.pt: not a drasclr training checkpoint, "
+                                              r"encoder file or authors' checkpoint"):
+        load_encoder(bare)
 
     state_dict = {f"module.{k}": v for k, v in ReferenceMoCo(8, 4, 2).state_dict().items()}
     del state_dict["module.encoder_q.downsample2.conv1._routing_fn.fc.bias"]
     truncated = tmp_path / "truncated.pth"
     torch.save({"state_dict": state_dict}, truncated)
-    with pytest.raises(ValueError, match=r"truncated.pth: .*missing keys "
+    with pytest.raises(CheckpointError, match=r"truncated.pth: .*missing keys "
                                          r"\['downsample2.conv1.routing.bias'\]"):
-        load_reference_checkpoint(truncated)
+        load_encoder(truncated)
 
     no_encoder = tmp_path / "no_encoder.pth"
     torch.save({"state_dict": {"module.queue": torch.zeros(2)}}, no_encoder)
-    with pytest.raises(ValueError, match="no_encoder.pth: .*no query-encoder keys"):
-        load_reference_checkpoint(no_encoder)
+    with pytest.raises(CheckpointError, match="no_encoder.pth: .*no query-encoder keys"):
+        load_encoder(no_encoder)

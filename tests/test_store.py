@@ -4,26 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import L, P, make_atlas, random_patches
 
-from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
 from drasclr.data.store import PatchStore, create_store, patch_path, write_subject
-
-L, P = 5, 4
-
-
-def make_atlas(seed=0, num_landmarks=L):
-    rng = np.random.default_rng(seed)
-    corners = rng.choice(40, size=(num_landmarks, 3), replace=False).astype(np.int64)
-    return Atlas(
-        corners=corners, coords=normalised_coords(corners), neighbours=nearest_neighbours(corners, 2),
-        mask=np.ones((8, 8, 8), np.uint8), affine=np.eye(4), patch_size=P, step=3,
-        min_lung_fraction=0.1, source="mask.nii.gz",
-    )
-
-
-def random_patches(rng):
-    return rng.integers(-1024, 241, size=(L, P, P, P), dtype=np.int16)
-
 
 @pytest.fixture
 def store(tmp_path):

@@ -5,88 +5,72 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from helpers import wait_for_exit
 
 from drasclr.atomic import atomic_path, remove_stale_temporaries
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="PR_SET_PDEATHSIG is Linux-only")
 
+# Each worker reports its pid, once its initialiser has run, in one os.write of a whole line:
+# writes to a pipe of up to PIPE_BUF bytes are atomic, so the two workers' lines never
+# interleave. A worker's task blocks for good, so the other task goes to the other worker.
 POOL = """
-import multiprocessing, os, sys, time
+import multiprocessing, os, threading
 from concurrent.futures import ProcessPoolExecutor
 from drasclr.data.preprocess import _init_worker
 
 def work(_):
-    time.sleep(600)
+    os.write(1, f"{os.getpid()}\\n".encode())
+    threading.Event().wait()
 
 if __name__ == "__main__":
     pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(os.getpid(),))
     for _ in range(2):
         pool.submit(work, None)
-    time.sleep(3)  # the workers have started and run their initialiser
-    print(*[p.pid for p in pool._processes.values()], flush=True)
-    time.sleep(600)
+    threading.Event().wait()
 """
 
 LOADER = """
-import os, time, torch
+import os, threading, torch
 from drasclr.worker_exit import DataLoaderWorkerInit
 
-class Slow(torch.utils.data.Dataset):
+class Blocking(torch.utils.data.Dataset):
     def __len__(self):
         return 100
     def __getitem__(self, index):
-        print(os.getpid(), flush=True)
-        time.sleep(600)
+        os.write(1, f"{os.getpid()}\\n".encode())
+        threading.Event().wait()
 
 if __name__ == "__main__":
-    loader = torch.utils.data.DataLoader(Slow(), batch_size=None, num_workers=2,
+    loader = torch.utils.data.DataLoader(Blocking(), batch_size=None, num_workers=2,
                                          worker_init_fn=DataLoaderWorkerInit())
     next(iter(loader))
 """
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead, only not yet reaped
-        return stat.read().split(")")[-1].split()[0] != "Z"
-
-
-def kill_parent_and_wait_for(script, tmp_path, read_pids):
+def kill_parent_and_wait_for_its_workers(script, tmp_path):
     path = tmp_path / "parent.py"
     path.write_text(textwrap.dedent(script))
-    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True,
-                              cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
     try:
-        workers = read_pids(parent.stdout)
-        assert workers and all(alive(pid) for pid in workers)
+        workers = [int(parent.stdout.readline()) for _ in range(2)]  # blocks until both report
+        assert len(set(workers)) == 2 and parent.pid not in workers
+        assert wait_for_exit(workers, timeout=0) == workers  # all running
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in workers if alive(pid)], "workers outlived the killed parent"
+        assert wait_for_exit(workers, timeout=30) == [], "workers outlived the killed parent"
     finally:
         parent.kill()
+        parent.wait()
 
 
-def test_pool_workers_die_with_a_killed_parent(tmp_path):
-    kill_parent_and_wait_for(POOL, tmp_path,
-                             lambda out: [int(p) for p in out.readline().split()])
-
-
-def test_dataloader_workers_die_with_a_killed_parent(tmp_path):
-    def two_pids(out):
-        return sorted({int(out.readline()) for _ in range(2)})
-
-    kill_parent_and_wait_for(LOADER, tmp_path, two_pids)
+@pytest.mark.parametrize("script", [POOL, LOADER], ids=["process pool", "data loader"])
+def test_workers_die_with_a_killed_parent(tmp_path, script):
+    kill_parent_and_wait_for_its_workers(script, tmp_path)
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):

@@ -57,13 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from drasclr.atomic import atomic_write_bytes
+    from drasclr.checkpoint_formats import load_encoder
     from drasclr.evaluation.detection import (
         FINETUNE_DRASCLR, FINETUNE_SCRATCH, METHODS, SUBTYPES, DetectionConfig, FineTuneConfig,
         evaluate_detection, save_detection_heads,
     )
     from drasclr.evaluation.detection_efficiency import label_efficiency
     from drasclr.evaluation.detection_patches import detection_patches
-    from drasclr.evaluation.head import load_encoder_checkpoint
 
     subtypes = [s.strip() for s in args.subtypes.split(",") if s.strip()]
     if not subtypes or set(subtypes) - set(SUBTYPES):
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         finetune=FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, augment=not args.no_augment))
     out = Path(args.out)
-    encoder = load_encoder_checkpoint(args.checkpoint)
+    encoder = load_encoder(args.checkpoint)
     data = detection_patches(
         args.annotations, args.store, cache_dir=args.cache_dir, use_cache=not args.no_cache,
         lung_tolerance_mm=None if args.lung_tolerance_mm < 0 else args.lung_tolerance_mm,

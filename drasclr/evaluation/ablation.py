@@ -183,10 +183,10 @@ def _locations_section(config: AblationConfig, checkpoint: Path) -> Section:
     from drasclr.evaluation.detection import (
         PROBE_DRASCLR, SUBTYPES, DetectionConfig, evaluate_detection)
     from drasclr.evaluation.detection_patches import detection_patches
-    from drasclr.reference_checkpoint import load_any_encoder
+    from drasclr.checkpoint_formats import load_encoder
 
     data = detection_patches(config.annotations, config.store)
-    encoder, _ = load_any_encoder(checkpoint)
+    encoder = load_encoder(checkpoint)
     detection = DetectionConfig(folds=config.folds, seed=config.seed)
     f1: dict[str, dict[str, Score]] = {}
     for locations in config.inference_locations:

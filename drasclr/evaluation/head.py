@@ -182,15 +182,6 @@ def check_head_matches(head: SubtypeHead, encoder: nn.Module, head_path: str | o
                          f"but the encoder of {encoder_path} produces {rep_dim}")
 
 
-def load_encoder_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """An encoder from any checkpoint drasclr reads (training checkpoint, per-epoch encoder
-    file, authors' checkpoint: ``drasclr.reference_checkpoint.load_any_encoder``), in eval mode."""
-    from drasclr.reference_checkpoint import load_any_encoder
-
-    encoder, _ = load_any_encoder(path, map_location=device)
-    return encoder.eval()
-
-
 def head_and_encoder(head_path: str | os.PathLike, checkpoint: Optional[str | os.PathLike] = None,
                      device: str | torch.device = "cpu"
                      ) -> tuple[SubtypeHead, nn.Module, dict[str, Any]]:
@@ -208,7 +199,9 @@ def head_and_encoder(head_path: str | os.PathLike, checkpoint: Optional[str | os
         if checkpoint is None:
             raise ValueError(f"{head_path}: this head is a linear probe without encoder weights; "
                              "give the encoder checkpoint (--checkpoint)")
-        encoder = load_encoder_checkpoint(checkpoint, device)
+        from drasclr.checkpoint_formats import load_encoder
+
+        encoder = load_encoder(checkpoint, device)
         check_head_matches(head, encoder, head_path, checkpoint)
         metadata["encoder_source"] = str(checkpoint)
     return head.to(device), encoder.to(device).eval(), metadata

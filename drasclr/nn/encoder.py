@@ -58,7 +58,8 @@ class Encoder(nn.Module):
         conditioning: how location enters, one of ``CONDITIONINGS``: "loc_condconv" (the
             method), "hypernetwork", "concat" (coordinates concatenated to h and fused by
             Linear(rep+3, rep), ReLU, Linear(rep, rep)), "none" (plain convolutions).
-        backend: Loc-CondConv backend (``drasclr.nn.BACKENDS``), see ``set_backend``.
+        backend: Loc-CondConv backend (``drasclr.nn.BACKENDS``) of every layer; settable at
+            any time (``encoder.backend = "grouped"``).
 
     ``Encoder(**encoder.config)`` rebuilds the same architecture.
     """
@@ -74,7 +75,7 @@ class Encoder(nn.Module):
             raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
         self.rep_dim, self.moco_dim, self.num_experts = rep_dim, moco_dim, num_experts
         self.conditioning = conditioning
-        self.backend = check_backend(backend)
+        self._backend = check_backend(backend)
 
         conv_kwargs = dict(conditioning=conditioning, num_experts=num_experts, backend=backend)
         self.conv1 = make_conv3x3(in_channels=1, out_channels=8, stride=1, **conv_kwargs)
@@ -101,9 +102,14 @@ class Encoder(nn.Module):
         return dict(rep_dim=self.rep_dim, moco_dim=self.moco_dim, num_experts=self.num_experts,
                     conditioning=self.conditioning, backend=self.backend)
 
-    def set_backend(self, name: str) -> None:
-        """Select the backend of every Loc-CondConv layer (``drasclr.nn.BACKENDS``)."""
-        self.backend = check_backend(name)
+    @property
+    def backend(self) -> str:
+        """The Loc-CondConv backend (``drasclr.nn.BACKENDS``); setting it sets every layer's."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_backend(name)
         for module in self.modules():
             if isinstance(module, LocCondConv3d):
                 module.backend = name

@@ -37,7 +37,8 @@ class TrainConfig:
     """Everything `drasclr.train` needs; see each field's ``metadata["help"]``."""
 
     store: str | None = _doc("patch store folder (drasclr.data.store.PatchStore)", None)
-    atlas: str | None = _doc("atlas file the store was cut with (drasclr.data.atlas.Atlas)", None)
+    atlas: str | None = _doc("atlas file (drasclr.data.atlas.Atlas); the store records the one it "
+                             "was cut with, and another one is refused (None: the store's)", None)
     out_dir: str = _doc("folder for checkpoints, metrics.csv, TensorBoard events", "runs/pretrain")
     epochs: int = _doc("passes over every (subject, landmark) pair", 20, AT_LEAST_ONE)
     max_steps: int | None = _doc(
@@ -150,8 +151,6 @@ class TrainConfig:
         """Check values that need no file access; raise ValueError naming the field."""
         if not self.store:
             raise ValueError("store: a patch store folder is required")
-        if not self.atlas:
-            raise ValueError("atlas: the atlas file of the store is required")
         check_fields(self)  # again: the dataclass is mutable
         if self.batch_size % self.landmarks_per_batch:
             raise ValueError(

@@ -22,7 +22,7 @@ last) does rank 0 switch ``checkpoint_last.json`` to it with an atomic rename
 pointer on the previous complete checkpoint. Several nodes need ``out_dir`` on a file system
 they all see (DCP reads other processes' files when the process count changes).
 
-``trainer.pt`` is an ordinary checkpoint file: `drasclr.pretrain.load_encoder` reads the
+``trainer.pt`` is an ordinary checkpoint file: `drasclr.load_encoder` reads the
 encoder from it on a single process, without the bank or a process group.
 """
 from __future__ import annotations

@@ -84,14 +84,14 @@ class Trainer:
     """One process's training run: inputs checked and model built in ``__init__``."""
 
     def __init__(self, config: TrainConfig, device: torch.device, process: ProcessInfo) -> None:
-        from drasclr.data.atlas import Atlas
         from drasclr.data.store import PatchStore
         from drasclr.nn import Encoder
 
         self.config, self.device, self.process = config, device, process
         self.out_dir = Path(config.out_dir)
-        store, atlas = PatchStore(config.store), Atlas.load(config.atlas)
-        _check_inputs(config, store, atlas)
+        store = PatchStore(config.store)
+        atlas = store.atlas()  # the atlas the store was cut with, from its record
+        _check_inputs(config, store)
         store.verify_all()  # a damaged patch file stops the run here, never trained on
         self.source = PatchBatches(store, atlas.coords, atlas.neighbour_table(config.k_neighbours),
                                    config.k_neighbours)
@@ -392,13 +392,20 @@ class MetricsLog:
             self.writer.close()
 
 
-def _check_inputs(config: TrainConfig, store, atlas) -> None:
+def _check_inputs(config: TrainConfig, store) -> None:
     """Store/atlas checks that must fail before any work starts."""
-    if store.num_landmarks != atlas.num_landmarks:
-        raise ValueError(
-            f"atlas {config.atlas} has {atlas.num_landmarks} landmarks but the store "
-            f"{config.store} has {store.num_landmarks}; use the atlas the store was cut with"
-        )
+    if config.atlas is not None:
+        from drasclr.data.atlas import Atlas
+        from drasclr.data.store import atlas_checksum
+
+        given = Atlas.load(config.atlas)
+        if atlas_checksum(given) != store.config["atlas_checksum"]:
+            raise ValueError(
+                f"atlas {config.atlas} ({given.num_landmarks} landmarks) is not the atlas the "
+                f"store {config.store} was cut with ({store.config['atlas']}, "
+                f"{store.num_landmarks} landmarks, recorded in its store.json); leave atlas "
+                "unset to use the store's"
+            )
     if store.num_subjects == 0:
         raise ValueError(f"store {config.store}: no finished subjects to train on")
     if store.patch_size != PATCH_SIZE:
