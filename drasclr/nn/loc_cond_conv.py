@@ -13,7 +13,8 @@ Backends (same numbers, different speed):
                grouped convolutions (``conv3d_by_landmark``).
     "triton":  the fused kernels of ``drasclr.kernels``; falls back to "grouped"
                with a warning when they are missing or do not cover the call.
-    "auto":    "triton" for supported CUDA calls, otherwise "grouped".
+    "auto":    "triton" for supported CUDA calls once the kernels have passed their
+               self-check on the device (``drasclr.nn.triton_check``), otherwise "grouped".
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from drasclr.conv_common import IntOrTriple, LandmarkPartition, as_partition, as_triple, check_loc
 from drasclr.nn.grouped_conv import conv3d_by_landmark
+from drasclr.nn.triton_check import triton_trusted
 
 BACKENDS = ("auto", "loop", "grouped", "triton")
 
@@ -76,10 +78,13 @@ def loc_cond_conv3d(
     routing = torch.sigmoid(F.linear(partition.coords.to(routing_weight.dtype),
                                      routing_weight, routing_bias))  # (G, E)
     triton_fn = None
-    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
+    auto_triton = backend == "auto" and _auto_tries_triton(x.device)
+    if backend == "triton" or auto_triton:
         triton_fn, reason = _triton_kernel(x, weight, stride, padding, dilation, groups)
         if reason is not None:  # never silently: "auto" on CUDA warns too
             _warn_fallback_once(reason)
+    if triton_fn is not None and auto_triton and not triton_trusted(x.device, _compute_dtype(x)):
+        triton_fn = None  # the self-check failed on this device: it has warned once
     if triton_fn is not None:
         return triton_fn(x, weight, routing, bias, partition, stride, padding, dilation)
 
@@ -225,6 +230,18 @@ def _loop(x: Tensor, loc: Loc, weight: Tensor, routing_weight: Tensor, routing_b
         kernel = torch.einsum("e,e...->...", routing, weight)  # autocast-aware, as grouped
         outputs.append(F.conv3d(sample[None], kernel, bias, stride, padding, dilation, groups))
     return torch.cat(outputs)
+
+
+def _auto_tries_triton(device: torch.device) -> bool:
+    """Where "auto" considers the fused kernels: CUDA devices."""
+    return device.type == "cuda"
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the kernels will compute in: the autocast dtype inside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _triton_kernel(x: Tensor, weight: Tensor, stride: IntOrTriple, padding: IntOrTriple,
