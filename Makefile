@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` (set up, then run the main job on the built-in
-# synthetic cohort) and `make test` (set up, then run the test suite). `.ci/run` calls `make test`.
+# synthetic cohort) and `make test` (set up, lint with ruff, then run the test suite).
+# `.ci/run` calls `make test`.
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -14,6 +15,7 @@ demo: setup
 	$(BIN)/drasclr demo --out demo_output
 
 test: setup
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
 bench: setup

@@ -33,6 +33,6 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.6"]},
     entry_points={"console_scripts": ["drasclr=drasclr.cli:main"]},
 )

@@ -86,8 +86,8 @@ def worker(rank: int, processes: int, port: int, rounds: int, steps: int, result
                                                                        replace=False),
                     SUBJECTS_PER_LANDMARK))
                 partition = LandmarkPartition.from_loc(coords[landmark], local)
-                query, summed, shuffled_key = (F.normalize(torch.randn(local, DIM, generator=generator), dim=1)
-                                               for _ in range(3))
+                query, summed, shuffled_key = (
+                    F.normalize(torch.randn(local, DIM, generator=generator), dim=1) for _ in range(3))
                 shuffle = torch.randperm(BATCH, generator=generator)
                 key, keys, landmarks = unshuffle_keys(shuffled_key, shuffle, offsets, landmark,
                                                       sharded=variant == "landmark")

@@ -25,7 +25,8 @@ def _step_fn(backend: str, landmarks_per_batch: int, device: torch.device, amp: 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     augment, generator = PatchAugment(), torch.Generator(device=device).manual_seed(0)
     coords = torch.rand(LANDMARKS, 3, device=device) * 2 - 1
-    landmark = torch.arange(landmarks_per_batch, device=device).repeat_interleave(BATCH // landmarks_per_batch)
+    landmark = torch.arange(landmarks_per_batch, device=device).repeat_interleave(
+        BATCH // landmarks_per_batch)
     neighbour = (landmark[:, None] + torch.arange(1, K_NEIGHBOURS + 1, device=device)) % LANDMARKS
     hu = (torch.randn(BATCH * (2 + K_NEIGHBOURS), 32, 32, 32, device=device) * 300 - 600).to(torch.int16)
 

@@ -80,7 +80,8 @@ class Run:
         self.records: list[dict] = []
         self.meta = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu",
+            "device": (torch.cuda.get_device_name() if self.device.type == "cuda"
+                       else platform.processor() or "cpu"),
             "torch": torch.__version__,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "batch": batch, "num_experts": NUM_EXPERTS, "quick": self.quick,

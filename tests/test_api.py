@@ -34,6 +34,7 @@ def test_import_is_cheap():
 def test_nn_exports_only_public_names():
     import drasclr.nn
 
-    assert not {"as_partition", "interleave", "conv3d_by_landmark", "InterleavedPartition"} & set(drasclr.nn.__all__)
+    private = {"as_partition", "interleave", "conv3d_by_landmark", "InterleavedPartition"}
+    assert not private & set(drasclr.nn.__all__)
     for name in drasclr.nn.__all__:
         assert not name.startswith("_") and getattr(drasclr.nn, name) is not None

@@ -27,7 +27,8 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "kernels").glob("*.py")) + [ROOT / "drasclr" / "conv_common.py"],
+@pytest.mark.parametrize("path",
+                         sorted((ROOT / "kernels").glob("*.py")) + [ROOT / "drasclr" / "conv_common.py"],
                          ids=lambda p: p.name)
 def test_lower_layers_never_import_nn(path):
     bad = sorted(name for name in imported_modules(path) if name.startswith("drasclr.nn"))

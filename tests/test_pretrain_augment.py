@@ -69,12 +69,14 @@ def test_resampling_translates_in_voxels():
     aug = RandAffine(32)
     out = aug.resample(volume, aug.about_centre(matrix, 32))
     # output voxel v samples input voxel v + shift
-    torch.testing.assert_close(out[:, :, 0:29, 3:32, 0:31], volume[:, :, 2:31, 0:29, 1:32], atol=1e-2, rtol=1e-4)
+    torch.testing.assert_close(out[:, :, 0:29, 3:32, 0:31], volume[:, :, 2:31, 0:29, 1:32],
+                               atol=1e-2, rtol=1e-4)
     identity = aug.resample(volume, aug.about_centre(torch.eye(4).expand(2, 4, 4), 32))
     torch.testing.assert_close(identity, volume, atol=1e-2, rtol=1e-4)
     # a rotation by pi/2 about axis 2 turns the patch about its centre: (i, j) -> (j, 31 - i)
     quarter = torch.tensor([[0.0, 0.0, math.pi / 2]] * 2, dtype=torch.float64)
-    turn = compose_affine(quarter, torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    turn = compose_affine(quarter, torch.zeros(2, 3, dtype=torch.float64),
+                          torch.ones(2, 3, dtype=torch.float64))
     turned = aug.resample(volume, aug.about_centre(turn.float(), 32))
     torch.testing.assert_close(turned, volume.transpose(2, 3).flip(3), atol=1e-2, rtol=1e-4)
 
@@ -102,7 +104,8 @@ def test_contrast_probability_and_gamma_range():
     per_sample = gamma.nanmedian(1).values
     assert per_sample.min() >= 0.5 - 1e-2 and per_sample.max() <= 4.5 + 1e-2
     assert per_sample.min() < 0.8 and per_sample.max() > 4.0  # spans MONAI's default range
-    assert (gamma.nan_to_num(0) - per_sample[:, None]).abs().where(inner, 0).max() < 0.02  # one gamma per sample
+    # one gamma per sample
+    assert (gamma.nan_to_num(0) - per_sample[:, None]).abs().where(inner, 0).max() < 0.02
 
 
 def test_full_pipeline_normalises_and_draws_per_sample():

@@ -56,7 +56,9 @@ def _batch(landmark, num_landmarks=5, dim=4, seed=3):
     table = torch.rand(num_landmarks, 3, generator=gen, dtype=torch.float64) * 2 - 1
     loc = table[landmark]
     partition = LandmarkPartition.from_loc(loc, len(landmark))
-    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
     return partition, unit(len(landmark), dim), unit(len(landmark), dim), unit(len(landmark), 2, dim)
 
 
@@ -94,7 +96,8 @@ def _reference_losses(query, key, neighbours, bank, landmark, temperature, beta,
                 neigh.append(-torch.log_softmax(logits, 0)[0])
                 neigh_hit.append(float(logits.argmax() == 0))
     local, neigh = torch.stack(local).mean(), torch.stack(neigh).mean()
-    return local + beta * neigh, local, neigh, sum(local_hit) / len(local_hit), sum(neigh_hit) / len(neigh_hit)
+    return (local + beta * neigh, local, neigh, sum(local_hit) / len(local_hit),
+            sum(neigh_hit) / len(neigh_hit))
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])

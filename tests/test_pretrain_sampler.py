@@ -41,7 +41,8 @@ def test_deterministic_per_seed_and_epoch_and_resumable():
 
 
 def test_ddp_ranks_split_each_batch():
-    ranks = [list(LandmarkBatchSampler(8, 12, 16, 4, seed=1, rank=r, world_size=2).batches(0)) for r in range(2)]
+    ranks = [list(LandmarkBatchSampler(8, 12, 16, 4, seed=1, rank=r, world_size=2).batches(0))
+             for r in range(2)]
     whole = list(LandmarkBatchSampler(8, 12, 16, 4, seed=1).batches(0))
     for b0, b1, b in zip(*ranks, whole):
         assert len(b0.subjects) == len(b1.subjects) == 8

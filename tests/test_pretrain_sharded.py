@@ -98,7 +98,8 @@ def _both_designs(out_dir, shuffle_bn):
     losses = {design: [] for design in models}
     for step in range(4):
         sizes = [5, 3] if step % 2 else [3, 4]  # uneven, as a landmark-sharded plan gives
-        parts = [rng.choice(owned_landmarks(NUM_LANDMARKS, r, world_size), size) for r, size in enumerate(sizes)]
+        parts = [rng.choice(owned_landmarks(NUM_LANDMARKS, r, world_size), size)
+                 for r, size in enumerate(sizes)]
         landmark = torch.from_numpy(parts[rank])
         n = len(landmark)
         views = torch.from_numpy(rng.standard_normal((sum(sizes), 3, 1, 32, 32, 32)).astype(np.float32))
@@ -115,7 +116,8 @@ def _both_designs(out_dir, shuffle_bn):
         assert n == sizes[rank]
     torch.save({"losses": {d: torch.stack(v) for d, v in losses.items()},
                 "replicated": models["replicated"].bank.state_dict(),
-                "landmark": {**models["landmark"].bank.state_dict(), "landmarks": models["landmark"].bank.landmarks}},
+                "landmark": {**models["landmark"].bank.state_dict(),
+                             "landmarks": models["landmark"].bank.landmarks}},
                Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -192,7 +194,8 @@ def test_each_process_holds_its_landmarks_and_writes_its_shard(two_process_run):
         assert [h["step"] for h in shard["history"]] == [1, 2, 3, 4, 5]
     directory = last_checkpoint(two_process_run)
     assert directory.name == "step_00000005_epoch_0000"
-    assert sorted(p.name for p in (directory / "bank").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (directory / "bank").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                      "__1_0.distcp"]
     assert [p.name for p in (two_process_run / "checkpoints").iterdir()] == ["step_00000005_epoch_0000"]
     # the encoder loads on one process without the bank
     encoder = drasclr.load_encoder(shards[0]["checkpoint"])

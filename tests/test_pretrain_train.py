@@ -35,7 +35,8 @@ def _contrastive_task(encoder, store):
 
     patches = PatchStore(store[0])
     coords = torch.from_numpy(Atlas.load(store[1]).coords)
-    subjects, landmarks = np.divmod(np.arange(patches.num_subjects * patches.num_landmarks), patches.num_landmarks)
+    subjects, landmarks = np.divmod(np.arange(patches.num_subjects * patches.num_landmarks),
+                                    patches.num_landmarks)
     hu = torch.from_numpy(patches.gather(subjects, landmarks))
     generator = torch.Generator().manual_seed(11)
     repeats = 3  # three view pairs per patch: a smoother top-1
@@ -48,7 +49,8 @@ def _contrastive_task(encoder, store):
     same_landmark = torch.from_numpy(landmarks[:, None] == landmarks[None, :])
     logits = (z1 @ z2.T / 0.2).masked_fill(~same_landmark, float("-inf"))
     target = torch.arange(len(logits))
-    return torch.nn.functional.cross_entropy(logits, target).item(), (logits.argmax(1) == target).float().mean().item()
+    top1 = (logits.argmax(1) == target).float().mean().item()
+    return torch.nn.functional.cross_entropy(logits, target).item(), top1
 
 
 def test_short_run_lowers_loss_and_raises_top1(tmp_path):

@@ -61,12 +61,14 @@ def test_known_affine_recovered_on_real_atlas_mask(atlas_mask_path, tmp_path):
     files = (tmp_path / "tx" / "atlas_to_subject.mat", tmp_path / "tx" / "subject_to_atlas.mat")
     result = register_to_atlas(subject, atlas, "fast", transform_files=files)
 
-    error = np.linalg.norm(result.map_points(lung_points) - nib.affines.apply_affine(truth, lung_points), axis=1)
+    error = np.linalg.norm(result.map_points(lung_points) - nib.affines.apply_affine(truth, lung_points),
+                           axis=1)
     assert error.mean() < 1.0 and error.max() < 2.5, (error.mean(), error.max())
     assert result.dice > 0.95
     # The files hold the forward transform and its inverse; nothing else is left behind.
     assert sorted(p.name for p in files[0].parent.iterdir()) == sorted(p.name for p in files)
-    np.testing.assert_allclose(ras_matrix(ants.read_transform(str(files[0]))), result.atlas_to_subject, atol=1e-6)
+    np.testing.assert_allclose(ras_matrix(ants.read_transform(str(files[0]))), result.atlas_to_subject,
+                               atol=1e-6)
     np.testing.assert_allclose(
         ras_matrix(ants.read_transform(str(files[1]))) @ result.atlas_to_subject, np.eye(4), atol=1e-3
     )

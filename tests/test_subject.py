@@ -109,7 +109,8 @@ def test_known_pose_landmarks_recovered_and_patches_cut_there(phantom_case):
     # mask; only the trachea's end inside the lungs lies below -950 HU
     assert -870 < result.quality["perc15_hu"] < -860 < result.quality["mean_lung_density_hu"] < -800
     assert 0 < result.quality["laa950_percent"] < 2
-    assert sorted(p.name for p in (folder / "tx").iterdir()) == ["atlas_to_subject.mat", "subject_to_atlas.mat"]
+    assert sorted(p.name for p in (folder / "tx").iterdir()) == ["atlas_to_subject.mat",
+                                                                 "subject_to_atlas.mat"]
 
 
 @pytest.fixture(scope="session")

@@ -463,7 +463,8 @@ def fast_probabilities(
     grid that holds any of them, kernels mixed at the tile centre's coordinate.
 
     Not an approximation of :func:`exact_probabilities` (see the module docstring for the
-    measured disagreement); tiles are the resumable chunks. Memory grows with (block + 152)^3 x 128 channels at the last layers.
+    measured disagreement); tiles are the resumable chunks. Memory grows with (block + 152)^3 x
+    128 channels at the last layers.
     """
     voxels = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
     device = resolve_device(device)

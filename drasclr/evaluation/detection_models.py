@@ -19,7 +19,6 @@ from torch import nn
 
 from drasclr.evaluation.head import SubtypeHead
 from drasclr.intensity import normalise_hu
-from drasclr.nn import Encoder
 from drasclr.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Interval, check_fields, ranged
 
 #: Inverse regularisation strengths searched by the linear probe.

@@ -31,7 +31,8 @@ class PatchBatches:
                 f"has {store.num_landmarks}"
             )
         if neighbour_table.shape[1] < k_neighbours:
-            raise ValueError(f"k_neighbours {k_neighbours}: the neighbour table has only {neighbour_table.shape[1]}")
+            raise ValueError(f"k_neighbours {k_neighbours}: the neighbour table has only "
+                             f"{neighbour_table.shape[1]}")
         self.store = store
         self.coords = np.asarray(coords, dtype=np.float32)
         self.neighbour_table = np.asarray(neighbour_table[:, :k_neighbours], dtype=np.int64)

@@ -109,7 +109,8 @@ class DrasCLR(nn.Module):
 
         with torch.no_grad():
             self._momentum_update_key_encoder()
-            key, enqueued_keys, enqueued_landmarks = self._encode_keys(view_k, loc, landmark, partition, shuffle_generator)
+            key, enqueued_keys, enqueued_landmarks = self._encode_keys(view_k, loc, landmark, partition,
+                                                                       shuffle_generator)
 
         out = drasclr_loss(
             query, key, neighbour_query, self.bank, landmark, partition,

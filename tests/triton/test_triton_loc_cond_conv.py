@@ -44,7 +44,8 @@ def make_case(grouping, c_in, c_out, kernel_size, dtype, device, memory_format=t
     partition = make_partition(GROUPINGS[grouping], device)
     x = torch.randn(partition.batch_size, c_in, *SPATIAL, device=device).to(dtype)
     x = x.to(memory_format=memory_format).requires_grad_()
-    weight = torch.randn(NUM_EXPERTS, c_out, c_in, *(kernel_size,) * 3, device=device) / (c_in * kernel_size**3) ** 0.5
+    fan_in = c_in * kernel_size**3
+    weight = torch.randn(NUM_EXPERTS, c_out, c_in, *(kernel_size,) * 3, device=device) / fan_in**0.5
     routing = torch.rand(partition.num_landmarks, NUM_EXPERTS, device=device)
     bias = torch.randn(c_out, device=device)
     leaves = [weight.requires_grad_(), routing.requires_grad_(), bias.requires_grad_()]

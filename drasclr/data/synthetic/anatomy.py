@@ -10,8 +10,9 @@ Built, in painting order: body (skin, subcutaneous fat, muscle), ribs and sternu
 discs, heart and aorta, two lungs (curved apices, dome-shaped diaphragm, cardiac notch,
 posterior recesses), parenchymal texture (filtered noise, denser posteriorly as in a supine
 scan), fissures, a space-filling pulmonary vessel tree (``vessels.py``), trachea and main
-bronchi (air with walls). Lengths scale with ``SizeSpec.scale``: the small size is a physically half-size chest,
-so that tests and the demo get few landmarks (docs/method.md#atlas-and-landmarks) and small volumes.
+bronchi (air with walls). Lengths scale with ``SizeSpec.scale``: the small size is a physically
+half-size chest, so that tests and the demo get few landmarks (docs/method.md#atlas-and-landmarks)
+and small volumes.
 """
 from __future__ import annotations
 
