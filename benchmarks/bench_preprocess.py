@@ -5,7 +5,7 @@ One worker process (one core, one ITK thread) runs the whole pipeline: read, res
 wall seconds, CPU seconds of the worker (the cost per core, robust to a busy machine) and the
 stages' wall seconds. Compared in the same
 run: the ``fast`` registration schedule (the default) and, with ``--reference``, the
-authors' schedule (docs/method.md#registration) (about 10 minutes per subject on this machine).
+authors' schedule (docs/method.md#registration), far slower.
 
     .venv/bin/python benchmarks/bench_preprocess.py [--subjects 2] [--reference]
     make bench                                          # pytest-benchmark timing, fast only

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     run.meta["peaks"] = peaks
     print(f"peaks: {json.dumps({k: f'{v:.3g}' for k, v in peaks.items()})}", flush=True)
 
-    # The encoder (the goal, compiled baseline included) first, then the layers, so
+    # The encoder (the headline, compiled baseline included) first, then the layers, so
     # the time budget cuts the per-layer diagnosis, not the headline comparison.
     plan = [(None, list(BACKENDS))]
     plan += [(spec, [b for b in BACKENDS if b != "compiled_grouped"]) for spec in ENCODER_LAYERS]

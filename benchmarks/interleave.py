@@ -1,13 +1,12 @@
 """Timing compared variants round by round (A, B, C, A, B, C, ...) and their per-round ratios.
 
 On a shared machine the load moves within seconds: timing all of A's rounds and then B's
-compares them under different loads (repeated runs of the encoder benchmark once gave the
-same ratio anywhere from 1.2x to 1.8x). Here every round runs each variant once, back to
+compares them under different loads. Here every round runs each variant once, back to
 back, so a ratio taken within a round compares neighbours in time; the median of the
 per-round ratios, with their min-max spread, is the figure to quote (benchmarks/RESULTS.md).
 
     rounds = interleave({"plain": run_plain, "ours": run_ours}, rounds=7)
-    print(rounds.describe("ours", "plain"))   # "1.18x (1.09-1.31x, 7 rounds)"
+    print(rounds.describe("ours", "plain"))   # "<median>x (<min>-<max>x, 7 rounds)"
 """
 from __future__ import annotations
 

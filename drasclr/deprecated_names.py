@@ -1,8 +1,8 @@
 """Old spellings that still work, each with a DeprecationWarning.
 
 drasclr 0.1 spelled neighbour the American way in a training-config key and in the atlas file;
-config files, checkpoints and atlases written then keep loading. The renaming script of issue
-12 leaves this module (and tests/test_deprecated_names.py) alone, so the old names stay here.
+config files, checkpoints and atlases written then keep loading. The old names live only here
+(and in tests/test_deprecated_names.py).
 """
 from __future__ import annotations
 

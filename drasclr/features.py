@@ -98,8 +98,8 @@ class FeatureSet:
 #: Element types of the patch representation file.
 PATCH_DTYPES = ("float16", "float32")
 #: Patches per forward pass by device type. On the CPU small batches are faster: their
-#: activations stay in the cache (16: 570 patches/s, 256: 200 on the 2-core VM; see
-#: benchmarks/RESULTS.md); a GPU needs large ones to fill.
+#: activations stay in the cache (figures in benchmarks/RESULTS.md); a GPU needs large ones
+#: to fill.
 DEFAULT_BATCH = {"cuda": 256, "cpu": 16}
 #: Store patches that set the BatchNorm statistics of a random-init encoder, in batches of
 #: several landmarks, as training batches are.

@@ -1,5 +1,5 @@
 """Old spellings keep working with a DeprecationWarning: TrainConfig keys (files and
-checkpoints) and the atlas file's array name. (The renaming script leaves this file alone.)"""
+checkpoints) and the atlas file's array name."""
 import zipfile
 
 import numpy as np

@@ -123,7 +123,7 @@ def small_cohort(tmp_path_factory):
 
 
 def test_landmark_accuracy_on_synthetic_subjects(small_cohort):
-    """Issue item 9: mapped landmarks within 1.5 mm of the truth on average, no subject above 4 mm."""
+    """Mapped landmarks within 1.5 mm of the truth on average, no subject above 4 mm."""
     from drasclr.data.synthetic import map_template_points
 
     atlas = build_atlas(small_cohort / "template" / "lung_mask.nii.gz")

@@ -46,7 +46,7 @@ class LungMask:
 
         For grids aligned with this one's axes (scaled and shifted, as the 1 mm volume is
         under the block-averaged grid the classical method segments on): one index table per
-        axis and a single gather, about 0.1 s for a full-size 1 mm volume.
+        axis and a single gather.
 
         Raises:
             ValueError: the grids are rotated or permuted relative to each other.

@@ -21,13 +21,12 @@ voxel's own atlas location. Here:
 - **Fully convolutional pass** (:func:`fast_probabilities`, API only, NOT offered as a map
   mode): the encoder run over a block of voxels with the "dilation trick" (each stride-2 layer
   becomes stride 1, later layers dilated by the accumulated stride; verified against the
-  strided network), Loc-CondConv kernels mixed once per block at the block centre. Per voxel
-  it ran at 3.7x the exact window on CPU (same run, ``benchmarks/RESULTS.md``), but it is a
-  different estimator: the exact window zero-pads the patch at every layer (at the 2^3 and
-  1^3 levels most taps are padding), the dense pass sees the real neighbourhood there.
-  Measured on synthetic subjects (random-weight encoder, linear-probe head) its voxel-wise
-  Pearson r with the exact map was -0.09 to 0.06 and its AUC against the true lesions 0.50,
-  against 0.55-0.72 for the exact map.
+  strided network), Loc-CondConv kernels mixed once per block at the block centre. It is
+  faster per voxel than the exact window, but a different estimator: the exact window
+  zero-pads the patch at every layer (at the 2^3 and 1^3 levels most taps are padding), the
+  dense pass sees the real neighbourhood there. On synthetic subjects its map barely
+  correlates with the exact one and does not find the true lesions (speed and agreement in
+  ``benchmarks/RESULTS.md``).
   So ``drasclr densemap`` has no fast mode; the function stays for research and the benchmark.
 
 Why not MONAI's ``sliding_window_inference``: it tiles the image with ROI-sized windows and
@@ -462,9 +461,8 @@ def fast_probabilities(
     """Probabilities at ``voxels`` (N, 3) from one dense pass per ``block``^3 tile of the 1 mm
     grid that holds any of them, kernels mixed at the tile centre's coordinate.
 
-    Not an approximation of :func:`exact_probabilities` (see the module docstring for the
-    measured disagreement); tiles are the resumable chunks. Memory grows with (block + 152)^3 x
-    128 channels at the last layers.
+    Not an approximation of :func:`exact_probabilities` (see the module docstring); tiles are
+    the resumable chunks. Memory grows with (block + 152)^3 x 128 channels at the last layers.
     """
     voxels = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
     device = resolve_device(device)

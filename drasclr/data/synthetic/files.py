@@ -3,9 +3,9 @@
 Every file is written to a temporary file in its destination folder and moved into place with
 ``os.replace``, so an interrupted run never leaves a truncated file under a final name. NIfTI
 files are gzipped with ISA-L (``isal.igzip``) at level 1 with mtime 0: deterministic bytes, the
-size of zlib's level 1, and about 10x less CPU than the zlib gzip of ``nibabel.save``; with the
-array handed over in Fortran order, writing a full-size subject costs a third of what
-``nibabel.save`` did (``benchmarks/bench_synthetic.py``).
+size of zlib's level 1, and far less CPU than the zlib gzip of ``nibabel.save``; with the
+array handed over in Fortran order, writing a subject is faster than ``nibabel.save``
+(``benchmarks/bench_synthetic.py``, figures in ``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib
     from isal import igzip
 
-    # NIfTI stores Fortran order: handing nibabel that layout makes to_bytes() 3-4x faster
-    # (same bytes) than its chunked reordering of a C-ordered array.
+    # NIfTI stores Fortran order: handing nibabel that layout spares to_bytes() its chunked
+    # reordering of a C-ordered array (same bytes).
     image = nib.Nifti1Image(np.asfortranarray(array), affine)
     image.header.set_xyzt_units("mm")
     image.set_sform(affine, code="scanner")
