@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from scipy.ndimage import gaussian_filter
 
@@ -38,6 +39,15 @@ def random_patches(rng):
     return rng.integers(-1024, 241, size=(L, P, P, P), dtype=np.int16)
 
 
+def good_atlas(seed=0):
+    rng = np.random.default_rng(seed)
+    corners = rng.choice(30, size=(9, 3), replace=False).astype(np.int64)
+    return Atlas(corners=corners, coords=normalised_coords(corners),
+                 neighbours=nearest_neighbours(corners, 3), mask=np.ones((6, 6, 6), np.uint8),
+                 affine=np.diag([0.8, 0.8, 1.5, 1.0]), patch_size=4, step=3,
+                 min_lung_fraction=0.2, source="mask.nii.gz")
+
+
 def make_store(root: Path, num_subjects=4, num_landmarks=6, seed=0, distinct_levels=False):
     """An atlas of ``num_landmarks`` grid landmarks and a store of smooth random HU patches.
 
@@ -62,6 +72,55 @@ def make_store(root: Path, num_subjects=4, num_landmarks=6, seed=0, distinct_lev
         hu = level + spread * field / field.std()
         write_subject(store, f"s{s:02d}", "synthetic", patches=hu.clip(-1024, 240).astype(np.int16))
     return store, atlas_path
+
+
+# -- files of other programs -------------------------------------------------------------------
+
+def write_dicom_series(folder, hu: np.ndarray, spacing, origin_lps, rng, rotation=np.eye(3)) -> None:
+    """Slices of ``hu`` (column, row, slice) as DICOM files in shuffled order; the rows and
+    columns run along ``rotation``'s first two columns, slices along their cross product."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    series_uid = generate_uid()
+    stored = np.rint(hu + 1024).astype(np.uint16)  # RescaleIntercept -1024
+    for k in rng.permutation(hu.shape[2]):  # file order must not matter
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "CT"
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # between rows, between columns
+        ds.ImageOrientationPatient = list(rotation[:, 0]) + list(rotation[:, 1])
+        normal = np.cross(rotation[:, 0], rotation[:, 1])
+        ds.ImagePositionPatient = list(np.asarray(origin_lps) + k * spacing[2] * normal)
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
+    (folder / "notes.txt").write_text("not a DICOM file")
+
+
+def authors_layout(encoder) -> dict:
+    """The encoder's weights as the reference implementation saves them
+    (docs/method.md#the-authors-checkpoints): DDP prefix, ``_routing_fn.fc``, ``fc`` head,
+    plus a key encoder and queue that loading must ignore."""
+    state = {}
+    for key, value in encoder.state_dict().items():
+        name = key.replace(".routing.", "._routing_fn.fc.")
+        name = "fc." + name[len("head."):] if name.startswith("head.") else name
+        state[f"module.encoder_q.{name}"] = value.clone()
+        state[f"module.encoder_k.{name}"] = torch.randn_like(value.float())
+    state["module.queue"] = torch.randn(8, 4, 8)
+    state["module.queue_ptr"] = torch.zeros(8, dtype=torch.long)
+    return {"epoch": 20, "arch": "custom", "optimizer": {}, "state_dict": state}
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_authors_checkpoint_gives_the_features_of_its_weights(pretrained, tmp_pa
     from drasclr.data.atlas import Atlas
     from drasclr.intensity import normalise_hu
     from drasclr.nn import Encoder
-    from test_features import authors_layout  # docs/method.md#the-authors-checkpoints
+    from helpers import authors_layout  # docs/method.md#the-authors-checkpoints
 
     _, result = pretrained
     torch.manual_seed(3)

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import authors_layout
 
 from drasclr.checkpoint_formats import (
     AUTHORS_CHECKPOINT,
@@ -122,21 +123,6 @@ def test_patch_file_round_trips_as_float16(tiny_store, encoder_and_reference, tm
     assert patches.dtype == np.float16 and patches.shape == (3, atlas.num_landmarks, 16)
     np.testing.assert_allclose(patches, expected, rtol=2e-3, atol=2e-3)
     assert sorted(p.name for p in out.parent.iterdir()) == ["features.npz", "features.patches.npy"]
-
-
-def authors_layout(encoder: Encoder) -> dict:
-    """The encoder's weights as the reference implementation saves them
-    (docs/method.md#the-authors-checkpoints): DDP prefix, ``_routing_fn.fc``, ``fc`` head,
-    plus a key encoder and queue that loading must ignore."""
-    state = {}
-    for key, value in encoder.state_dict().items():
-        name = key.replace(".routing.", "._routing_fn.fc.")
-        name = "fc." + name[len("head."):] if name.startswith("head.") else name
-        state[f"module.encoder_q.{name}"] = value.clone()
-        state[f"module.encoder_k.{name}"] = torch.randn_like(value.float())
-    state["module.queue"] = torch.randn(8, 4, 8)
-    state["module.queue_ptr"] = torch.zeros(8, dtype=torch.long)
-    return {"epoch": 20, "arch": "custom", "optimizer": {}, "state_dict": state}
 
 
 def test_every_source_kind_is_detected_and_gives_the_same_features(tiny_store, tmp_path):

@@ -10,8 +10,7 @@ import pytest
 from drasclr.data.io import CTVolume, check_geometry, read_ct
 from drasclr.data.laterality import laterality_warning, right_to_left_ratio
 from drasclr.data.subject import SubjectError, process_subject
-from tests.test_io import _write_dicom_series
-from tests.test_loaders import good_atlas
+from helpers import good_atlas, write_dicom_series
 
 
 def ct(rng, shape=(10, 9, 8)):
@@ -75,7 +74,7 @@ def test_degenerate_itk_geometry_is_one_line(tmp_path, header, message):
 def test_degenerate_dicom_geometry_is_named(tmp_path, spacing, orientation, message):
     rng = np.random.default_rng(3)
     folder = tmp_path / "series"
-    _write_dicom_series(folder, np.rint(ct(rng, (6, 5, 4))), spacing, (1, 2, 3), rng, orientation)
+    write_dicom_series(folder, np.rint(ct(rng, (6, 5, 4))), spacing, (1, 2, 3), rng, orientation)
     with pytest.raises(ValueError, match=rf"^{folder}: degenerate geometry: {message}"):
         read_ct(folder)
 

@@ -5,6 +5,7 @@ import ants
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import write_dicom_series
 
 from drasclr.data.io import (
     CTVolume, check_ct_intensities, lps_geometry_from_ras, ras_affine_from_lps, read_ct, to_ants,
@@ -66,43 +67,11 @@ def test_nifti_and_ants_formats_agree_in_any_orientation(tmp_path):
         np.testing.assert_allclose(_values_at_same_world_points(reference, other), array, atol=1e-3)
 
 
-def _write_dicom_series(folder, hu: np.ndarray, spacing, origin_lps, rng, rotation=np.eye(3)) -> None:
-    """Slices of ``hu`` (column, row, slice) as DICOM files in shuffled order; the rows and
-    columns run along ``rotation``'s first two columns, slices along their cross product."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    series_uid = generate_uid()
-    stored = np.rint(hu + 1024).astype(np.uint16)  # RescaleIntercept -1024
-    for k in rng.permutation(hu.shape[2]):  # file order must not matter
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = "CT"
-        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # between rows, between columns
-        ds.ImageOrientationPatient = list(rotation[:, 0]) + list(rotation[:, 1])
-        normal = np.cross(rotation[:, 0], rotation[:, 1])
-        ds.ImagePositionPatient = list(np.asarray(origin_lps) + k * spacing[2] * normal)
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
-    (folder / "notes.txt").write_text("not a DICOM file")
-
-
 def test_dicom_series_matches_nifti_geometry(tmp_path):
     rng = np.random.default_rng(2)
     hu = np.rint(_random_ct(rng, (9, 7, 6)))
     spacing, origin_lps = (0.6, 0.7, 1.25), (10.0, -20.0, 30.0)
-    _write_dicom_series(tmp_path / "series", hu, spacing, origin_lps, rng)
+    write_dicom_series(tmp_path / "series", hu, spacing, origin_lps, rng)
     volume = read_ct(tmp_path / "series")
     np.testing.assert_array_equal(volume.array, hu)
     expected = ras_affine_from_lps(origin_lps, spacing, np.eye(3))
@@ -118,7 +87,7 @@ def test_oblique_dicom_series_agrees_with_itk(tmp_path):
     rng = np.random.default_rng(5)
     hu = np.rint(_random_ct(rng, (9, 7, 6)))
     rotation = Rotation.from_euler("xyz", [10, -20, 30], degrees=True).as_matrix()
-    _write_dicom_series(tmp_path / "series", hu, (0.6, 0.7, 1.25), (10.0, -20.0, 30.0), rng, rotation)
+    write_dicom_series(tmp_path / "series", hu, (0.6, 0.7, 1.25), (10.0, -20.0, 30.0), rng, rotation)
     volume = read_ct(tmp_path / "series")
     np.testing.assert_array_equal(volume.array, hu)
     # ITK (through ANTs) reads one slice: its in-plane geometry and origin must be ours.

@@ -8,23 +8,15 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import good_atlas
 
 from drasclr.checkpoint_formats import CheckpointError, load_encoder
-from drasclr.data.atlas import Atlas, nearest_neighbours, normalised_coords
+from drasclr.data.atlas import Atlas
 from drasclr.features import FeatureSet
 from drasclr.nn import Encoder
 from drasclr.pretrain.checkpoints import RESUME_KEYS, load_checkpoint, save_checkpoint
 
 # -- atlas files ---------------------------------------------------------------------------
-
-
-def good_atlas(seed=0):
-    rng = np.random.default_rng(seed)
-    corners = rng.choice(30, size=(9, 3), replace=False).astype(np.int64)
-    return Atlas(corners=corners, coords=normalised_coords(corners),
-                 neighbours=nearest_neighbours(corners, 3), mask=np.ones((6, 6, 6), np.uint8),
-                 affine=np.diag([0.8, 0.8, 1.5, 1.0]), patch_size=4, step=3,
-                 min_lung_fraction=0.2, source="mask.nii.gz")
 
 
 def write_atlas_file(path, arrays, metadata):
