@@ -181,6 +181,12 @@ def test_bad_subjects_fail_with_reasons_and_good_ones_finish(uninterrupted, coho
         assert any((out / "transforms" / subject_id).iterdir())
 
 
+def default_sigint():
+    """SIGINT back to its default in the child: a shell starts background jobs with SIGINT
+    ignored, and Python keeps an ignored SIGINT ignored (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
 def test_interrupted_run_resumes_to_the_same_store(uninterrupted, cohort, tmp_path, signal_number):
     """Ctrl-C or a hard kill of the whole process group while the last subject runs, then a
@@ -196,7 +202,8 @@ def test_interrupted_run_resumes_to_the_same_store(uninterrupted, cohort, tmp_pa
                    "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
     errors = tmp_path / "stderr.txt"  # a file, not a pipe nobody reads while the run writes
     with open(errors, "w") as stderr:
-        run = subprocess.Popen(command, stderr=stderr, env=environment, start_new_session=True)
+        run = subprocess.Popen(command, stderr=stderr, env=environment, start_new_session=True,
+                               preexec_fn=default_sigint)
     if signal_number == signal.SIGINT:
         assert run.wait(timeout=300) == 130, errors.read_text()
         assert "interrupted" in errors.read_text()

@@ -59,7 +59,7 @@ def kill_parent_and_wait_for_its_workers(script, tmp_path):
     try:
         workers = [int(parent.stdout.readline()) for _ in range(2)]  # blocks until both report
         assert len(set(workers)) == 2 and parent.pid not in workers
-        assert wait_for_exit(workers, timeout=0) == workers  # all running
+        assert wait_for_exit(workers, timeout=0) == sorted(workers)  # all running
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         assert wait_for_exit(workers, timeout=30) == [], "workers outlived the killed parent"
