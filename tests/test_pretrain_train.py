@@ -172,12 +172,15 @@ def test_training_takes_the_atlas_from_the_store_record(tmp_path):
     copy = tmp_path / "copy_of_the_atlas.npz"
     shutil.copy(atlas, copy)
     settings = dict(store=str(store), max_steps=1, k_neighbours=0, **TINY)
-    for given in (None, str(copy)):  # unset, or the same atlas elsewhere: both train
-        result = drasclr.train(atlas=given, out_dir=str(tmp_path / f"run_{given is None}"), **settings)
-        assert [row["step"] for row in result.history] == [1]
+    runs = iter(tmp_path / f"run_{n}" for n in range(3))
     atlas.rename(tmp_path / "moved.npz")  # the store's record now points nowhere
     with pytest.raises(FileNotFoundError, match=rf"store.json: the store's atlas {atlas} is gone"):
-        drasclr.train(atlas=str(copy), out_dir=str(tmp_path / "run_moved"), **settings)
+        drasclr.train(out_dir=str(next(runs)), **settings)  # atlas unset: the record's file
+    result = drasclr.train(atlas=str(copy), out_dir=str(next(runs)), **settings)  # the same atlas
+    assert [row["step"] for row in result.history] == [1]
+    (tmp_path / "moved.npz").rename(atlas)
+    result = drasclr.train(out_dir=str(next(runs)), **settings)
+    assert [row["step"] for row in result.history] == [1]
 
 
 def test_cli_trains_from_config_file(tiny_store, tmp_path, capsys):

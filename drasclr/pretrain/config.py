@@ -37,8 +37,8 @@ class TrainConfig:
     """Everything `drasclr.train` needs; see each field's ``metadata["help"]``."""
 
     store: str | None = _doc("patch store folder (drasclr.data.store.PatchStore)", None)
-    atlas: str | None = _doc("atlas file (drasclr.data.atlas.Atlas); the store records the one it "
-                             "was cut with, and another one is refused (None: the store's)", None)
+    atlas: str | None = _doc("atlas file (drasclr.data.atlas.Atlas); None: the one the store "
+                             "records in its store.json; another atlas than that is refused", None)
     out_dir: str = _doc("folder for checkpoints, metrics.csv, TensorBoard events", "runs/pretrain")
     epochs: int = _doc("passes over every (subject, landmark) pair", 20, AT_LEAST_ONE)
     max_steps: int | None = _doc(

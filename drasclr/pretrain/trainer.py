@@ -90,7 +90,7 @@ class Trainer:
         self.config, self.device, self.process = config, device, process
         self.out_dir = Path(config.out_dir)
         store = PatchStore(config.store)
-        atlas = store.atlas()  # the atlas the store was cut with, from its record
+        atlas = _store_atlas(config, store)
         _check_inputs(config, store)
         store.verify_all()  # a damaged patch file stops the run here, never trained on
         self.source = PatchBatches(store, atlas.coords, atlas.neighbour_table(config.k_neighbours),
@@ -392,20 +392,26 @@ class MetricsLog:
             self.writer.close()
 
 
-def _check_inputs(config: TrainConfig, store) -> None:
-    """Store/atlas checks that must fail before any work starts."""
-    if config.atlas is not None:
-        from drasclr.data.atlas import Atlas
-        from drasclr.data.store import atlas_checksum
+def _store_atlas(config: TrainConfig, store):
+    """The atlas the store was cut with: the file its store.json records, or ``config.atlas``
+    when that is the same atlas (its checksum is the recorded one); another atlas is refused."""
+    if config.atlas is None:
+        return store.atlas()
+    from drasclr.data.atlas import Atlas
+    from drasclr.data.store import atlas_checksum
 
-        given = Atlas.load(config.atlas)
-        if atlas_checksum(given) != store.config["atlas_checksum"]:
-            raise ValueError(
-                f"atlas {config.atlas} ({given.num_landmarks} landmarks) is not the atlas the "
-                f"store {config.store} was cut with ({store.config['atlas']}, "
-                f"{store.num_landmarks} landmarks, recorded in its store.json); leave atlas "
-                "unset to use the store's"
-            )
+    given = Atlas.load(config.atlas)
+    if atlas_checksum(given) != store.config["atlas_checksum"]:
+        raise ValueError(
+            f"atlas {config.atlas} ({given.num_landmarks} landmarks) is not the atlas the store "
+            f"{config.store} was cut with ({store.config['atlas']}, {store.num_landmarks} "
+            "landmarks, recorded in its store.json); leave atlas unset to use the store's"
+        )
+    return given
+
+
+def _check_inputs(config: TrainConfig, store) -> None:
+    """Store checks that must fail before any work starts."""
     if store.num_subjects == 0:
         raise ValueError(f"store {config.store}: no finished subjects to train on")
     if store.patch_size != PATCH_SIZE:
