@@ -52,7 +52,11 @@ def run_processes(world_size, target, *args, timeout=120):
         sender.send(store.port)
     for process in processes:
         process.join(timeout)
-    assert [p.exitcode for p in processes] == [0] * world_size
+    exit_codes = [p.exitcode for p in processes]
+    for process in processes:  # none is left behind when one hung
+        process.kill()
+        process.join()
+    assert exit_codes == [0] * world_size
 
 
 @pytest.fixture(scope="module")
