@@ -67,7 +67,7 @@ def float64_patch_features(encoder, store, atlas) -> np.ndarray:
     """(subjects, landmarks, rep_dim): the encoder in float64, one patch at a time (loop
     backend), on the HU window mapped to [-1, 1] in float64."""
     reference = copy.deepcopy(encoder).double().eval()
-    reference.set_backend("loop")
+    reference.backend = "loop"
     coords = torch.as_tensor(atlas.coords, dtype=torch.float64)
     out = np.empty((store.num_subjects, atlas.num_landmarks, encoder.rep_dim))
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 Architecture of Yu et al. 2023, Section 3, as the authors' ``models/cnn3d.py`` builds it
 (docs/method.md#encoder); layer attribute names are the reference's so its checkpoints load
-by a key rename (``drasclr.reference_checkpoint``), with
+by a key rename (``drasclr.checkpoint_formats``), with
 ``head`` for its projection ``fc``. Every convolution is 3x3x3, padding 1, then BatchNorm3d
 and ELU (after ``bn4`` too):
 
