@@ -9,6 +9,9 @@ layer names, so conversion is a key rename:
     module.encoder_q.<conv>._routing_fn.fc.{weight,bias} -> <conv>.routing.{weight,bias}
     module.encoder_q.fc.{0,2}.*                          -> head.{0,2}.*
 
+The authors cut their patches from SimpleITK arrays, (z, y, x) where drasclr's are (x, y, z), so
+their encoder is built with ``patch_axes="zyx"`` (docs/method.md#patch-axis-order).
+
 Our own checkpoints need none of this: ``Encoder(**config).load_state_dict(state_dict)``.
 :func:`load_any_encoder` reads either kind, and our per-epoch encoder files, telling which.
 """
@@ -143,7 +146,7 @@ def _reference_encoder(path: str | os.PathLike, model_state: Mapping[str, Tensor
     not hold one of the DrasCLR encoder's shape."""
     try:
         state_dict = reference_state_dict_to_encoder(model_state)
-        encoder = Encoder(**encoder_config_from_state_dict(state_dict))
+        encoder = Encoder(**encoder_config_from_state_dict(state_dict), patch_axes="zyx")
     except ValueError as error:
         raise ValueError(f"{path}: not a DrasCLR reference checkpoint: {error}") from None
     load_checked_state(path, encoder, state_dict)
