@@ -289,19 +289,9 @@ def build_atlas(
             f"{mask_path}: no {patch_size}^3 patch has a lung fraction above {threshold}"
         )
     corners = np.stack([starts[axis][kept[:, axis]] for axis in range(3)], axis=1).astype(np.int64)
-    return Atlas(
-        corners=corners,
-        coords=normalised_coords(corners),
-        neighbours=nearest_neighbours(corners, min(int(k_max), len(corners) - 1), neighbour_ties),
-        mask=labels,
-        affine=affine,
-        patch_size=int(patch_size),
-        step=int(step),
-        min_lung_fraction=threshold,
-        source=str(mask_path),
-        image_source=None if image_path is None else str(image_path),
-        neighbour_ties=neighbour_ties,
-    )
+    return _atlas_of_corners(corners, labels, affine, k_max, neighbour_ties, patch_size=int(patch_size),
+                             step=int(step), min_lung_fraction=threshold, source=str(mask_path),
+                             image_source=None if image_path is None else str(image_path))
 
 
 def atlas_from_landmarks(
@@ -337,20 +327,21 @@ def atlas_from_landmarks(
         _check_same_grid(Path(image_path), labels.shape, affine)
     lung = sliding_window_view(labels > 0, (patch_size,) * 3)[tuple(corners.T)]
     spread = np.gcd.reduce((corners - corners.min(axis=0)).ravel())
-    return Atlas(
-        corners=corners,
-        coords=normalised_coords(corners),
-        neighbours=nearest_neighbours(corners, min(int(k_max), len(corners) - 1), neighbour_ties),
-        mask=labels,
-        affine=affine,
-        patch_size=int(patch_size),
+    return _atlas_of_corners(
+        corners, labels, affine, k_max, neighbour_ties, patch_size=int(patch_size),
         step=int(spread) or 1,  # the grid step the corners lie on
-        min_lung_fraction=float(lung.mean(axis=(1, 2, 3)).min()),
-        source=str(mask_path),
+        min_lung_fraction=float(lung.mean(axis=(1, 2, 3)).min()), source=str(mask_path),
         image_source=None if image_path is None else str(image_path),
-        landmark_source=str(landmarks_path),
-        neighbour_ties=neighbour_ties,
-    )
+        landmark_source=str(landmarks_path))
+
+
+def _atlas_of_corners(corners: np.ndarray, labels: np.ndarray, affine: np.ndarray, k_max: int,
+                      neighbour_ties: str, **settings) -> Atlas:
+    """The atlas of these corners: their coordinates and neighbours computed, ``settings``
+    the remaining fields."""
+    neighbours = nearest_neighbours(corners, min(int(k_max), len(corners) - 1), neighbour_ties)
+    return Atlas(corners=corners, coords=normalised_coords(corners), neighbours=neighbours,
+                 mask=labels, affine=affine, neighbour_ties=neighbour_ties, **settings)
 
 
 def read_landmark_file(path: str | Path) -> np.ndarray:
