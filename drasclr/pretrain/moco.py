@@ -5,7 +5,8 @@ one training step's computation: encode both views and the neighbours, update th
 compute the local and neighbour losses against the landmarks' queues, enqueue the keys of all
 processes. Keys go through the key encoder with the same landmark grouping as the queries; under
 DDP with ``shuffle_bn`` the keys are encoded on a batch shuffled across processes (MoCo's shuffled
-BatchNorm) and un-shuffled afterwards.
+BatchNorm) and un-shuffled afterwards; on one process, ``key_bn_splits`` random sub-batches stand
+in for the processes.
 
 With a landmark-sharded bank (``bank_landmarks`` given, see `drasclr.pretrain.memory_bank`)
 every process's batch holds only landmarks whose queues it holds, so queries are scored and
