@@ -33,6 +33,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.6"]},
+    # SimpleITK: tests re-run the authors' SimpleITK preprocessing to check patch conventions
+    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.6", "SimpleITK>=2.2"]},
     entry_points={"console_scripts": ["drasclr=drasclr.cli:main"]},
 )

@@ -155,7 +155,7 @@ def authors_encoder(model_state: Mapping[str, Tensor],
     """The query encoder (with its projection head) held by an authors' model state dict."""
     try:
         state_dict = reference_state_dict_to_encoder(model_state)
-        encoder = Encoder(**encoder_config_from_state_dict(state_dict))
+        encoder = Encoder(**encoder_config_from_state_dict(state_dict), patch_axes="zyx")
     except ValueError as error:
         raise CheckpointError(source, f"not a DrasCLR reference checkpoint: {error}") from None
     load_checked_state(source, encoder, state_dict)

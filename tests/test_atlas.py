@@ -1,5 +1,9 @@
 """The landmark atlas (docs/method.md#atlas-and-landmarks): grid rule, threshold raising,
 coords, neighbours, file."""
+import os
+import subprocess
+import tempfile
+import sys
 from itertools import product
 
 import nibabel as nib
@@ -7,7 +11,10 @@ import numpy as np
 import pytest
 
 from drasclr.cli import main as cli_main
-from drasclr.data.atlas import Atlas, build_atlas, patch_lung_fractions
+from drasclr.data.atlas import (
+    Atlas, atlas_from_landmarks, build_atlas, nearest_neighbours, patch_lung_fractions,
+)
+from drasclr.data.introsort import classic_argsort
 
 PATCH, STEP = 8, 6
 
@@ -158,3 +165,107 @@ def test_coords_of_points_continue_the_landmark_convention(random_mask):
     corners = voxels - (PATCH - 1) / 2
     expected = corners / atlas.corners.max(0).astype(np.float64) * 2 - 1
     np.testing.assert_allclose(atlas.coords_of_points(world), expected, atol=1e-5)
+
+
+def authors_landmark_file(path, labels, extra):
+    """An ``atlas_patch_loc.npy`` as the authors' atlas script writes it: the grid rule's
+    corners (ITK index x, y, z = NIfTI i, j, k), plus ``extra`` corners their mask kept."""
+    corners = np.concatenate([reference_landmarks(labels, PATCH, STEP, 0.1), extra])
+    np.save(path, corners)
+    return path, corners
+
+
+def test_authors_landmark_file_imports_as_is(random_mask, tmp_path):
+    mask_path, labels = random_mask
+    extra = np.array([[0, 0, 0], [STEP * 5, STEP * 4, 0]])  # patches of little or no lung
+    landmarks, corners = authors_landmark_file(tmp_path / "atlas_patch_loc.npy", labels, extra)
+    atlas = atlas_from_landmarks(mask_path, landmarks, patch_size=PATCH, k_max=4)
+    np.testing.assert_array_equal(atlas.corners, corners)  # file order: the landmark index
+    loaded_raw = np.load(landmarks).astype(np.float64)
+    np.testing.assert_allclose(atlas.coords, loaded_raw / loaded_raw.max(0) * 2 - 1, atol=1e-6)
+    fractions = [(labels[i:i + PATCH, j:j + PATCH, k:k + PATCH] > 0).mean() for i, j, k in corners]
+    assert atlas.min_lung_fraction == pytest.approx(min(fractions)) and min(fractions) < 0.1
+    assert atlas.step == STEP and atlas.neighbour_ties == "authors"
+    distance = np.linalg.norm(corners[:, None] - corners[None], axis=-1)
+    np.testing.assert_array_equal(
+        atlas.neighbours, [classic_argsort(row)[1:5] for row in distance])
+
+    out = tmp_path / "atlas.npz"
+    atlas.save(out)
+    loaded = Atlas.load(out)
+    assert (loaded.landmark_source, loaded.neighbour_ties) == (str(landmarks), "authors")
+    np.testing.assert_array_equal(loaded.neighbours, atlas.neighbours)
+
+
+def test_authors_landmark_cli_and_bad_files(random_mask, tmp_path, capsys):
+    mask_path, labels = random_mask
+    landmarks, corners = authors_landmark_file(tmp_path / "loc.npy", labels, np.zeros((0, 3), int))
+    out = tmp_path / "atlas.npz"
+    assert cli_main(["atlas", "--mask", str(mask_path), "--landmarks", str(landmarks), "--out",
+                     str(out), "--patch-size", str(PATCH)]) == 0
+    assert f"{len(corners)} landmarks from" in capsys.readouterr().out
+    np.testing.assert_array_equal(Atlas.load(out).corners, corners)
+    assert cli_main(["atlas", "--mask", str(mask_path), "--landmarks", str(landmarks), "--out",
+                     str(out), "--step", "5"]) == 2
+    assert "--step: grid-rule options have no effect" in capsys.readouterr().err
+
+    bad = {"shape": np.zeros((4, 2), int), "negative": -np.ones((3, 3), int),
+           "fraction": np.full((3, 3), 0.5), "outside": np.array([[0, 0, 0], [40, 0, 0]]),
+           "repeated": np.zeros((2, 3), int)}
+    messages = {"shape": r"expected an \(L, 3\) array", "negative": "non-negative integer",
+                "fraction": "non-negative integer", "outside": "outside the mask",
+                "repeated": "more than once"}
+    for name, array in bad.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        with pytest.raises(ValueError, match=messages[name]) as error:
+            atlas_from_landmarks(mask_path, tmp_path / f"{name}.npy", patch_size=PATCH)
+        assert f"{name}.npy" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="no such landmark file"):
+        atlas_from_landmarks(mask_path, tmp_path / "missing.npy")
+
+
+def test_classic_argsort_is_numpys_sort_without_simd():
+    """The authors' ``np.argsort`` as numpy runs it without its x86 SIMD sorts (and as it ran
+    before them): fresh random rows with many ties, sorted in a child process with every
+    dispatched CPU feature switched off."""
+    from numpy._core._multiarray_umath import __cpu_baseline__, __cpu_features__
+
+    rng = np.random.default_rng()
+    rows = [rng.integers(0, rng.integers(2, 30), size=rng.integers(2, 700)).astype(np.float64)
+            for _ in range(60)]
+    rows.append(np.sort(rows[0])[::-1].copy())  # descending input
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(
+        f for f, found in __cpu_features__.items() if found and f not in __cpu_baseline__))
+    code = ("import sys, numpy as np; rows = np.load(sys.argv[1], allow_pickle=True); "
+            "np.save(sys.argv[2], np.array([np.argsort(r) for r in rows], dtype=object))")
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, result = os.path.join(folder, "rows.npy"), os.path.join(folder, "order.npy")
+        np.save(source, np.array(rows, dtype=object), allow_pickle=True)
+        subprocess.run([sys.executable, "-c", code, source, result], env=env, check=True)
+        expected = np.load(result, allow_pickle=True)
+    for row, order in zip(rows, expected):
+        np.testing.assert_array_equal(classic_argsort(row), order)
+        np.testing.assert_array_equal(row[classic_argsort(row)], np.sort(row))
+
+
+def test_heapsort_fallback_sorts():
+    """Rows deep enough to exhaust the quicksort depth limit finish with heapsort."""
+    from drasclr.data import introsort
+
+    rng = np.random.default_rng()
+    values = rng.integers(0, 9, size=300).astype(float)
+    order = list(range(300))
+    introsort._heapsort(values.tolist(), order, 10, 250)
+    assert order[:10] == list(range(10)) and order[251:] == list(range(251, 300))
+    assert np.all(np.diff(values[order[10:251]]) >= 0)
+
+
+def test_authors_ties_differ_from_index_ties_on_a_grid(random_mask):
+    path, _ = random_mask
+    atlas = build_atlas(path, patch_size=PATCH, step=STEP, k_max=2, neighbour_ties="authors")
+    index = nearest_neighbours(atlas.corners, 2, "index")
+    distance = np.linalg.norm(atlas.corners[:, None] - atlas.corners[None], axis=-1)
+    rows = np.arange(atlas.num_landmarks)[:, None]
+    np.testing.assert_array_equal(distance[rows, atlas.neighbours], distance[rows, index])
+    assert (atlas.neighbours != index).any()  # same distances, other landmarks

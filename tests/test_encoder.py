@@ -122,7 +122,7 @@ def test_config_rebuilds_the_encoder():
     torch.manual_seed(4)
     encoder = Encoder(conditioning="concat", **SMALL)
     encoder.backend = "loop"
-    assert encoder.config == dict(SMALL, conditioning="concat", backend="loop")
+    assert encoder.config == dict(SMALL, conditioning="concat", backend="loop", patch_axes="xyz")
     rebuilt = Encoder(**encoder.config)
     rebuilt.load_state_dict(encoder.state_dict())
     x, loc = patches_at_landmarks([2])

@@ -140,6 +140,12 @@ def test_every_source_kind_is_detected_and_gives_the_same_features(tiny_store, t
 
     direct = extract_features(encoder, store, device="cpu", progress=False)
     assert direct.name == "DrasCLR" and direct.metadata["encoder"] == "Encoder object"
+    # the authors' weights expect SimpleITK's (z, y, x) patches (docs/method.md#patch-axis-order)
+    authors_axes = Encoder(**{**config, "patch_axes": "zyx"})
+    authors_axes.load_state_dict(encoder.state_dict())
+    transposed = extract_features(authors_axes.eval(), store, device="cpu", progress=False)
+    assert not np.allclose(transposed.features, direct.features, rtol=1e-3, atol=1e-4)
+    expected = {TRAINING_CHECKPOINT: direct, ENCODER_FILE: direct, AUTHORS_CHECKPOINT: transposed}
     for file, kind, name in (("checkpoint_last.pt", TRAINING_CHECKPOINT, "DrasCLR"),
                              ("encoder_epoch_0001.pt", ENCODER_FILE, "DrasCLR"),
                              ("checkpoint_0019.pth.tar", AUTHORS_CHECKPOINT, "DrasCLR (authors)")):
@@ -150,7 +156,7 @@ def test_every_source_kind_is_detected_and_gives_the_same_features(tiny_store, t
         assert (meta["encoder"], result.name, meta["source"]) == (kind, name, str(tmp_path / file))
         assert meta["rep_dim"] == 16 and meta["device"] == "cpu" and meta["dtype"] == "float32"
         assert meta["store"] == str(store.root.resolve()) and meta["seconds"] > 0
-        np.testing.assert_allclose(result.features, direct.features, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.features, expected[kind].features, rtol=1e-5, atol=1e-6)
     assert extract_features(tmp_path / "encoder_epoch_0001.pt", store, name="mine",
                             progress=False).name == "mine"
 

@@ -128,3 +128,43 @@ def test_bad_neighbour_mode():
     partition, query, key, neighbours = _batch(landmark)
     with pytest.raises(ValueError, match="neighbour_mode"):
         drasclr_loss(query, key, neighbours, _bank(), landmark, partition, 0.2, neighbour_mode="max")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_one_process_keys_get_statistics_of_random_sub_batches(splits):
+    """Shuffled BN on one process: each key is what the key encoder gives inside its random
+    sub-batch (its own BatchNorm statistics), returned in batch order; a float64 reference."""
+    from drasclr.nn import Encoder
+    from drasclr.pretrain.moco import DrasCLR
+
+    torch.manual_seed(0)
+    model = DrasCLR(Encoder(num_experts=2, backend="grouped"), 4, queue_size=16,
+                    key_bn_splits=splits).double().train()
+    batch = 9
+    view_k = torch.randn(batch, 1, 32, 32, 32, dtype=torch.float64)
+    landmark = torch.randint(0, 4, (batch,))
+    loc = torch.rand(4, 3, dtype=torch.float64)[landmark] * 2 - 1
+    partition = LandmarkPartition.from_loc(loc, batch)
+    key, enqueued, enqueued_landmark = model._encode_keys(
+        view_k, loc, landmark, partition, torch.Generator().manual_seed(5))
+
+    whole = model.embed(model.encoder_k, view_k, partition)
+    expected = torch.empty_like(whole)
+    shuffle = torch.randperm(batch, generator=torch.Generator().manual_seed(5))
+    for part in shuffle.tensor_split(splits):
+        expected[part] = model.embed(model.encoder_k, view_k[part],
+                                     LandmarkPartition.from_loc(loc[part], len(part)))
+    torch.testing.assert_close(key, whole if splits == 1 else expected)
+    assert splits == 1 or not torch.allclose(key, whole, rtol=1e-3, atol=0)
+    assert enqueued is key and torch.equal(enqueued_landmark, landmark)
+
+
+def test_key_sub_batches_need_two_samples_each():
+    from drasclr.pretrain.config import TrainConfig
+
+    config = TrainConfig(store="s", atlas="a", batch_size=16, landmarks_per_batch=4,
+                         queue_size=64, key_bn_splits=9)
+    with pytest.raises(ValueError, match="key_bn_splits 9"):
+        config.validate()
+    config.key_bn_splits = 8
+    config.validate()

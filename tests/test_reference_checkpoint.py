@@ -116,12 +116,13 @@ def test_reference_checkpoint_gives_the_authors_h(tmp_path):
     encoder = load_encoder(path)
     assert not encoder.training
     assert encoder.config == dict(rep_dim=24, moco_dim=12, num_experts=3,
-                                  conditioning="loc_condconv", backend="auto")
+                                  conditioning="loc_condconv", backend="auto", patch_axes="zyx")
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 1, 32, 32, 32, generator=generator)
+    x = torch.randn(3, 1, 32, 32, 32, generator=generator)  # drasclr's (x, y, z) patches
     loc = torch.rand(3, 3, generator=generator) * 2 - 1
     with torch.no_grad():
-        z_reference, h_reference = reference(x, loc)
+        # the authors' patches of the same voxels are SimpleITK arrays: (z, y, x)
+        z_reference, h_reference = reference(x.permute(0, 1, 4, 3, 2), loc)
         h = encoder(x, loc)
         z = encoder.head(h)
     assert h_reference.std(0).max() > 1e-2  # samples differ by 1000x the tolerance

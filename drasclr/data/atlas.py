@@ -7,9 +7,12 @@ until fewer than ``max_landmarks`` patches remain. A landmark is the patch's cor
 in the mask array's own axis order; the network sees the normalised coordinate ``corner /
 corner.max(axis=0) * 2 - 1`` (the reference convention, kept so that reference weights work as they
 are). Neighbours are the nearest other landmarks by Euclidean distance between corners (the paper
-uses k = 2).
+uses k = 2); equidistant ones are ordered by index, or as the authors' unstable sort orders them
+(``neighbour_ties``).
 
-On the authors' atlas mask (387 x 387 x 319) this gives 575 landmarks.
+On the authors' atlas mask (387 x 387 x 319) this gives 575 landmarks. Their own landmark file
+(``atlas_patch_loc.npy``, 581 landmarks) is imported with :func:`atlas_from_landmarks`; that is the
+atlas to use with their weights (docs/method.md#the-authors-landmarks).
 
 The atlas is saved as one ``.npz`` file (written atomically) holding the arrays and a JSON
 metadata entry; ``drasclr atlas --mask M --out A.npz`` builds one from the command line.
@@ -22,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial.distance import cdist
 
 from drasclr.atomic import atomic_write_bytes
+from drasclr.data.introsort import classic_argsort
 from drasclr.data.patches import PATCH_SIZE
 from drasclr.file_format import check_header
 from drasclr.ranges import AT_LEAST_ONE, Interval, check_number
@@ -37,6 +42,11 @@ ATLAS_VERSION = 1
 #: The reference raises the lung-fraction threshold by this much until few enough remain.
 THRESHOLD_STEP = 0.1
 
+#: How equidistant neighbours are ordered: by landmark index (a stable sort), or as the authors'
+#: ``np.argsort`` of a row of scikit-learn's distance matrix orders them (numpy's default,
+#: unstable sort: the order depends on the row's values, not on the indices).
+NEIGHBOUR_TIES = ("index", "authors")
+
 
 @dataclass
 class Atlas:
@@ -46,15 +56,19 @@ class Atlas:
         corners: (L, 3) int64 patch corners, voxel indices in the mask array's axis order.
         coords: (L, 3) float32 normalised coordinates ``corners / corners.max(0) * 2 - 1``.
         neighbours: (L, K) int64, for each landmark the K nearest other landmarks (distance
-            between corners, nearest first, ties by index). K is ``k_max``, or L - 1 when the
-            atlas has fewer landmarks than that.
+            between corners, nearest first, ties as ``neighbour_ties`` says). K is ``k_max``,
+            or L - 1 when the atlas has fewer landmarks than that.
         mask: (X, Y, Z) uint8 lung labels of the atlas, 0 outside.
         affine: (4, 4) float64 voxel index -> RAS world mm (nibabel convention).
         patch_size: patch edge in voxels.
         step: grid step in voxels.
-        min_lung_fraction: the lung-fraction threshold finally used (after raising).
+        min_lung_fraction: the lung-fraction threshold finally used (after raising); for
+            imported landmarks, the smallest lung fraction of their patches on the mask.
         source: the mask file the atlas was built from.
         image_source: the atlas CT image given alongside the mask, if any.
+        landmark_source: the landmark file the corners were imported from, or None when they
+            come from the grid rule.
+        neighbour_ties: how equidistant neighbours were ordered, one of ``NEIGHBOUR_TIES``.
     """
 
     corners: np.ndarray
@@ -67,6 +81,8 @@ class Atlas:
     min_lung_fraction: float
     source: str
     image_source: str | None = None
+    landmark_source: str | None = None
+    neighbour_ties: str = "index"
 
     @property
     def num_landmarks(self) -> int:
@@ -112,6 +128,8 @@ class Atlas:
             "min_lung_fraction": self.min_lung_fraction,
             "source": self.source,
             "image_source": self.image_source,
+            "landmark_source": self.landmark_source,
+            "neighbour_ties": self.neighbour_ties,
         }
         buffer = io.BytesIO()
         np.savez_compressed(
@@ -149,7 +167,7 @@ class Atlas:
             raise ValueError(f"{path}: not a drasclr atlas file ({error})") from error
         check_header(path, metadata, ATLAS_FORMAT, ATLAS_VERSION, "atlas file")
         missing = sorted(set(_METADATA_KEYS) - set(metadata))
-        unknown = sorted(set(metadata) - set(_METADATA_KEYS))
+        unknown = sorted(set(metadata) - set(_METADATA_KEYS) - set(_OPTIONAL_METADATA))
         if missing or unknown:
             raise ValueError(f"{path}: atlas metadata with missing key(s) {missing} and unknown "
                              f"key(s) {unknown}")
@@ -161,6 +179,7 @@ class Atlas:
                 min_lung_fraction=metadata["min_lung_fraction"],
                 source=str(metadata["source"]),
                 image_source=metadata["image_source"],
+                **{key: metadata.get(key, default) for key, default in _OPTIONAL_METADATA.items()},
             )
             check_atlas(atlas)
         except ValueError as error:
@@ -170,6 +189,8 @@ class Atlas:
 
 _METADATA_KEYS = ("format", "version", "patch_size", "step", "min_lung_fraction", "source",
                   "image_source")
+#: Metadata that atlas files written before landmark import lack, and its value for them.
+_OPTIONAL_METADATA = {"landmark_source": None, "neighbour_ties": "index"}
 
 
 def check_atlas(atlas: Atlas) -> None:
@@ -181,6 +202,9 @@ def check_atlas(atlas: Atlas) -> None:
     check_number("patch_size", atlas.patch_size, AT_LEAST_ONE)
     check_number("step", atlas.step, AT_LEAST_ONE)
     check_number("min_lung_fraction", atlas.min_lung_fraction, Interval(0, 1))  # raised up to 1
+    if atlas.neighbour_ties not in NEIGHBOUR_TIES:
+        raise ValueError(f"neighbour_ties: expected one of {NEIGHBOUR_TIES}, got "
+                         f"{atlas.neighbour_ties!r}")
     corners, coords, neighbours = atlas.corners, atlas.coords, atlas.neighbours
     if (corners.ndim != 2 or corners.shape[1:] != (3,) or len(corners) == 0
             or not np.issubdtype(corners.dtype, np.integer)):
@@ -221,6 +245,7 @@ def build_atlas(
     image_path: str | Path | None = None,
     max_landmarks: int = 1000,
     k_max: int = 8,
+    neighbour_ties: str = "index",
 ) -> Atlas:
     """Build the landmark atlas from an atlas lung mask file (docs/method.md#atlas-and-landmarks).
 
@@ -232,6 +257,7 @@ def build_atlas(
         image_path: optional atlas CT image; it must share the mask's grid.
         max_landmarks: the threshold is raised by 0.1 until fewer landmarks than this remain.
         k_max: neighbours stored per landmark.
+        neighbour_ties: order of equidistant neighbours, one of ``NEIGHBOUR_TIES``.
 
     Raises:
         ValueError: bad arguments, a mask that is not 3D or not integer labels 0..255, or no
@@ -240,8 +266,7 @@ def build_atlas(
     for name, value in (("patch_size", patch_size), ("step", step), ("max_landmarks", max_landmarks)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if int(k_max) != k_max or k_max < 0:
-        raise ValueError(f"k_max: expected a non-negative integer, got {k_max!r}")
+    _check_neighbour_settings(k_max, neighbour_ties)
     if not 0.0 <= min_lung_fraction < 1.0:
         raise ValueError(f"min_lung_fraction: expected a value in [0, 1), got {min_lung_fraction!r}")
 
@@ -264,18 +289,87 @@ def build_atlas(
             f"{mask_path}: no {patch_size}^3 patch has a lung fraction above {threshold}"
         )
     corners = np.stack([starts[axis][kept[:, axis]] for axis in range(3)], axis=1).astype(np.int64)
-    return Atlas(
-        corners=corners,
-        coords=normalised_coords(corners),
-        neighbours=nearest_neighbours(corners, min(int(k_max), len(corners) - 1)),
-        mask=labels,
-        affine=affine,
-        patch_size=int(patch_size),
-        step=int(step),
-        min_lung_fraction=threshold,
-        source=str(mask_path),
+    return _atlas_of_corners(corners, labels, affine, k_max, neighbour_ties, patch_size=int(patch_size),
+                             step=int(step), min_lung_fraction=threshold, source=str(mask_path),
+                             image_source=None if image_path is None else str(image_path))
+
+
+def atlas_from_landmarks(
+    mask_path: str | Path,
+    landmarks_path: str | Path,
+    patch_size: int = PATCH_SIZE,
+    image_path: str | Path | None = None,
+    k_max: int = 8,
+    neighbour_ties: str = "authors",
+) -> Atlas:
+    """The atlas of a landmark file written by the authors' atlas script
+    (``atlas_patch_loc.npy``; docs/method.md#the-authors-landmarks), on its atlas lung mask.
+
+    The file holds an (L, 3) integer array: each landmark's patch corner as an ITK index
+    (x, y, z) of the atlas image, which is the NIfTI voxel index (i, j, k) that nibabel reads,
+    so the corners are taken as they are, in the file's order (the landmark index is the row).
+    Neighbours follow the authors' tie order by default, as their training did.
+
+    Raises:
+        FileNotFoundError: a missing file.
+        ValueError: naming the file: not an (L, 3) array of non-negative integers, or a patch
+            reaching outside the mask.
+    """
+    _check_neighbour_settings(k_max, neighbour_ties)
+    labels, affine = _read_mask(Path(mask_path))
+    corners = read_landmark_file(landmarks_path)
+    outside = np.flatnonzero((corners + patch_size > np.asarray(labels.shape)).any(axis=1))
+    if len(outside):
+        raise ValueError(f"{landmarks_path}: {len(outside)} landmark(s) (first: row {outside[0]}, "
+                         f"corner {corners[outside[0]].tolist()}) put a {patch_size}^3 patch "
+                         f"outside the mask of shape {labels.shape} ({mask_path})")
+    if image_path is not None:
+        _check_same_grid(Path(image_path), labels.shape, affine)
+    lung = sliding_window_view(labels > 0, (patch_size,) * 3)[tuple(corners.T)]
+    spread = np.gcd.reduce((corners - corners.min(axis=0)).ravel())
+    return _atlas_of_corners(
+        corners, labels, affine, k_max, neighbour_ties, patch_size=int(patch_size),
+        step=int(spread) or 1,  # the grid step the corners lie on
+        min_lung_fraction=float(lung.mean(axis=(1, 2, 3)).min()), source=str(mask_path),
         image_source=None if image_path is None else str(image_path),
-    )
+        landmark_source=str(landmarks_path))
+
+
+def _atlas_of_corners(corners: np.ndarray, labels: np.ndarray, affine: np.ndarray, k_max: int,
+                      neighbour_ties: str, **settings) -> Atlas:
+    """The atlas of these corners: their coordinates and neighbours computed, ``settings``
+    the remaining fields."""
+    neighbours = nearest_neighbours(corners, min(int(k_max), len(corners) - 1), neighbour_ties)
+    return Atlas(corners=corners, coords=normalised_coords(corners), neighbours=neighbours,
+                 mask=labels, affine=affine, neighbour_ties=neighbour_ties, **settings)
+
+
+def read_landmark_file(path: str | Path) -> np.ndarray:
+    """(L, 3) int64 corners of an authors' landmark file (``np.save`` of an (L, 3) array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such landmark file")
+    try:
+        corners = np.load(path, allow_pickle=False)
+    except Exception as error:  # numpy raises several types for a file that is not .npy
+        raise ValueError(f"{path}: not a numpy landmark file ({error})") from error
+    if (corners.ndim != 2 or corners.shape[1] != 3 or len(corners) < 2
+            or not np.issubdtype(corners.dtype, np.number)):
+        raise ValueError(f"{path}: expected an (L, 3) array of patch corners with L >= 2, got "
+                         f"{corners.dtype} {corners.shape}")
+    if not np.isfinite(corners).all() or np.any(corners % 1) or corners.min() < 0:
+        raise ValueError(f"{path}: patch corners must be non-negative integer voxel indices")
+    if len(np.unique(corners, axis=0)) != len(corners):
+        raise ValueError(f"{path}: the same corner is listed more than once")
+    return corners.astype(np.int64)
+
+
+def _check_neighbour_settings(k_max: int, neighbour_ties: str) -> None:
+    if int(k_max) != k_max or k_max < 0:
+        raise ValueError(f"k_max: expected a non-negative integer, got {k_max!r}")
+    if neighbour_ties not in NEIGHBOUR_TIES:
+        raise ValueError(f"neighbour_ties: expected one of {NEIGHBOUR_TIES}, got "
+                         f"{neighbour_ties!r}")
 
 
 def patch_lung_fractions(lung: np.ndarray, starts: list[np.ndarray], patch_size: int) -> np.ndarray:
@@ -318,8 +412,21 @@ def scale_corners(corners: np.ndarray, axis_max: np.ndarray) -> np.ndarray:
     return (scaled * 2.0 - 1.0).astype(np.float32)
 
 
-def nearest_neighbours(corners: np.ndarray, k: int) -> np.ndarray:
-    """(L, k) int64: each landmark's k nearest other landmarks, nearest first, ties by index."""
+def nearest_neighbours(corners: np.ndarray, k: int, ties: str = "index") -> np.ndarray:
+    """(L, k) int64: each landmark's k nearest other landmarks, nearest first.
+
+    ``ties="index"`` orders equidistant landmarks by index. ``ties="authors"`` repeats the
+    authors' dataset code: each row of scikit-learn's Euclidean distance matrix sorted by
+    numpy's default argsort, its first entry (the landmark itself, at distance 0) dropped.
+    Grid corners have many exact ties (six face neighbours at one step), which that unstable
+    sort breaks by where they sit in the row, not by index; the classic form of the sort
+    (:func:`drasclr.data.introsort.classic_argsort`) gives the same neighbours on every machine.
+    """
+    if ties == "authors":
+        from sklearn.metrics import pairwise_distances
+
+        distance = pairwise_distances(np.asarray(corners, dtype=np.float64), metric="euclidean")
+        return np.stack([classic_argsort(row)[1 : k + 1] for row in distance]).astype(np.int64)
     distance = cdist(corners, corners)
     np.fill_diagonal(distance, np.inf)
     return np.argsort(distance, axis=1, kind="stable")[:, :k].astype(np.int64)

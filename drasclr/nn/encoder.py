@@ -25,6 +25,12 @@ from drasclr.nn.grouped_conv import interleave
 from drasclr.nn.loc_cond_conv import Loc, LocCondConv3d, check_backend, per_sample_coords
 
 
+#: Axis orders of the patches an encoder's weights expect: drasclr's patches are cut in the
+#: scan's voxel order (x, y, z); the authors' come from SimpleITK arrays, which are (z, y, x)
+#: of the same voxels (docs/method.md#patch-axis-order).
+PATCH_AXES = ("xyz", "zyx")
+
+
 class ConvBlock(nn.Module):
     """Three conv-BN-ELU layers, the last with stride 2 (the reference's ``Block``)."""
 
@@ -60,12 +66,16 @@ class Encoder(nn.Module):
             Linear(rep+3, rep), ReLU, Linear(rep, rep)), "none" (plain convolutions).
         backend: Loc-CondConv backend (``drasclr.nn.BACKENDS``) of every layer; settable at
             any time (``encoder.backend = "grouped"``).
+        patch_axes: the axis order the weights were trained on, one of ``PATCH_AXES``;
+            patches always come in drasclr's (x, y, z) order and an encoder of the authors'
+            weights ("zyx") transposes them first.
 
     ``Encoder(**encoder.config)`` rebuilds the same architecture.
     """
 
     def __init__(self, rep_dim: int = 128, moco_dim: int = 128, num_experts: int = 8,
-                 conditioning: str = "loc_condconv", backend: str = "auto") -> None:
+                 conditioning: str = "loc_condconv", backend: str = "auto",
+                 patch_axes: str = "xyz") -> None:
         super().__init__()
         for name, value in (("rep_dim", rep_dim), ("moco_dim", moco_dim),
                             ("num_experts", num_experts)):
@@ -73,6 +83,9 @@ class Encoder(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
+        if patch_axes not in PATCH_AXES:
+            raise ValueError(f"patch_axes: expected one of {PATCH_AXES}, got {patch_axes!r}")
+        self.patch_axes = patch_axes
         self.rep_dim, self.moco_dim, self.num_experts = rep_dim, moco_dim, num_experts
         self.conditioning = conditioning
         self._backend = check_backend(backend)
@@ -100,7 +113,8 @@ class Encoder(nn.Module):
     def config(self) -> dict[str, Any]:
         """The constructor arguments: ``Encoder(**encoder.config)`` rebuilds this encoder."""
         return dict(rep_dim=self.rep_dim, moco_dim=self.moco_dim, num_experts=self.num_experts,
-                    conditioning=self.conditioning, backend=self.backend)
+                    conditioning=self.conditioning, backend=self.backend,
+                    patch_axes=self.patch_axes)
 
     @property
     def backend(self) -> str:
@@ -124,6 +138,8 @@ class Encoder(nn.Module):
                              f"{PATCH_SIZE}), got {shape}")
         if x.shape[0] == 0:  # like nn.Conv3d: an empty batch gives an empty output
             return x.new_empty(0, self.rep_dim)
+        if self.patch_axes == "zyx":
+            x = x.transpose(2, 4)
         if self.conditioning in ("none", "concat"):
             coords = per_sample_coords(loc, x.shape[0])  # validated even when unused
             h = self._features(x, None)

@@ -87,6 +87,11 @@ class TrainConfig:
                 "both views and the neighbours (true/false: the reference's settings / none)",
         "valid": None, "choices": None})
     shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
+    key_bn_splits: int = _doc(
+        "on one process, with shuffle_bn: encode the shuffled key batch in this many sub-batches, "
+        "each with its own BatchNorm statistics (the one-process stand-in for shuffled BN); "
+        "1: keys see the query batch's statistics", 1, AT_LEAST_ONE
+    )
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
     amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
     seed: int = _doc("seed of initialisation, sampling and augmentation", 0, COUNT)
@@ -166,6 +171,11 @@ class TrainConfig:
             raise ValueError(
                 f"queue_size {self.queue_size} is smaller than the {per_landmark} keys a landmark "
                 "receives per step; a step would overwrite its own keys"
+            )
+        if self.shuffle_bn and world_size == 1 and self.batch_size < 2 * self.key_bn_splits:
+            raise ValueError(
+                f"key_bn_splits {self.key_bn_splits}: a batch of {self.batch_size} gives key "
+                "sub-batches of fewer than 2 samples, too few for BatchNorm statistics"
             )
         for f in dataclasses.fields(self):
             allowed = f.metadata["choices"]

@@ -5,7 +5,8 @@ one training step's computation: encode both views and the neighbours, update th
 compute the local and neighbour losses against the landmarks' queues, enqueue the keys of all
 processes. Keys go through the key encoder with the same landmark grouping as the queries; under
 DDP with ``shuffle_bn`` the keys are encoded on a batch shuffled across processes (MoCo's shuffled
-BatchNorm) and un-shuffled afterwards.
+BatchNorm) and un-shuffled afterwards; on one process, ``key_bn_splits`` random sub-batches stand
+in for the processes.
 
 With a landmark-sharded bank (``bank_landmarks`` given, see `drasclr.pretrain.memory_bank`)
 every process's batch holds only landmarks whose queues it holds, so queries are scored and
@@ -41,7 +42,9 @@ class DrasCLR(nn.Module):
         beta: weight of the neighbour loss (1.0).
         neighbour_mode: "sum" (reference) or "mean".
         bank_dtype: float32 or bfloat16 storage.
-        shuffle_bn: shuffle keys across processes for BatchNorm under DDP.
+        shuffle_bn: shuffle keys across processes for BatchNorm under DDP; on one process,
+            shuffle them and encode them in ``key_bn_splits`` sub-batches.
+        key_bn_splits: sub-batches of the shuffled keys on one process (1: the whole batch).
         generator: random source of the bank's initial keys.
         bank_landmarks: the landmarks whose queues this process holds (landmark sharding;
             every batch it is given must hold only these), or None: all of them, replicated.
@@ -60,10 +63,12 @@ class DrasCLR(nn.Module):
         shuffle_bn: bool = True,
         generator: torch.Generator | None = None,
         bank_landmarks=None,
+        key_bn_splits: int = 1,
     ) -> None:
         super().__init__()
         self.temperature, self.momentum, self.beta = temperature, momentum, beta
         self.neighbour_mode, self.shuffle_bn = neighbour_mode, shuffle_bn
+        self.key_bn_splits = key_bn_splits
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder)
         for param in self.encoder_k.parameters():
@@ -135,7 +140,10 @@ class DrasCLR(nn.Module):
         (rank order) for a replicated bank, this process's own for a landmark-sharded one."""
         processes = world_size()
         if processes == 1:
-            key = self.embed(self.encoder_k, view_k, partition)
+            if self.shuffle_bn and self.key_bn_splits > 1:
+                key = self._split_shuffled_keys(view_k, loc, shuffle_generator)
+            else:
+                key = self.embed(self.encoder_k, view_k, partition)
             return key, key, landmark
         sizes = gather_sizes(len(view_k), view_k.device)
         if not self.shuffle_bn:
@@ -153,6 +161,25 @@ class DrasCLR(nn.Module):
             self.encoder_k, all_views[mine], LandmarkPartition.from_loc(all_loc[mine], len(mine))
         )
         return unshuffle_keys(shuffled_key, shuffle, offsets, landmark, self.sharded)
+
+    @torch.no_grad()
+    def _split_shuffled_keys(self, view_k: Tensor, loc: Tensor,
+                             shuffle_generator: torch.Generator | None) -> Tensor:
+        """Keys encoded in ``key_bn_splits`` random sub-batches, back in batch order.
+
+        One process's stand-in for shuffled BN (MoCo's single-GPU SplitBatchNorm): with the
+        whole batch in one BatchNorm pass a key and its query share the batch's statistics,
+        a cue that tells the positive from the queue's older keys without looking at the
+        patch. Random sub-batches give each key statistics of a different subset.
+        """
+        shuffle = torch.randperm(len(view_k), generator=shuffle_generator, device=view_k.device)
+        parts = [
+            self.embed(self.encoder_k, view_k[part], LandmarkPartition.from_loc(loc[part], len(part)))
+            for part in shuffle.tensor_split(self.key_bn_splits)
+        ]
+        key = parts[0].new_empty(len(view_k), parts[0].shape[1])
+        key[shuffle] = torch.cat(parts)
+        return key
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: Tensor, landmark: Tensor) -> None:

@@ -115,7 +115,7 @@ class Trainer:
             config.beta, config.neighbour_loss, getattr(torch, config.bank_dtype), config.shuffle_bn,
             generator=torch.Generator().manual_seed(config.seed),
             bank_landmarks=owned_landmarks(store.num_landmarks, process.rank, process.world_size)
-            if self.sharded else None,
+            if self.sharded else None, key_bn_splits=config.key_bn_splits,
         ).to(device)
         self.step_model: nn.Module = self.model
         if process.world_size > 1:
