@@ -97,7 +97,7 @@ def main() -> None:
         )
         results_path.write_text(json.dumps(results, indent=1))
         print(name, json.dumps(results[name]), flush=True)
-    print(f"| variant | local top-1 | neighbour top-1 | " + " | ".join(ABLATION_TASKS) + " |")
+    print("| variant | local top-1 | neighbour top-1 | " + " | ".join(ABLATION_TASKS) + " |")
     for name, row in results.items():
         cells = [f"{m:.2f} ± {s:.2f}" for m, s in row["readout"].values()]
         print(f"| {name} | {row['local_top1']:.3f} | {row['neighbour_top1']:.3f} | "
