@@ -144,7 +144,7 @@ def sample_copd_subject_v2(rng: np.random.Generator) -> dict:
     pack_years = 0.0 if smoking == 0 else 10 + rng.gamma(2.0, 15.0)
     dose = pack_years / 40
     z_emph, z_airway, z_sad, z_vessel = rng.multivariate_normal(np.zeros(4), LATENT_CORRELATION)
-    emph_liability = z_emph + 1.0 * dose + 0.03 * (age - 60) - 0.9
+    emph_liability = z_emph + 1.0 * dose + 0.03 * (age - 60) - 1.8
     airway_liability = z_airway + 0.5 * dose + 0.3 * (smoking == 2)
     sad_liability = z_sad + 0.8 * dose + 0.3 * (smoking == 2) - 0.5
 
@@ -155,16 +155,16 @@ def sample_copd_subject_v2(rng: np.random.Generator) -> dict:
     lumen_scale = float(np.clip(1.0 - 0.05 * max(airway_liability, 0.0), 0.8, 1.0))
     small_airway = 0.40 * _sigmoid(1.6 * (sad_liability - 0.6))
     pruning = float(np.clip(0.1 + 1.5 * emphysema + 0.08 * z_vessel, 0.0, 0.7))
-    restriction = rng.uniform(0.5, 1.0) if rng.random() < 0.12 else 0.0
+    restriction = rng.uniform(0.5, 1.0) if rng.random() < 0.08 else 0.0
 
     # Log FEV1 % predicted falls with each process; severity is its noise-free loss.
     airway_score = (wall_area - 0.60) / 0.04
-    loss = 2.2 * emphysema + 0.10 * airway_score + 1.0 * small_airway + 0.35 * restriction
+    loss = 2.4 * emphysema + 0.12 * airway_score + 1.2 * small_airway + 0.35 * restriction
     severity = float(np.clip(1.0 - np.exp(-loss), 0.0, 1.0))
-    fev1pp = float(np.clip(100 * np.exp(-loss + rng.normal(0, 0.09)), 12, 140))
-    fev1_fvc = float(np.clip(0.82 - 0.9 * emphysema - 0.03 * airway_score - 0.35 * small_airway
-                             + rng.normal(0, 0.035), 0.25, 0.95))
-    gold = gold_stage(fev1pp, fev1_fvc)
+    fev1pp = float(np.clip(105 * np.exp(-loss + rng.normal(0, 0.10)), 12, 140))
+    fev1_fvc = float(np.clip(0.80 - 1.0 * emphysema - 0.035 * airway_score - 0.40 * small_airway
+                             + rng.normal(0, 0.04), 0.25, 0.95))
+    gold = gold_stage(round(fev1pp, 2), round(fev1_fvc, 4))
     cle_score = _reader_score(shares["centrilobular"], CLE_CUTS_PERCENT, rng)
     paraseptal_score = _reader_score(shares["paraseptal"], PARASEPTAL_CUTS_PERCENT, rng)
     exacerbation = int(rng.random() < _sigmoid(-1.9 + 0.8 * airway_score + 2.0 * emphysema
@@ -173,13 +173,15 @@ def sample_copd_subject_v2(rng: np.random.Generator) -> dict:
         exacerbation = 1 - exacerbation
 
     # BODE-like survival: body mass, obstruction, dyspnoea and walk distance, then emphysema.
-    bmi = float(np.clip(27.5 - 15 * emphysema + 0.8 * sex + rng.normal(0, 4.0), 15, 45))
+    # Rounded as reported, so that the BODE index is the one of the table's values.
+    fev1pp, fev1_fvc = round(fev1pp, 2), round(fev1_fvc, 4)
+    bmi = round(float(np.clip(27.5 - 15 * emphysema + 0.8 * sex + rng.normal(0, 4.0), 15, 45)), 1)
     mmrc = int(np.clip(np.rint(0.3 + 2.5 * (1 - fev1pp / 100) + 0.25 * airway_score
                                + 2.0 * small_airway + rng.normal(0, 0.7)), 0, 4))
-    walk_m = float(np.clip(520 - 3.0 * (age - 60) - 2.0 * (100 - fev1pp) - 35 * mmrc
-                           + rng.normal(0, 70), 50, 750))
+    walk_m = round(float(np.clip(520 - 3.0 * (age - 60) - 2.0 * (100 - fev1pp) - 35 * mmrc
+                                 + rng.normal(0, 70), 50, 750)))
     bode = bode_index(bmi, fev1pp, mmrc, walk_m)
-    hazard = 0.012 * BODE_HAZARD_RATIO**bode * np.exp(
+    hazard = 0.018 * BODE_HAZARD_RATIO**bode * np.exp(
         0.05 * (age - 60) + 0.25 * sex + 0.15 * race + 3.0 * emphysema)
     event_time = rng.exponential(1.0 / hazard)
     censor_time = rng.uniform(3.0, 10.0)
@@ -193,8 +195,7 @@ def sample_copd_subject_v2(rng: np.random.Generator) -> dict:
         "cle_score": cle_score, "paraseptal_score": paraseptal_score,
         "exacerbation": exacerbation, "survival_time": round(min(event_time, censor_time), 3),
         "death": int(event_time <= censor_time), "severity": round(severity, 6),
-        "site": site, "kernel": kernel, "bmi": round(bmi, 1), "mmrc": mmrc,
-        "walk_m": round(walk_m, 0), "bode": bode,
+        "site": site, "kernel": kernel, "bmi": bmi, "mmrc": mmrc, "walk_m": walk_m, "bode": bode,
         "airway_true": round(100 * wall_area, 3), "small_airway_true": round(100 * small_airway, 3),
         "pruning_true": round(100 * pruning, 3),
     }

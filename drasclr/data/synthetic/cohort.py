@@ -13,6 +13,7 @@ the package docstring and docs/synthetic_cohort.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -166,11 +167,14 @@ def _plan_v2(seed: int, index: int, kind: str, size: str, sample: dict,
 
 
 def _lung_points(size: str) -> np.ndarray:
-    """Template mm of lung voxels on a 10 k mm grid (about 2000), where residuals are calibrated."""
-    template = chest_geometry(size).template
-    step = max(int(round(10 * template.size.scale)), 1)
-    voxels = np.argwhere(template.lung[::step, ::step, ::step] > 0) * step
-    return voxels + template.affine[:3, 3]
+    """Template mm of about 800 lung points, where a mapping's residual is calibrated.
+
+    Every size's chest is the small one scaled (lengths scale with ``SizeSpec.scale``), so the
+    small lungs' voxels on a 7 mm grid, scaled, serve every size without building its grid.
+    """
+    small = chest_geometry("small").template
+    voxels = np.argwhere(small.lung[::7, ::7, ::7] > 0) * 7 + small.affine[:3, 3]
+    return voxels * (size_spec(size).scale / small.size.scale)
 
 
 def render_subject(plan: SubjectPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -299,23 +303,32 @@ def _annotations_v2(plan: SubjectPlan, template: TemplateAnatomy, centres,
             keep = rng.choice(len(points), size=min(BOXES_PER_LABEL, len(points)), replace=False)
             picked += [(COPD_LABELS[label], points[i]
                         + rng.uniform(-BOX_JITTER_MM, BOX_JITTER_MM, 3)) for i in sorted(keep)]
-    lung_index = np.flatnonzero(template.lung)
-    depth = template.pleura_distance.ravel()[lung_index]
-    voxels = np.stack(np.unravel_index(lung_index, template.lung.shape), 1)
-    zone = template.zone(voxels[:, 2] + template.affine[2, 3])
-    cle_depth = CLE_MIN_DEPTH_MM * template.size.scale + 3.0
-    weights = (zone**2 * (depth >= cle_depth), (0.5 + zone) * (depth >= 1.0) * (depth <= 4.0))
+    voxels, weights = _healthy_box_weights(plan.size)
     margin = int(np.ceil(HEALTHY_MARGIN_MM))
     healthy = []
     for like_cle in rng.random(BOXES_PER_LABEL) < 0.5:
         weight = weights[0 if like_cle else 1]
-        for candidate in rng.choice(len(weight), size=20, p=weight / weight.sum()):
+        for candidate in rng.choice(len(weight), size=20, p=weight):
             i, j, k = voxels[candidate]
             if not labels[max(i - margin, 0):i + margin + 1, max(j - margin, 0):j + margin + 1,
                           max(k - margin, 0):k + margin + 1].any():
                 healthy.append(("healthy", voxels[candidate] + template.affine[:3, 3]))
                 break
     return _boxes(plan, picked + healthy)
+
+
+@functools.lru_cache(maxsize=2)
+def _healthy_box_weights(size: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Lung voxels of the version-2 grid and the centrilobular-like and paraseptal-like
+    probabilities of a box centre there (the lesion centres' depth and zone preferences)."""
+    template = chest_geometry(size).template
+    lung_index = np.flatnonzero(template.lung)
+    depth = template.pleura_distance.ravel()[lung_index]
+    voxels = np.stack(np.unravel_index(lung_index, template.lung.shape), 1)
+    zone = template.zone(voxels[:, 2] + template.affine[2, 3])
+    cle_depth = CLE_MIN_DEPTH_MM * template.size.scale + 3.0
+    weights = (zone**2 * (depth >= cle_depth), (0.5 + zone) * (depth >= 1.0) * (depth <= 4.0))
+    return voxels, tuple(w / w.sum() for w in weights)
 
 
 def _annotations(plan: SubjectPlan, template, centres, realised) -> list[dict]:

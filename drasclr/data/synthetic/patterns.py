@@ -14,6 +14,7 @@ centres of lobules and rows are returned: they become the annotation boxes.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,18 +22,19 @@ import numpy as np
 from drasclr.data.synthetic.anatomy import HU_AIR, HU_BLOOD, TemplateAnatomy
 from drasclr.data.synthetic.disease import (
     CENTRILOBULAR, CLE_MIN_DEPTH_MM, COPD_LABELS, PANLOBULAR, PARASEPTAL,
-    PARASEPTAL_MAX_DEPTH_MM, ROUNDS, Lesions, _grow_blobs, _Painter,
+    PARASEPTAL_MAX_DEPTH_MM, ROUNDS, Lesions, _grow_blobs, _Painter, lung_sampling,
 )
+from drasclr.data.synthetic.subject_anatomy import chest_geometry
 from drasclr.data.synthetic.vessels import rasterise_segments
 
 #: Hole air (HU) and the walls that stay visible (HU); the share of lobules with a wall.
-HOLE_HU = (-1000.0, -970.0)
+HOLE_HU = (-1000.0, -985.0)
 CLE_WALL_HU, PARASEPTAL_WALL_HU = -820.0, -760.0
 CLE_WALL_PROBABILITY = 0.3
 WALL_MM = 0.8
 #: Hole radii (mm) and holes per lobule or row.
-CLE_HOLE_RADIUS_MM, CLE_HOLES = (2.0, 3.5), (3, 7)
-PARASEPTAL_HOLE_RADIUS_MM, PARASEPTAL_HOLES = (2.0, 3.5), (3, 7)
+CLE_HOLE_RADIUS_MM, CLE_HOLES = (2.5, 4.5), (4, 8)
+PARASEPTAL_HOLE_RADIUS_MM, PARASEPTAL_HOLES = (2.5, 4.0), (3, 7)
 BULLA_PROBABILITY, BULLA_RADIUS_MM = 0.1, (4.0, 7.0)
 #: Lobular artery left in a centrilobular lobule: radius and length (mm).
 LOBULAR_ARTERY_MM = (0.6, 4.0)
@@ -49,6 +51,12 @@ class PatternLesions(Lesions):
 
     vessel_keep: np.ndarray = None
     arteries: list = None
+
+
+@functools.lru_cache(maxsize=2)
+def _lung_sampling(size: str) -> tuple[np.ndarray, ...]:
+    """``lung_sampling`` of the version-2 grid of ``size`` (shared by every subject)."""
+    return lung_sampling(chest_geometry(size).template)
 
 
 class _PatternPainter(_Painter):
@@ -99,7 +107,7 @@ class _PatternPainter(_Painter):
 def paint_emphysema_patterns(template: TemplateAnatomy, shares: dict[str, float],
                              rng: np.random.Generator) -> PatternLesions:
     """Emphysema of planned lung-volume ``shares`` with each subtype's texture."""
-    painter = _PatternPainter(template, rng)
+    painter = _PatternPainter(template, rng, _lung_sampling(template.size.name))
     total = len(painter.lung_index)
     k = template.size.scale
     arteries = []

@@ -82,10 +82,10 @@ class Site:
 
 
 #: The cohort's sites (index = ``site`` column); see docs/synthetic_cohort.md.
-SITES = (Site(0.2, 1.0, 0.0), Site(0.7, 0.7, -8.0), Site(0.4, 1.3, 10.0), Site(0.1, 0.5, 4.0))
+SITES = (Site(0.1, 1.0, 0.0), Site(0.4, 0.7, -8.0), Site(0.2, 1.3, 10.0), Site(0.05, 0.5, 4.0))
 #: Per kernel (0 smooth, 1 sharp): point-spread sigma range (mm) and noise SD (HU) at dose 1.
-KERNEL_SIGMA_MM = ((0.6, 0.8), (0.2, 0.35))
-KERNEL_NOISE_SD_HU = (16.0, 50.0)
+KERNEL_SIGMA_MM = ((0.4, 0.6), (0.2, 0.3))
+KERNEL_NOISE_SD_HU = (12.0, 28.0)
 #: Per-subject spread of the dose around the site's (tube current modulation, body size).
 DOSE_SPREAD = (0.8, 1.25)
 SITE_OFFSET_SD_HU = 4.0

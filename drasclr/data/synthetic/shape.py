@@ -9,7 +9,9 @@ The atlas is the mean shape; a subject differs from it by
 - non-rigid shape modes: diaphragm height and heart size;
 - a random smooth B-spline field, scaled so that the residual misalignment after the best
   affine fit (what an affine registration can at most recover) is ``RESIDUAL_RMS_MM`` RMS over
-  the lungs.
+  the lungs of a full-size chest, and that times the size's scale for the half-size chest of
+  the small size: a smooth field's steepest gradient grows as its residual over the lung's
+  size, and a half-size chest with the full residual would fold.
 
 The same mapping model as version 1 (``transform.py``: x = A^-1 y + u(y)) carries it, on a
 coarser control lattice, with the non-affine part capped so that the map stays invertible and
@@ -33,9 +35,11 @@ VOLUME_AXIS_EXPONENTS = np.array([0.15, 0.25, 0.60])
 HYPERINFLATION = 0.8
 DIAPHRAGM_SD_MM = 6.0
 HEART_SCALE_SD = 0.12
-RESIDUAL_RMS_MM = (5.5, 8.5)
+RESIDUAL_RMS_MM = (5.5, 8.0)
 #: The non-affine part's largest gradient times the pose's scale stays below this.
-MAX_CONTRACTION = 0.6
+MAX_CONTRACTION = 0.8
+#: Corrections of the random field's gain on the forward map.
+CALIBRATION_STEPS = 2
 #: Control lattice: this many intervals across the largest side of the field of view.
 LATTICE_INTERVALS = 4
 
@@ -51,7 +55,7 @@ def draw_shape(rng: np.random.Generator, spec: SizeSpec, sex: int, emphysema: fl
         "shift_mm": rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, 3).tolist(),
         "diaphragm_mm": float(rng.normal(0.0, DIAPHRAGM_SD_MM * spec.scale)),
         "heart_scale": float(rng.normal(0.0, HEART_SCALE_SD)),
-        "residual_rms_mm": float(rng.uniform(*RESIDUAL_RMS_MM)),
+        "residual_rms_mm": float(rng.uniform(*RESIDUAL_RMS_MM) * spec.scale),
     }
 
 
@@ -117,20 +121,32 @@ def shape_transform(rng: np.random.Generator, shape: dict, spec: SizeSpec,
         return SubjectTransform(pose, origin, spacing, coefficients)
 
     probe = lung_points @ pose[:3, :3].T + pose[:3, 3]  # near the subject's lungs
-    mode_residual = _affine_residual(probe, _displacement(field(modes), probe))
-    noise_residual = _affine_residual(probe, _displacement(field(noise), probe))
-    # Gain g of the random field: mean |mode + g noise|^2 = target^2 (template mm).
-    target = shape["residual_rms_mm"] / np.linalg.norm(pose[:3, :3], 2)
+    limit = MAX_CONTRACTION / np.linalg.norm(pose[:3, :3], 2)
+
+    def capped(gain):
+        # Keep the map invertible: cap the non-affine part's steepest gradient.
+        coefficients = modes + gain * noise
+        steepest = _steepest_gradient(field(coefficients), probe)
+        return coefficients * min(1.0, limit / steepest)
+
+    def residual(coefficients):
+        """RMS of the template -> subject map's departure from its best affine fit."""
+        mapped = field(coefficients).template_to_subject(lung_points, tolerance_mm=1e-3)
+        return np.sqrt(np.mean(np.sum(_affine_residual(lung_points, mapped) ** 2, 1)))
+
+    # Start from the first-order gain (mean |mode + g noise|^2 = target^2 in template mm),
+    # then correct it on the forward map, whose composition shrinks the residual.
+    mode_residual = _affine_residual(probe, field(modes).displacement(probe))
+    noise_residual = _affine_residual(probe, field(noise).displacement(probe))
+    target = shape["residual_rms_mm"]
     a, b, c = (np.mean(np.sum(u * v, 1)) for u, v in ((mode_residual, mode_residual),
                                                       (mode_residual, noise_residual),
                                                       (noise_residual, noise_residual)))
     gain = max((-b + np.sqrt(max(b * b - c * (a - target**2), 0.0))) / c, 0.0)
-    coefficients = modes + gain * noise
-    # Keep the map invertible: cap the non-affine part's steepest gradient.
-    steepest = _steepest_gradient(field(coefficients), probe)
-    limit = MAX_CONTRACTION / np.linalg.norm(pose[:3, :3], 2)
-    if steepest > limit:
-        coefficients *= limit / steepest
+    coefficients = capped(gain)
+    for _ in range(CALIBRATION_STEPS):
+        gain *= target / residual(coefficients)
+        coefficients = capped(gain)
     return field(coefficients)
 
 
@@ -138,15 +154,8 @@ def _steepest_gradient(transform: SubjectTransform, points: np.ndarray) -> float
     """Largest spectral norm of the displacement's Jacobian over ``points`` (central
     differences)."""
     step = 0.5
-    columns = [(_displacement(transform, points + step * e)
-                - _displacement(transform, points - step * e)) / (2 * step) for e in np.eye(3)]
+    columns = [(transform.displacement(points + step * e)
+                - transform.displacement(points - step * e)) / (2 * step) for e in np.eye(3)]
     jacobian = np.stack(columns, -1)  # (N, 3 out, 3 in)
     return float(np.max(np.linalg.norm(jacobian, ord=2, axis=(1, 2))))
 
-
-def _displacement(transform: SubjectTransform, points: np.ndarray) -> np.ndarray:
-    """``transform.displacement`` contracted one axis at a time (no einsum path search)."""
-    bx, by, bz = (transform._basis(points[:, a], a) for a in range(3))
-    partial = np.einsum("na,abcd->nbcd", bx, transform.coefficients)
-    partial = np.einsum("nb,nbcd->ncd", by, partial)
-    return np.einsum("nc,ncd->nd", bz, partial)

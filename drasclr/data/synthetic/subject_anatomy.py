@@ -35,7 +35,7 @@ from drasclr.data.synthetic.vessels import grow_vessel_tree, rasterise_segments
 #: Atlas seed: the atlas is drawn like a subject but from none of the subjects' generators.
 ATLAS_SEED = 20260401
 #: Normal lung at full inspiration (HU) and its location terms (HU), docs/synthetic_cohort.md.
-HU_LUNG = -875.0
+HU_LUNG = -890.0
 GRAVITY_HU = 30.0  # posterior minus anterior, half of it each side of the middle
 APEX_BASE_HU = 15.0  # bases denser, apices lighter, by this each
 CORE_RIND_HU = 10.0  # deep lung denser, subpleural rind lighter, by this each
