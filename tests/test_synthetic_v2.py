@@ -41,15 +41,16 @@ def _summary(index: int) -> dict:
     from drasclr.data.synthetic.transform import SubjectTransform
 
     boxes = truth["annotations"]
-    depth = []
+    depth, zone = [], []
     if boxes:
-        points = np.array([[b["x_mm"], b["y_mm"], b["z_mm"]] for b in boxes])
-        voxels = np.rint(SubjectTransform.from_dict(truth).subject_to_template(points)
-                         - template.affine[:3, 3]).astype(int)
+        points = SubjectTransform.from_dict(truth).subject_to_template(
+            np.array([[b["x_mm"], b["y_mm"], b["z_mm"]] for b in boxes]))
+        voxels = np.rint(points - template.affine[:3, 3]).astype(int)
         voxels = np.clip(voxels, 0, np.asarray(template.lung.shape) - 1)
         depth = template.pleura_distance[tuple(voxels.T)].tolist()
+        zone = template.zone(points[:, 2]).tolist()
     return {"density": density_measures(image, lung > 0, voxel_ml), "clinical": truth["clinical"],
-            "boxes": [(b["label"], d) for b, d in zip(boxes, depth)],
+            "boxes": [(b["label"], d, z) for b, d, z in zip(boxes, depth, zone)],
             "diseased": truth["clinical"]["emphysema_true"] > 0}
 
 
@@ -82,14 +83,16 @@ def test_no_density_measure_is_an_oracle_of_lung_function(cohort_summary):
     assert every_process > emphysema + 0.1
 
 
-def test_healthy_boxes_match_lesion_boxes_in_depth(cohort_summary):
-    lesion = [d for s in cohort_summary for label, d in s["boxes"] if label != "healthy"]
-    healthy = [d for s in cohort_summary for label, d in s["boxes"] if label == "healthy"]
-    from_diseased = sum(label == "healthy" for s in cohort_summary if s["diseased"]
-                        for label, _ in s["boxes"])
+def test_healthy_boxes_match_lesion_boxes_in_depth_and_zone(cohort_summary):
+    """Pleural depth (template mm) and zone (0 base, 1 apex) of the box centres."""
+    lesion = np.array([b[1:] for s in cohort_summary for b in s["boxes"] if b[0] != "healthy"])
+    healthy = np.array([b[1:] for s in cohort_summary for b in s["boxes"] if b[0] == "healthy"])
+    from_diseased = sum(b[0] == "healthy" for s in cohort_summary if s["diseased"]
+                        for b in s["boxes"])
     assert len(lesion) > 100 and len(healthy) > 100 and from_diseased > 20
-    assert abs(np.mean(healthy) - np.mean(lesion)) < 1.5
-    assert ks_2samp(healthy, lesion).statistic < 0.2
+    for column, tolerance in ((0, 1.5), (1, 0.1)):
+        assert abs(np.mean(healthy[:, column]) - np.mean(lesion[:, column])) < tolerance
+        assert ks_2samp(healthy[:, column], lesion[:, column]).statistic < 0.2
 
 
 def test_sharp_kernel_raises_laa950_on_the_same_subject():
