@@ -248,9 +248,7 @@ def _render_v2(plan: SubjectPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, d
         add_vessels(hu, geometry, rng, 0.0, None)
         add_airways(hu, geometry, rng, 0.6, 1.0)
         add_fissures(hu, geometry)
-        lesions = paint_covid(TemplateAnatomy(hu, *[getattr(grid, f) for f in (
-            "lung", "pleura_distance", "affine", "lung_z_range", "size")]),
-            disease["involvement"], rng)
+        lesions = paint_covid(grid, disease["involvement"], rng)  # grid.hu is hu, drawn above
         hu, labels, names = lesions.hu, lesions.labels, COVID_LABELS
     realised = lesions.fractions(base.lung, names)
     laa950_true = float(np.mean(hu[in_lung] < -950))
