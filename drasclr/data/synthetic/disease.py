@@ -161,15 +161,23 @@ def paint_emphysema(template: TemplateAnatomy, shares: dict[str, float],
 
     target = shares[COPD_LABELS[PANLOBULAR]] * total
     if target > 0:
-        free = (template.lung > 0) & (painter.labels == 0)
-        weight = (1.0 - painter.zone) ** 3 * (painter.depth >= 2.0)
-        field = _grow_blobs(painter, weight, (8.0 * k, 16.0 * k), 0.5, target, free)
-        mask = (field > 0.5) & free
-        # Density loss ramps up over the blob's edge to a subject-specific depth.
-        loss = rng.uniform(0.6, 0.9) * np.clip((field[mask] - 0.5) / 0.2, 0.0, 1.0)
+        mask, loss = panlobular_region(painter, target, (0.6, 0.9))
         painter.hu[mask] = HU_AIR + (painter.hu[mask] - HU_AIR) * (1 - loss)
         painter.labels[mask] = PANLOBULAR
     return Lesions(painter.hu, painter.labels, painter.centres)
+
+
+def panlobular_region(painter: _Painter, target: float,
+                      loss_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-zone blobs over about ``target`` free lung voxels, and each voxel's share of
+    tissue lost: it ramps up over the blob's edge to a subject-specific depth."""
+    template, k = painter.template, painter.template.size.scale
+    free = (template.lung > 0) & (painter.labels == 0)
+    weight = (1.0 - painter.zone) ** 3 * (painter.depth >= 2.0)
+    field = _grow_blobs(painter, weight, (8.0 * k, 16.0 * k), 0.5, target, free)
+    mask = (field > 0.5) & free
+    loss = painter.rng.uniform(*loss_range) * np.clip((field[mask] - 0.5) / 0.2, 0.0, 1.0)
+    return mask, loss
 
 
 def paint_covid(template: TemplateAnatomy, involvement: float,

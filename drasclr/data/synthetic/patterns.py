@@ -22,7 +22,7 @@ import numpy as np
 from drasclr.data.synthetic.anatomy import HU_AIR, HU_BLOOD, TemplateAnatomy
 from drasclr.data.synthetic.disease import (
     CENTRILOBULAR, CLE_MIN_DEPTH_MM, COPD_LABELS, PANLOBULAR, PARASEPTAL,
-    PARASEPTAL_MAX_DEPTH_MM, ROUNDS, Lesions, _grow_blobs, _Painter, lung_sampling,
+    PARASEPTAL_MAX_DEPTH_MM, ROUNDS, Lesions, _Painter, lung_sampling, panlobular_region,
 )
 from drasclr.data.synthetic.subject_anatomy import chest_geometry
 from drasclr.data.synthetic.vessels import rasterise_segments
@@ -158,11 +158,7 @@ def paint_emphysema_patterns(template: TemplateAnatomy, shares: dict[str, float]
 
     target = shares[COPD_LABELS[PANLOBULAR]] * total
     if target > 0:
-        free = (template.lung > 0) & (painter.labels == 0)
-        weight = (1.0 - painter.zone) ** 3 * (painter.depth >= 2.0)
-        field = _grow_blobs(painter, weight, (8.0 * k, 16.0 * k), 0.5, target, free)
-        mask = (field > 0.5) & free
-        loss = rng.uniform(*PANLOBULAR_LOSS) * np.clip((field[mask] - 0.5) / 0.2, 0.0, 1.0)
+        mask, loss = panlobular_region(painter, target, PANLOBULAR_LOSS)
         # Uniform destruction: the lung's own texture mostly gone with its tissue.
         mean = float(np.mean(painter.hu[mask]))
         flattened = mean + PANLOBULAR_TEXTURE * (painter.hu[mask] - mean)
