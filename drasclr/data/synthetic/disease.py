@@ -51,21 +51,27 @@ class Lesions:
         return {name: float(counts[label]) / total for label, name in names.items()}
 
 
+def lung_sampling(template: TemplateAnatomy) -> tuple[np.ndarray, ...]:
+    """Flat indices, template mm, pleural depth and zone of the template's lung voxels."""
+    lung_index = np.flatnonzero(template.lung)
+    voxels = np.unravel_index(lung_index, template.lung.shape)
+    lung_mm = np.stack(voxels, 1) * np.diag(template.affine)[:3] + template.affine[:3, 3]
+    depth = template.pleura_distance.ravel()[lung_index]
+    return lung_index, lung_mm, depth, template.zone(lung_mm[:, 2])
+
+
 class _Painter:
     """Samples lung positions by weight and paints clusters of spheres or smooth blobs."""
 
-    def __init__(self, template: TemplateAnatomy, rng: np.random.Generator):
+    def __init__(self, template: TemplateAnatomy, rng: np.random.Generator,
+                 sampling: tuple | None = None):
+        """``sampling``: the template's ``lung_sampling`` when already computed."""
         self.template, self.rng = template, rng
-        self.lung_index = np.flatnonzero(template.lung)
         self.hu = template.hu.copy()
         self.labels = np.zeros(template.lung.shape, np.uint8)
         self.centres: list[tuple[int, np.ndarray]] = []
-        spacing, origin = np.diag(template.affine)[:3], template.affine[:3, 3]
-        self.spacing, self.origin = spacing, origin
-        voxels = np.unravel_index(self.lung_index, template.lung.shape)
-        self.lung_mm = np.stack(voxels, 1) * spacing + origin
-        self.depth = template.pleura_distance.ravel()[self.lung_index]
-        self.zone = template.zone(self.lung_mm[:, 2])
+        self.spacing, self.origin = np.diag(template.affine)[:3], template.affine[:3, 3]
+        self.lung_index, self.lung_mm, self.depth, self.zone = sampling or lung_sampling(template)
 
     def sample(self, weights: np.ndarray, count: int) -> np.ndarray:
         """(count, 3) template mm of lung voxels drawn with probability ~ ``weights``."""
@@ -155,15 +161,23 @@ def paint_emphysema(template: TemplateAnatomy, shares: dict[str, float],
 
     target = shares[COPD_LABELS[PANLOBULAR]] * total
     if target > 0:
-        free = (template.lung > 0) & (painter.labels == 0)
-        weight = (1.0 - painter.zone) ** 3 * (painter.depth >= 2.0)
-        field = _grow_blobs(painter, weight, (8.0 * k, 16.0 * k), 0.5, target, free)
-        mask = (field > 0.5) & free
-        # Density loss ramps up over the blob's edge to a subject-specific depth.
-        loss = rng.uniform(0.6, 0.9) * np.clip((field[mask] - 0.5) / 0.2, 0.0, 1.0)
+        mask, loss = panlobular_region(painter, target, (0.6, 0.9))
         painter.hu[mask] = HU_AIR + (painter.hu[mask] - HU_AIR) * (1 - loss)
         painter.labels[mask] = PANLOBULAR
     return Lesions(painter.hu, painter.labels, painter.centres)
+
+
+def panlobular_region(painter: _Painter, target: float,
+                      loss_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-zone blobs over about ``target`` free lung voxels, and each voxel's share of
+    tissue lost: it ramps up over the blob's edge to a subject-specific depth."""
+    template, k = painter.template, painter.template.size.scale
+    free = (template.lung > 0) & (painter.labels == 0)
+    weight = (1.0 - painter.zone) ** 3 * (painter.depth >= 2.0)
+    field = _grow_blobs(painter, weight, (8.0 * k, 16.0 * k), 0.5, target, free)
+    mask = (field > 0.5) & free
+    loss = painter.rng.uniform(*loss_range) * np.clip((field[mask] - 0.5) / 0.2, 0.0, 1.0)
+    return mask, loss
 
 
 def paint_covid(template: TemplateAnatomy, involvement: float,
