@@ -90,7 +90,7 @@ def chest_geometry(size: str) -> ChestGeometry:
 
 def normal_lung(geometry: ChestGeometry, rng: np.random.Generator) -> np.ndarray:
     """A float32 copy of the chest with normal, location-dependent parenchyma in the lungs."""
-    template, (x, y, z) = geometry.template, geometry.axes
+    template, (_, y, z) = geometry.template, geometry.axes
     k = template.size.scale
     box = geometry.lung_box
     in_lung = geometry.in_lung[box]
@@ -137,7 +137,7 @@ def add_vessels(hu: np.ndarray, geometry: ChestGeometry, rng: np.random.Generato
     ``pruning`` is the chance that a distal branch is missing; survivors thin by a third of it.
     ``keep`` (or None) scales the vessels' partial volume where disease destroyed them.
     """
-    template, (x, y, z) = geometry.template, geometry.axes
+    template, (_, y, z) = geometry.template, geometry.axes
     spec, k = template.size, template.size.scale
     shape = geometry.in_lung.shape
     density = 1 + VESSEL_DEPENDENT_GAIN * (np.broadcast_to(y < 0, shape)
