@@ -14,7 +14,7 @@ atlas the authors' real atlas lung mask. Stages and their counterparts:
 - cut: ``cut_patches`` of every landmark (no library counterpart).
 
 Variants of a stage run interleaved round by round (benchmarks/interleave.py); ratios are the
-median of the per-round ratios to drasclr's, with min-max. ITK gets one thread, as each
+median of the per-round ratios to drasclr's, with min-max (one round: no warm-up call). ITK gets one thread, as each
 preprocessing worker does.
 
     ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 OMP_NUM_THREADS=1 \
@@ -61,7 +61,7 @@ def main(argv=None):
     rows = []
 
     def stage(name, variants, reference="drasclr"):
-        rounds = interleave(variants, args.rounds)
+        rounds = interleave(variants, args.rounds, warmup=args.rounds > 1)
         for variant in variants:
             ratio = "" if variant == reference else rounds.describe(variant, reference)
             rows.append((name, variant, statistics.median(rounds.seconds[variant]),

@@ -81,7 +81,7 @@ def test_segmentation_matches_the_clinical_lung_contours(real_store, lung1):
     airway = np.isin(components, tubes)
     voxel_ml = abs(np.linalg.det(ct.affine[:3, :3])) / 1000
     assert airway.sum() * voxel_ml > 15  # the trachea is found
-    assert (airway & (labels > 0)).sum() * voxel_ml < 1.0
+    assert (airway & (labels > 0)).sum() * voxel_ml < 2.0  # a main bronchus is about 4 ml
 
 
 def test_registration_to_the_atlas_and_its_quality_flag(real_store):
