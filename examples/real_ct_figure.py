@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     landmarks = world @ to_voxel[:3, :3].T + to_voxel[:3, 3]
     near = np.abs(landmarks[:, z_axis] - z) <= atlas.step / 2
 
-    images = _panels(scan.iso.array, lung_labels, probability, landmarks[near][:, list(other)],
-                     z_axis, z, provenance)
+    images = _panels(scan.iso.array, scan.iso.affine, lung_labels, probability,
+                     landmarks[near][:, list(other)], z_axis, z)
     html = _html(args.scan.name, subject_id, provenance, images, int(near.sum()), args.step)
     path = args.out / "real_ct_figure.html"
     path.write_text(html)
@@ -156,7 +156,7 @@ def _synthetic_head(folder: Path, args):
         "detector; give --demo for the demo's head")
 
 
-def _panels(hu, labels, probability, landmarks, z_axis, z, provenance) -> list[tuple[str, str]]:
+def _panels(hu, affine, labels, probability, landmarks, z_axis, z) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,8 +165,15 @@ def _panels(hu, labels, probability, landmarks, z_axis, z, provenance) -> list[t
     def axial(volume):
         return np.take(volume, z, axis=z_axis).T  # rows: the second in-plane axis
 
+    columns, rows = (a for a in range(3) if a != z_axis)
+
     def grey(axis):
         axis.imshow(np.clip(axial(hu), -1024, 240), cmap="gray", origin="lower")
+        # Radiological view: anterior up, the patient's right on the viewer's left.
+        if affine[1, rows] < 0:
+            axis.invert_yaxis()
+        if affine[0, columns] > 0:
+            axis.invert_xaxis()
         axis.axis("off")
 
     def png(figure) -> str:
