@@ -16,6 +16,15 @@ if not torch.cuda.is_available():
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DRASCLR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
+#: Real chest CT scans with reference lung masks (SHARED_DATA/real_ct/README.md).
+REAL = SHARED_DATA / "real_ct"
+LUNG1, COPD = "lung1-001_ct", "copdgene-10002K_ct-64"
+SCANS = {LUNG1: "lung1-001_ct.nii.gz", COPD: "copdgene-10002K_ct-64.nrrd"}
+REFERENCE_MASKS = {LUNG1: "lung1-001_lungs.nii.gz", COPD: "copdgene-10002K_wholelung-64.nrrd"}
+ATLAS_MASK = SHARED_DATA / "atlas_lung_mask.nii.gz"
+REAL_CT_AVAILABLE = ATLAS_MASK.exists() and all(
+    (REAL / name).exists() for name in [*SCANS.values(), *REFERENCE_MASKS.values()])
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -31,3 +40,24 @@ def atlas_mask_path() -> Path:
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory):
+    """Both real scans preprocessed with the authors' atlas through the command line, once per
+    session: (store folder, atlas)."""
+    if not REAL_CT_AVAILABLE:
+        pytest.skip(f"real CT scans or the atlas mask not available under {SHARED_DATA}")
+    from drasclr.cli import main as cli_main
+    from drasclr.data.atlas import Atlas
+
+    root = tmp_path_factory.mktemp("real_ct")
+    images = root / "images"
+    images.mkdir()
+    for name in SCANS.values():
+        (images / name).symlink_to(REAL / name)
+    atlas_path = root / "atlas.npz"
+    assert cli_main(["atlas", "--mask", str(ATLAS_MASK), "--out", str(atlas_path)]) in (0, None)
+    assert cli_main(["preprocess", "--images", str(images), "--atlas", str(atlas_path),
+                     "--out", str(root / "store"), "--no-progress"]) in (0, None)
+    return root / "store", Atlas.load(atlas_path)

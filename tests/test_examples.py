@@ -235,3 +235,24 @@ def test_ablation_config_points_into_the_demo_output():
     assert resolved == {"store": demo / "copd" / "store", "atlas": demo / "atlas.npz",
                         "clinical": demo / "copd" / "cohort" / "clinical.csv",
                         "annotations": demo / "copd" / "cohort" / "annotations.csv"}
+
+
+# -- (f) a real chest CT as one HTML figure ------------------------------------------------------
+
+def test_real_ct_figure_draws_the_segmentation_landmarks_and_a_dense_map(real_store, tmp_path,
+                                                                         one_thread):
+    from conftest import LUNG1, REAL, SCANS
+
+    store, atlas = real_store
+    example = load_example("real_ct_figure")
+    result = example.main(["--scan", str(REAL / SCANS[LUNG1]), "--store", str(store), "--out", str(tmp_path), "--step", "8",
+                           "--synthetic-subjects", "4"])
+    html = result["html"].read_text()
+    assert html.count("data:image/png;base64,") == 3 and "synthetic cohort" in html
+    # the slice through the most lung: a lung cross-section of an adult, mapped everywhere
+    lung, probability = result["lung"], result["probability"]
+    assert lung.sum() > 10_000
+    assert ((probability > 0) & (probability < 1))[lung].mean() > 0.99
+    assert (probability[~lung] == 0).all() and probability[lung].std() > 0
+    # landmarks within half a step of the slice: about one layer of the landmark grid
+    assert 10 < result["landmarks_drawn"] < atlas.num_landmarks / 3

@@ -25,7 +25,8 @@ from drasclr.data.preprocess import (
     preprocess,
     select_shard,
 )
-from drasclr.data.store import PatchStore
+from drasclr.data.lung_segmentation import LEFT, RIGHT, LungMask
+from drasclr.data.store import PatchStore, lung_mask_path
 
 
 def test_find_subjects_in_a_folder(tmp_path, monkeypatch):
@@ -179,6 +180,15 @@ def test_bad_subjects_fail_with_reasons_and_good_ones_finish(uninterrupted, coho
         assert patches.min() >= -1024 and patches.std() > 50  # real CT content, not padding
         assert rows[subject_id]["dice"] > 0.9 and rows[subject_id]["seconds"] > 0
         assert any((out / "transforms" / subject_id).iterdir())
+        # the lung segmentation is kept for quality control: the subject's lungs, labelled
+        truth = nib.load(str(cohort[0].parent / "synthetic" / "masks" / f"sub{index:04d}.nii.gz"))
+        saved = nib.load(str(lung_mask_path(out, subject_id)))
+        labels = LungMask(np.asarray(saved.dataobj), saved.affine).on_grid(truth.shape, truth.affine)
+        true_labels = np.asarray(truth.dataobj)
+        assert set(np.unique(labels)) == {0, RIGHT, LEFT}
+        assert 2 * ((labels > 0) & (true_labels > 0)).sum() / ((labels > 0).sum() + (true_labels > 0).sum()) > 0.9
+    for subject_id in BAD:
+        assert not lung_mask_path(out, subject_id).exists()
 
 
 def default_sigint():

@@ -72,6 +72,7 @@ def segment_lungs(
     threshold: float = -400.0,
     working_spacing: float = 2.0,
     airway_area_mm2: float = 1000.0,
+    fragment_distance_mm: float = 10.0,
 ) -> LungMask:
     """Segment the lungs of a CT volume (HU) into right (1) and left (2).
 
@@ -82,9 +83,12 @@ def segment_lungs(
         working_spacing: mm; the classical method runs on block averages of about this size.
         airway_area_mm2: air regions of an axial slice smaller than this, followed down from
             the top slice, are the trachea and main bronchi (classical).
+        fragment_distance_mm: smaller air regions this close to the lungs, and not under
+            them, are pieces of lung cut off by disease (classical).
     """
     if method == "classical":
-        return _segment_classical(volume, threshold, working_spacing, airway_area_mm2)
+        return _segment_classical(volume, threshold, working_spacing, airway_area_mm2,
+                                  fragment_distance_mm)
     if method == "lungmask":
         return _segment_lungmask(volume)
     raise ValueError(f"segmentation: expected one of {SEGMENTATION_METHODS}, got {method!r}")
@@ -110,9 +114,10 @@ def block_mean(array: np.ndarray, affine: np.ndarray, factors) -> tuple[np.ndarr
 def split_left_right(lungs: np.ndarray, affine: np.ndarray, midline_x: float | None = None) -> np.ndarray:
     """Label a binary lung mask 1 (right) / 2 (left).
 
-    With two or more connected components, each component goes to the side of its centroid
-    relative to the midline; touching lungs (one component) are cut along the sagittal plane
-    ``x = midline_x`` (RAS mm; default: the centroid of the mask).
+    Each connected component goes to the side of its centroid relative to the midline;
+    touching lungs (one component, or one with a quarter or more of it on each side next to
+    pieces cut off by disease) are cut along the sagittal plane ``x = midline_x`` (RAS mm;
+    default: the centroid of the mask).
     """
     lungs = lungs.astype(bool)
     labels = np.zeros(lungs.shape, dtype=np.uint8)
@@ -120,13 +125,19 @@ def split_left_right(lungs: np.ndarray, affine: np.ndarray, midline_x: float | N
         return labels
     if midline_x is None:
         midline_x = float(np.asarray(ndimage.center_of_mass(lungs)) @ affine[0, :3] + affine[0, 3])
+    world_x = _world_x(lungs.shape, affine)[lungs]
+    on_right = world_x > midline_x
     components, count = ndimage.label(lungs)
-    if count >= 2:
-        centroids = np.asarray(ndimage.center_of_mass(lungs, components, np.arange(1, count + 1)))
-        side = np.where(centroids @ affine[0, :3] + affine[0, 3] > midline_x, RIGHT, LEFT)
-        labels[lungs] = side.astype(np.uint8)[components[lungs] - 1]
-    else:
-        labels[lungs] = np.where(_world_x(lungs.shape, affine)[lungs] > midline_x, RIGHT, LEFT)
+    component = components[lungs]
+    voxels = np.bincount(component)[1:]
+    centroid_x = np.bincount(component, weights=world_x)[1:] / voxels
+    right_share = np.bincount(component, weights=on_right)[1:] / voxels
+    # A component with a quarter or more of it on each side of the plane is both lungs,
+    # touching: it is cut along the plane.
+    straddles = (right_share >= 0.25) & (right_share <= 0.75)
+    by_centroid = centroid_x[component - 1] > midline_x
+    right = np.where(straddles[component - 1] | (count == 1), on_right, by_centroid)
+    labels[lungs] = np.where(right, RIGHT, LEFT)
     return labels
 
 
@@ -139,7 +150,8 @@ def _world_x(shape, affine: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
-def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> LungMask:
+def _segment_classical(volume, threshold, working_spacing, airway_area_mm2,
+                       fragment_distance_mm) -> LungMask:
     factors = np.maximum(1, np.round(working_spacing / volume.spacing)).astype(int)
     hu, affine = block_mean(volume.array, volume.affine, factors)
     air = hu < threshold
@@ -164,14 +176,7 @@ def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> L
 
     inside &= ~_airways(air_components, inside, affine, slice_axis, airway_area_mm2)
 
-    # Keep the lung components: the largest, and the second when it is lung-sized too.
-    components, count = ndimage.label(inside)
-    lungs = np.zeros(inside.shape, dtype=bool)
-    if count:
-        sizes = np.bincount(components.ravel())[1:]
-        order = np.argsort(sizes)[::-1][:2]
-        keep = [c + 1 for c in order if sizes[c] >= 0.1 * sizes[order[0]]]
-        lungs = np.isin(components, keep)
+    lungs = _lung_components(inside, affine, slice_axis, fragment_distance_mm)
 
     # Touching lungs are cut along the body's mid-sagittal plane.
     body_x = _world_x(lungs.shape, affine)[~outside_air]
@@ -183,17 +188,60 @@ def _segment_classical(volume, threshold, working_spacing, airway_area_mm2) -> L
     return LungMask(labels, affine)
 
 
+def _lung_components(inside: np.ndarray, affine: np.ndarray, slice_axis: int,
+                     fragment_distance_mm: float) -> np.ndarray:
+    """The lungs among the air regions inside the body.
+
+    The largest region, and the second when it is lung-sized too, are the lungs. A tumour,
+    consolidation or a fissure can cut a piece off a lung (an apex above a tumour): smaller
+    regions of at least 1 ml within ``fragment_distance_mm`` of the lungs are kept too, unless
+    they lie under the lungs (gas in the stomach or bowel, beneath the diaphragm's dome).
+    """
+    components, count = ndimage.label(inside)
+    if not count:
+        return np.zeros(inside.shape, dtype=bool)
+    sizes = np.bincount(components.ravel())[1:]
+    order = np.argsort(sizes)[::-1]
+    keep = [c + 1 for c in order[:2] if sizes[c] >= 0.1 * sizes[order[0]]]
+    lungs = np.isin(components, keep)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    candidates = [c + 1 for c in order[len(keep):] if sizes[c] * voxel_ml >= 1.0]
+    if not candidates:
+        return lungs
+    # Under the lungs: a lung voxel somewhere above in the same column (superior = larger z).
+    from_top = np.flip(lungs, slice_axis) if affine[2, slice_axis] > 0 else lungs
+    under = np.logical_or.accumulate(from_top, axis=slice_axis)
+    under = np.flip(under, slice_axis) if affine[2, slice_axis] > 0 else under
+    margin = np.ceil(fragment_distance_mm / spacing).astype(int)
+    boxes = ndimage.find_objects(components)
+    fragments = []
+    for label in candidates:
+        region = components == label
+        if np.count_nonzero(region & under) >= 0.5 * sizes[label - 1]:
+            continue
+        # The distance to the lungs within the fragment's box grown by the distance: small.
+        box = tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(boxes[label - 1], margin))
+        distance = ndimage.distance_transform_edt(~lungs[box], sampling=spacing)
+        if lungs[box].any() and distance[region[box]].min() <= fragment_distance_mm:
+            fragments.append(region)
+    for region in fragments:
+        lungs |= region
+    return lungs
+
+
 def _airways(
-    components: np.ndarray, inside: np.ndarray, affine: np.ndarray, slice_axis: int, max_area_mm2: float
+    components: np.ndarray, inside: np.ndarray, affine: np.ndarray, slice_axis: int,
+    max_area_mm2: float, gap_mm: float = 6.0,
 ) -> np.ndarray:
     """The trachea and main bronchi: air followed down from the top slice while it stays thin.
 
     ``components`` labels the air of each axial slice separately. Starting from the most
     superior slice holding air inside the body (if that air is thin: above the lung apices, it
     is the trachea), each next slice's air regions that overlap the airway of the slice above
-    and are smaller than ``max_area_mm2`` are airway; the tracking of a bronchus stops where it
-    enters a lung, whose cross-section is large. One step per slice, each a whole-slice
-    operation.
+    and are smaller than ``max_area_mm2`` are airway; the tracking stops where the bronchi
+    have entered the lungs, whose cross-section is large, for more than ``gap_mm``. One step
+    per slice, each a whole-slice operation.
     """
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     voxel_area = float(np.prod(np.delete(spacing, slice_axis)))
@@ -206,13 +254,20 @@ def _airways(
         axis=tuple(a for a in range(3) if a != slice_axis)))
     airway_labels: list[np.ndarray] = []
     previous = None
+    missed = 0
     for k in slices[occupied[0]:] if len(occupied) else []:
         labels = np.take(components, k, axis=slice_axis)
         air_here = np.take(inside, k, axis=slice_axis)
         candidates = np.unique(labels[air_here if previous is None else air_here & previous])
         candidates = candidates[thin[candidates]]
         if len(candidates) == 0:
-            break
+            # A main bronchus can touch its lung over a slice or two before it leaves the
+            # mediastinum: keep its last outline for up to `gap_mm` below.
+            missed += 1
+            if previous is None or missed * spacing[slice_axis] > gap_mm:
+                break
+            continue
+        missed = 0
         airway_labels.append(candidates)
         previous = np.isin(labels, candidates)
     if not airway_labels:

@@ -48,6 +48,7 @@ from drasclr.data.store import (
     create_store,
     sort_manifest,
     update_subject,
+    write_lung_mask,
     write_subject,
 )
 from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
@@ -209,6 +210,7 @@ def process_and_record(
             transforms_dir=root / "transforms" / subject.subject_id,
         )
         # CPU seconds: the cost per core even on a busy machine (the worker has one ITK thread).
+        write_lung_mask(root, subject.subject_id, result.lungs.labels, result.lungs.affine)
         quality = {**result.quality, "cpu_seconds": time.process_time() - cpu_start}
         write_subject(root, subject.subject_id, subject.source, result.patches, quality=quality,
                       seconds=time.perf_counter() - start,

@@ -10,7 +10,10 @@ Layout of a store folder ``root/``:
   contradicts the anatomy) and quality columns (e.g. ``dice``, ``lung_volume_ml``);
 - ``patches/<subject_id>.npy``: (L, P, P, P) int16 HU in ``np.save`` format, so that
   ``np.load(mmap_mode="r")`` maps it without reading it (docs/method.md#patches: patches are stored
-  as int16 HU and normalised on the fly).
+  as int16 HU and normalised on the fly);
+- ``masks/<subject_id>_lung_mask.nii.gz``: the subject's lung segmentation (0 outside, 1 right,
+  2 left) on the grid it was made on, with its RAS affine: opens over the scan in any NIfTI
+  viewer, for quality control.
 
 Every file is written atomically (temp file in the same folder, then ``os.replace``); the
 patch file lands before its manifest row, so a row saying ``done`` always has its patches.
@@ -41,7 +44,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from drasclr.atomic import atomic_write_bytes
+from drasclr.atomic import atomic_path, atomic_write_bytes
 from drasclr.data.atlas import Atlas
 from drasclr.file_format import check_header
 from drasclr.intensity import HU_WINDOW
@@ -123,8 +126,8 @@ def write_subject(
     the file's checksum.
 
     With ``patches`` the row is ``done``; with ``patches=None`` and an ``error`` it is
-    ``failed`` (a stale patch file of an earlier run is removed so it cannot be mistaken for
-    this run's). Writing a subject again replaces its row. ``warning``: a quality concern that
+    ``failed`` (a stale patch file and lung mask of an earlier run are removed so they cannot
+    be mistaken for this run's). Writing a subject again replaces its row. ``warning``: a quality concern that
     does not fail the subject (one line in the ``warning`` column).
 
     Raises:
@@ -175,6 +178,7 @@ def write_subject(
         _write_manifest_rows(root, list(rows.values()))
     if patches is None:
         path.unlink(missing_ok=True)
+        lung_mask_path(root, subject_id).unlink(missing_ok=True)
 
 
 def update_subject(root: str | Path, subject_id: str, quality: Mapping[str, float],
@@ -239,6 +243,23 @@ def verify_patch_file(path: Path, subject_id: str, expected: str) -> None:
 
 def patch_path(root: str | Path, subject_id: str) -> Path:
     return Path(root) / "patches" / f"{subject_id}.npy"
+
+
+def lung_mask_path(root: str | Path, subject_id: str) -> Path:
+    """Where the store keeps a subject's lung segmentation (a NIfTI label image)."""
+    return Path(root) / "masks" / f"{subject_id}_lung_mask.nii.gz"
+
+
+def write_lung_mask(root: str | Path, subject_id: str, labels: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a subject's lung labels (uint8, RAS affine) to :func:`lung_mask_path`, atomically."""
+    import nibabel as nib
+
+    check_subject_id(subject_id)
+    path = lung_mask_path(root, subject_id)
+    with atomic_path(path, ".nii.gz") as temporary:
+        nib.save(nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), np.asarray(affine, float)),
+                 str(temporary))
+    return path
 
 
 def check_patch_file(path: Path, num_landmarks: int, patch_size: int) -> np.ndarray:

@@ -44,12 +44,14 @@ class ProcessedSubject:
             ``seconds_<stage>`` for read, resample, segment, density, register and cut.
         landmark_voxels: (L, 3) float landmark centres as voxel indices of the 1 mm volume.
         affine: (4, 4) voxel index -> RAS world mm of that 1 mm volume.
+        lungs: the lung segmentation the registration used, on its own grid.
     """
 
     patches: np.ndarray
     quality: dict[str, float]
     landmark_voxels: np.ndarray
     affine: np.ndarray
+    lungs: LungMask
 
 
 def process_subject(
@@ -112,7 +114,8 @@ def process_subject(
             patches = cut_patches(volume.array, landmark_voxels, atlas.patch_size)
             patches = np.rint(np.clip(patches, *HU_WINDOW)).astype(np.int16)
     return ProcessedSubject(
-        patches=patches, quality=quality, landmark_voxels=landmark_voxels, affine=volume.affine
+        patches=patches, quality=quality, landmark_voxels=landmark_voxels, affine=volume.affine,
+        lungs=lungs,
     )
 
 
