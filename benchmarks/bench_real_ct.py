@@ -14,8 +14,8 @@ atlas the authors' real atlas lung mask. Stages and their counterparts:
 - cut: ``cut_patches`` of every landmark (no library counterpart).
 
 Variants of a stage run interleaved round by round (benchmarks/interleave.py); ratios are the
-median of the per-round ratios to drasclr's, with min-max (one round: no warm-up call). ITK gets one thread, as each
-preprocessing worker does.
+median of the per-round ratios to drasclr's, with min-max (one round: no warm-up call). ITK
+gets one thread, as each preprocessing worker does.
 
     ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 OMP_NUM_THREADS=1 \
         .venv/bin/python benchmarks/bench_real_ct.py [--rounds 3] [--data ../shared/data]

@@ -245,8 +245,8 @@ def test_real_ct_figure_draws_the_segmentation_landmarks_and_a_dense_map(real_st
 
     store, atlas = real_store
     example = load_example("real_ct_figure")
-    result = example.main(["--scan", str(REAL / SCANS[LUNG1]), "--store", str(store), "--out", str(tmp_path), "--step", "8",
-                           "--synthetic-subjects", "4"])
+    result = example.main(["--scan", str(REAL / SCANS[LUNG1]), "--store", str(store),
+                           "--out", str(tmp_path), "--step", "8", "--synthetic-subjects", "4"])
     html = result["html"].read_text()
     assert html.count("data:image/png;base64,") == 3 and "synthetic cohort" in html
     # the slice through the most lung: a lung cross-section of an adult, mapped everywhere

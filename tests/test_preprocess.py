@@ -186,7 +186,8 @@ def test_bad_subjects_fail_with_reasons_and_good_ones_finish(uninterrupted, coho
         labels = LungMask(np.asarray(saved.dataobj), saved.affine).on_grid(truth.shape, truth.affine)
         true_labels = np.asarray(truth.dataobj)
         assert set(np.unique(labels)) == {0, RIGHT, LEFT}
-        assert 2 * ((labels > 0) & (true_labels > 0)).sum() / ((labels > 0).sum() + (true_labels > 0).sum()) > 0.9
+        overlap = ((labels > 0) & (true_labels > 0)).sum()
+        assert 2 * overlap / ((labels > 0).sum() + (true_labels > 0).sum()) > 0.9
     for subject_id in BAD:
         assert not lung_mask_path(out, subject_id).exists()
 
