@@ -31,3 +31,13 @@ def atlas_mask_path() -> Path:
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def float32_cpu(monkeypatch):
+    """Every test computes in float32 on every CPU, so tolerances do not depend on the machine:
+    a CPU with native bfloat16 would otherwise switch ``amp=True`` (the default) to bf16.
+    The bf16 path is tested on purpose in test_precision.py (fixture ``native_bf16``)."""
+    from drasclr import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)

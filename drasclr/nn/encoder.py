@@ -60,7 +60,9 @@ class Encoder(nn.Module):
             Linear(rep+3, rep), ReLU, Linear(rep, rep)), "none" (plain convolutions).
         backend: Loc-CondConv backend (``drasclr.nn.BACKENDS``), see ``set_backend``.
 
-    ``Encoder(**encoder.config)`` rebuilds the same architecture.
+    ``Encoder(**encoder.config)`` rebuilds the same architecture. ``encoder.channels_last =
+    True`` lays its activations out channels-last (same numbers, a speed setting; see
+    ``drasclr.precision``).
     """
 
     def __init__(self, rep_dim: int = 128, moco_dim: int = 128, num_experts: int = 8,
@@ -75,6 +77,9 @@ class Encoder(nn.Module):
         self.rep_dim, self.moco_dim, self.num_experts = rep_dim, moco_dim, num_experts
         self.conditioning = conditioning
         self.backend = check_backend(backend)
+        # activations channels-last (torch.channels_last_3d): a speed setting, not architecture
+        # (drasclr.precision decides it per device), so not in ``config``
+        self.channels_last = False
 
         conv_kwargs = dict(conditioning=conditioning, num_experts=num_experts, backend=backend)
         self.conv1 = make_conv3x3(in_channels=1, out_channels=8, stride=1, **conv_kwargs)
@@ -133,7 +138,10 @@ class Encoder(nn.Module):
         return self._features(x[perm], partition)[torch.argsort(perm)]
 
     def _features(self, x: Tensor, loc: Optional[Loc]) -> Tensor:
-        x = self.act(self.bn1(self.conv1(x, loc)))
+        x = self.conv1(x, loc)
+        if self.channels_last:  # a one-channel input has no layout: the first activation sets it
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = self.act(self.bn1(x))
         x = self.act(self.bn2(self.conv2(x, loc)))
         x = self.downsample1(x, loc)
         x = self.downsample2(x, loc)

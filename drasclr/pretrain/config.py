@@ -87,7 +87,10 @@ class TrainConfig:
         "valid": None, "choices": None})
     shuffle_bn: bool = _doc("MoCo's shuffled BatchNorm for keys under DDP", True)
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
-    amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
+    amp: bool = _doc(
+        "bfloat16 autocast where the device computes bfloat16 natively: CUDA, or a CPU with "
+        "AVX512_BF16 or AMX (drasclr.precision); false: float32 everywhere", True
+    )
     seed: int = _doc("seed of initialisation, sampling and augmentation", 0, COUNT)
     device: str = _doc("auto (cuda when present), cpu, cuda, cuda:N", "auto")
     num_workers: int = _doc("DataLoader worker processes reading the store", 0, COUNT)
