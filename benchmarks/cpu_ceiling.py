@@ -16,7 +16,8 @@
      neighbours, K = 64): augmentation, query, neighbour and key encoders, losses, enqueue,
      backward, SGD; ``fp32`` is the main branch's path (``amp=False``), ``auto`` what
      ``drasclr.precision`` picks here (bfloat16 autocast on a CPU with AVX512_BF16 or AMX),
-     ``auto+cl`` the same with channels-last activations (``Encoder.channels_last``);
+     ``auto+cl`` the same with channels-last activations (``Encoder.channels_last``, part
+     ``channels-last``);
    - feature extraction (``extract_features`` of a synthetic store, ``amp=False`` / ``True``);
    - dense maps (``exact_probabilities`` on a lung cube of one synthetic subject, when
      ``--densemap-root`` names a folder made by bench_densemap.build_cohort).
@@ -170,10 +171,12 @@ def print_ceiling() -> dict[str, float]:
     return ceiling
 
 
-def compare_training(rounds_count: int, bf16: bool, ceiling: dict[str, float] | None) -> None:
+def compare_training(rounds_count: int, bf16: bool, ceiling: dict[str, float] | None,
+                     channels_last: bool) -> None:
     per_step = step_flops()
-    steps = {"fp32": train_step(False, False), "auto": train_step(bf16, False),
-             "auto+cl": train_step(bf16, True)}
+    steps = {"fp32": train_step(False, False), "auto": train_step(bf16, False)}
+    if channels_last:
+        steps["auto+cl"] = train_step(bf16, True)
     rounds = interleave(steps, rounds_count)
     report(f"Training step (demo configuration, batch {BATCH})", rounds,
            dict.fromkeys(steps, BATCH), "patches/s")
@@ -227,8 +230,9 @@ def main() -> None:
     parser.add_argument("--densemap-root", type=Path)
     parser.add_argument("--densemap-edge", type=int, default=4, help="lung cube edge, voxels")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--parts", default="ceiling,train,features,densemap",
-                        help="comma-separated parts to run")
+    parser.add_argument("--parts", default="ceiling,train,channels-last,features,densemap",
+                        help="comma-separated parts to run (channels-last: a third training "
+                             "variant)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     bf16 = use_bf16(DEVICE)
@@ -237,7 +241,7 @@ def main() -> None:
 
     ceiling = print_ceiling() if "ceiling" in parts else None
     if "train" in parts:
-        compare_training(args.rounds, bf16, ceiling)
+        compare_training(args.rounds, bf16, ceiling, "channels-last" in parts)
     if "features" in parts:
         compare_features(args.rounds, args.subjects)
     if args.densemap_root is not None and "densemap" in parts:

@@ -161,8 +161,8 @@ def _bucket_conv(x: Tensor, kernels: Tensor, bias: Optional[Tensor], count: int,
     Channels-first, the bucket's (n * G_n, C, ...) -> (n, G_n * C, ...) is a free view.
     Channels-last it is not (a sample's voxels lie between its group's channels and the next
     group's), so the input is copied once into (n, D, H, W, G_n, C) order and the output back,
-    gradients likewise; oneDNN's channels-last bf16 convolutions gain far more than the copies
-    cost (benchmarks/RESULTS.md)."""
+    gradients likewise (whether the faster channels-last convolutions pay for the copies:
+    benchmarks/cpu_ceiling.py)."""
     num_members = kernels.shape[0]
     channels_last = num_members > 1 and is_channels_last(x)
     if channels_last:
