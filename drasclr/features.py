@@ -30,6 +30,7 @@ from drasclr.device import resolve_device
 from drasclr.file_format import check_header
 from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
+from drasclr.precision import autocast, use_bf16
 from drasclr.conv_common import LandmarkPartition
 from drasclr.ranges import AT_LEAST_ONE, COUNT, check_number
 
@@ -119,6 +120,7 @@ def extract_features(
     batch_size: int | None = None,
     random_init: int | None = None,
     progress: bool = True,
+    amp: bool = True,
 ) -> FeatureSet:
     """Subject features (mean patch representation h over all landmarks) of every finished
     subject of a patch store, in store order.
@@ -137,8 +139,8 @@ def extract_features(
             memory-mappable ``<out stem>.patches.npy`` (needs ``out``); its path is recorded
             in the metadata under ``patches``.
         patch_dtype: "float16" or "float32", the element type of that file.
-        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N". On CUDA the encoder
-            runs under bfloat16 autocast and patches travel from pinned memory.
+        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N". On CUDA patches
+            travel from pinned memory.
         batch_size: patches per forward pass; default :data:`DEFAULT_BATCH` of the device.
         random_init: a seed: instead of the source's weights, a randomly initialised encoder of
             the source's architecture (the default ``Encoder()`` without a source), the
@@ -147,6 +149,8 @@ def extract_features(
             the initial statistics (mean 0, variance 1) the activations shrink layer by layer
             and every patch gets nearly the same h.
         progress: show a progress bar.
+        amp: bfloat16 autocast where the device computes bfloat16 natively (CUDA, a CPU with
+            AVX512_BF16 or AMX; ``drasclr.precision``); False: float32.
 
     Raises:
         FileNotFoundError / ValueError: naming the file and the problem, before any encoding:
@@ -178,13 +182,13 @@ def extract_features(
     batch_size = batch_size or DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
     encoder, metadata = _working_encoder(source, random_init)
     encoder = encoder.to(device).eval()
-    use_bf16 = device.type == "cuda"
+    bf16 = use_bf16(device, amp)
     coords_t = torch.as_tensor(coords, dtype=torch.float32, device=device)
     if random_init is not None:
         order = np.random.default_rng(random_init).permutation(store.num_landmarks)
         inputs = _encoder_inputs(store, order, CALIBRATION_BATCH, coords_t, device,
                                  limit=CALIBRATION_PATCHES)
-        used = calibrate_batchnorm(encoder, inputs, use_bf16)
+        used = calibrate_batchnorm(encoder, inputs, bf16)
         metadata["batchnorm"] = f"statistics estimated on {used} store patches"
 
     num_subjects, num_landmarks = store.num_subjects, store.num_landmarks
@@ -200,7 +204,7 @@ def extract_features(
                 shape=(num_subjects, num_landmarks, encoder.rep_dim))
         for (subject_index, landmark_index), x, partition in _encoder_inputs(
                 store, np.arange(num_landmarks), batch_size, coords_t, device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(device, bf16):
                 h = encoder(x, partition).float()
             sums.index_add_(0, torch.from_numpy(subject_index).to(device), h)
             if patch_file is not None:
@@ -218,7 +222,7 @@ def extract_features(
     metadata.update(
         name=name or metadata["name"], store=str(store.root.resolve()), rep_dim=encoder.rep_dim,
         num_landmarks=num_landmarks, device=str(device), batch_size=batch_size,
-        dtype="bfloat16" if use_bf16 else "float32",
+        dtype="bfloat16" if bf16 else "float32",
         seconds=round(time.perf_counter() - started, 3),
     )
     if patch_path is not None:
@@ -254,7 +258,7 @@ def random_encoder(config: dict, seed: int) -> Encoder:
         return Encoder(**config)
 
 
-def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, use_bf16: bool) -> int:
+def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, bf16: bool) -> int:
     """Set every BatchNorm's running statistics to their average over ``inputs`` (batches of
     ``(index, x, partition)``), as ``torch.optim.swa_utils.update_bn`` does for one-input models;
     leaves the encoder in eval mode. Returns the number of patches used (batches of one are
@@ -268,7 +272,7 @@ def calibrate_batchnorm(encoder: Encoder, inputs: Iterable, use_bf16: bool) -> i
     used = 0
     for _, x, partition in inputs:
         if len(x) > 1:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(x.device, bf16):
                 encoder(x, partition)
             used += len(x)
     for module, momentum in zip(norms, momenta):

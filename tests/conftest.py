@@ -61,3 +61,12 @@ def real_store(tmp_path_factory):
     assert cli_main(["preprocess", "--images", str(images), "--atlas", str(atlas_path),
                      "--out", str(root / "store"), "--no-progress"]) in (0, None)
     return root / "store", Atlas.load(atlas_path)
+
+@pytest.fixture(autouse=True)
+def float32_cpu(monkeypatch):
+    """Every test computes in float32 on every CPU, so tolerances do not depend on the machine:
+    a CPU with native bfloat16 would otherwise switch ``amp=True`` (the default) to bf16.
+    The bf16 path is tested on purpose in test_precision.py (fixture ``native_bf16``)."""
+    from drasclr import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)

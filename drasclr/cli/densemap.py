@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="patches per forward pass (default 16 on CPU, 512 on CUDA)")
     parser.add_argument("--lung-mask", help="lung label file on the scan's grid (default: segment)")
     parser.add_argument("--percent", action="store_true", help="write uint8 percent, not float32")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--fp32", action="store_true",
+                        help="float32 throughout (default: bf16 autocast where it pays, "
+                             "see drasclr.precision)")
     parser.add_argument("--lesions", help="true lesion labels on the scan's grid: print AUC and Dice")
     parser.add_argument("--lesion-value", type=int, default=None,
                         help="label of the subtype in --lesions (default: from the head's label, "

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "(default: DrasCLR, DrasCLR (authors) or random init "
                                        "(seed S))")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fp32", action="store_true",
+                        help="float32 throughout (default: bf16 autocast where it pays, "
+                             "see drasclr.precision)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     features = extract_features(
         args.checkpoint, args.store, out=args.out, name=args.name, patches=args.patches,
         patch_dtype=args.patch_dtype, device=args.device, batch_size=args.batch,
-        random_init=args.random_init, progress=not args.no_progress,
+        random_init=args.random_init, progress=not args.no_progress, amp=not args.fp32,
     )
     meta = features.metadata
     print(f"{args.out}: features of {len(features.subject_ids)} subjects x {meta['rep_dim']} "

@@ -70,6 +70,7 @@ from drasclr.device import resolve_device
 from drasclr.data.io import CTVolume, read_ct
 from drasclr.data.patches import AIR_HU, PATCH_SIZE
 from drasclr.intensity import HU_WINDOW, normalise_hu
+from drasclr.precision import autocast, use_bf16
 from drasclr.ranges import AT_LEAST_ONE, check_number
 
 #: Voxel v is patch index HALF of its patch: the patch covers v - HALF .. v + HALF - 1.
@@ -225,10 +226,8 @@ class PatchGatherer:
 
 
 def _autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA devices that support it (when ``amp``), else nothing."""
-    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast where the device computes it natively (when ``amp``; drasclr.precision)."""
+    return autocast(device, use_bf16(device, amp))
 
 
 class ChunkCache:

@@ -237,7 +237,7 @@ def calibrated_random_encoder(encoder: nn.Module, data: DetectionPatches, batch_
     batches = ((None, normalise_hu(torch.from_numpy(data.patches[i:i + batch_size]))[:, None]
                 .to(device), torch.as_tensor(data.coords[i:i + batch_size], device=device))
                for i in range(0, len(data), batch_size))
-    calibrate_batchnorm(encoder, batches, use_bf16=False)
+    calibrate_batchnorm(encoder, batches, bf16=False)
     return encoder
 
 

@@ -70,7 +70,9 @@ class Encoder(nn.Module):
             patches always come in drasclr's (x, y, z) order and an encoder of the authors'
             weights ("zyx") transposes them first.
 
-    ``Encoder(**encoder.config)`` rebuilds the same architecture.
+    ``Encoder(**encoder.config)`` rebuilds the same architecture. ``encoder.channels_last =
+    True`` lays its activations out channels-last (same numbers, a speed setting; see
+    ``drasclr.precision``).
     """
 
     def __init__(self, rep_dim: int = 128, moco_dim: int = 128, num_experts: int = 8,
@@ -89,6 +91,9 @@ class Encoder(nn.Module):
         self.rep_dim, self.moco_dim, self.num_experts = rep_dim, moco_dim, num_experts
         self.conditioning = conditioning
         self._backend = check_backend(backend)
+        # activations channels-last (torch.channels_last_3d): a speed setting, not architecture
+        # (drasclr.precision decides it per device), so not in ``config``
+        self.channels_last = False
 
         conv_kwargs = dict(conditioning=conditioning, num_experts=num_experts, backend=backend)
         self.conv1 = make_conv3x3(in_channels=1, out_channels=8, stride=1, **conv_kwargs)
@@ -155,7 +160,10 @@ class Encoder(nn.Module):
         return self._features(x[perm], partition)[torch.argsort(perm)]
 
     def _features(self, x: Tensor, loc: Optional[Loc]) -> Tensor:
-        x = self.act(self.bn1(self.conv1(x, loc)))
+        x = self.conv1(x, loc)
+        if self.channels_last:  # a one-channel input has no layout: the first activation sets it
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = self.act(self.bn1(x))
         x = self.act(self.bn2(self.conv2(x, loc)))
         x = self.downsample1(x, loc)
         x = self.downsample2(x, loc)

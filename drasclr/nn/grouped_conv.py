@@ -147,17 +147,80 @@ def conv3d_by_landmark(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether a 5-D activation is laid out channels-last (``torch.channels_last_3d``); a
+    one-channel tensor is both layouts and counts as channels-first."""
+    return x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last_3d)
+
+
 def _bucket_conv(x: Tensor, kernels: Tensor, bias: Optional[Tensor], count: int,
                  stride: tuple, padding: tuple, dilation: tuple, conv_groups: int) -> Tensor:
-    """One grouped convolution over an interleaved bucket (the groups side by side)."""
+    """One grouped convolution over an interleaved bucket (the groups side by side).
+
+    Channels-first, the bucket's (n * G_n, C, ...) -> (n, G_n * C, ...) is a free view.
+    Channels-last it is not (a sample's voxels lie between its group's channels and the next
+    group's), so the input is copied once into (n, D, H, W, G_n, C) order and the output back,
+    gradients likewise (whether the faster channels-last convolutions pay for the copies:
+    benchmarks/cpu_ceiling.py)."""
     num_members = kernels.shape[0]
+    channels_last = num_members > 1 and is_channels_last(x)
+    if channels_last:
+        x_grouped = _SideBySide.apply(x, num_members)
+    else:
+        x_grouped = x.reshape(count, num_members * x.shape[1], *x.shape[2:])
     y = F.conv3d(
-        x.reshape(count, num_members * x.shape[1], *x.shape[2:]),
+        x_grouped,
         kernels.reshape(-1, *kernels.shape[2:]),
         None if bias is None else bias.repeat(num_members),
         stride, padding, dilation, num_members * conv_groups,
     )
+    if channels_last:
+        return _OneByOne.apply(y, num_members)
     return y.reshape(x.shape[0], kernels.shape[1], *y.shape[2:])
+
+
+def _side_by_side(x: Tensor, groups: int) -> Tensor:
+    """Channels-last (n G, C, D, H, W) -> channels-last (n, G C, D, H, W), one copy."""
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    packed = x.unflatten(0, (-1, groups)).permute(0, 3, 4, 5, 1, 2).contiguous()  # n D H W G C
+    return packed.flatten(4).permute(0, 4, 1, 2, 3)
+
+
+def _one_by_one(y: Tensor, groups: int) -> Tensor:
+    """Channels-last (n, G C, D, H, W) -> channels-last (n G, C, D, H, W), one copy."""
+    y = y.contiguous(memory_format=torch.channels_last_3d)
+    y = y.permute(0, 2, 3, 4, 1).unflatten(4, (groups, -1))  # (n, D, H, W, G, C)
+    y = y.permute(0, 4, 1, 2, 3, 5).contiguous().flatten(0, 1)  # memory (n G, D, H, W, C)
+    return y.permute(0, 4, 1, 2, 3)
+
+
+class _SideBySide(torch.autograd.Function):
+    """``_side_by_side`` whose gradient is ``_one_by_one``: autograd's own backward of the
+    permutes would hand the next layer a channels-first gradient, which every elementwise
+    backward (BatchNorm, ELU) then reads against channels-last activations, many times slower."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, groups: int) -> Tensor:
+        ctx.groups = groups
+        return _side_by_side(x, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _one_by_one(grad, ctx.groups), None
+
+
+class _OneByOne(torch.autograd.Function):
+    """``_one_by_one`` whose gradient is ``_side_by_side`` (see ``_SideBySide``)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, groups: int) -> Tensor:
+        ctx.groups = groups
+        return _one_by_one(y, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _side_by_side(grad, ctx.groups), None
 
 
 def _bucket_gemm(x: Tensor, kernels: Tensor, bias: Optional[Tensor], count: int,

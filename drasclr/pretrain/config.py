@@ -93,7 +93,10 @@ class TrainConfig:
         "1: keys see the query batch's statistics", 1, AT_LEAST_ONE
     )
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
-    amp: bool = _doc("bfloat16 autocast on GPU (ignored on CPU)", True)
+    amp: bool = _doc(
+        "bfloat16 autocast where it pays: CUDA with bf16, or a CPU with AVX512_BF16 or AMX "
+        "when DRASCLR_CPU_BF16=1 (drasclr.precision); false: float32 everywhere", True
+    )
     seed: int = _doc("seed of initialisation, sampling and augmentation", 0, COUNT)
     device: str = _doc("auto (cuda when present), cpu, cuda, cuda:N", "auto")
     num_workers: int = _doc("DataLoader worker processes reading the store", 0, COUNT)

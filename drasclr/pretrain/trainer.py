@@ -31,6 +31,7 @@ from drasclr.atomic import atomic_write_bytes, remove_stale_temporaries
 from drasclr.data.patches import PATCH_SIZE
 from drasclr.deprecated_names import CONFIG_KEYS, renamed_keys
 from drasclr.device import resolve_device
+from drasclr.precision import autocast, use_bf16
 from drasclr.pretrain.augment import PatchAugment
 from drasclr.pretrain.checkpoints import LAST, RESUME_KEYS, load_checkpoint, save_checkpoint
 from drasclr.pretrain.config import TrainConfig
@@ -130,6 +131,7 @@ class Trainer:
                 broadcast_buffers=False,
             )
         self.augment = PatchAugment(PATCH_SIZE, config.augment)
+        self.bf16 = use_bf16(device, config.amp)
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
             momentum=config.sgd_momentum, weight_decay=config.weight_decay,
@@ -225,7 +227,7 @@ class Trainer:
         )
         view_q, view_k, neighbour_views = views[:n], views[n : 2 * n], views[2 * n :]
         self.model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+        with autocast(device, self.bf16):
             out = self.step_model(
                 view_q, view_k, neighbour_views.view(n, k, *views.shape[1:]),
                 batch["loc"].to(device), batch["neighbour_loc"].to(device).view(n, k, 3),
