@@ -8,9 +8,9 @@ rounds):
 - ``reference``: the paper's sliding window as the authors' code would run it: one patch per
   forward pass, loop backend, each patch cut from the volume on its own;
 - ``exact``: ``exact_probabilities`` (batches of per-voxel coordinates, grouped backend);
-- ``shared4``: the same with ``coordinate_block=4`` (voxels of a 4^3 block share the block
+- ``shared4``: the same with the coordinate of a 4^3 block shared (voxels of a 4^3 block share the block
   centre's coordinate): does grouping coordinates matter?
-- ``fast``: ``fast_probabilities``, one dense pass per ``--block``^3 tile.
+- ``fast``: ``dense_pass.fast_probabilities``, one dense pass per ``--block``^3 tile.
 
 Voxels are lung voxels of a small synthetic subject (paper-size encoder: 8 experts, rep_dim
 128, random weights; speed does not depend on the weights).
@@ -39,7 +39,9 @@ from scipy import ndimage
 
 from drasclr.evaluation import densemap as dm
 from drasclr.evaluation.head import SubtypeHead
+from drasclr.intensity import normalise_hu
 from drasclr.nn import Encoder
+from dense_pass import agreement as map_agreement, fast_probabilities
 from interleave import interleave
 
 HERE = Path(__file__).resolve().parent
@@ -82,7 +84,7 @@ def reference_window(encoder: Encoder, head: SubtypeHead, scan: dm.PreparedScan,
             for i, voxel in enumerate(voxels):
                 c = voxel  # corner v - 16, shifted by the padding of 16
                 patch = torch.from_numpy(padded[c[0]:c[0] + 32, c[1]:c[1] + 32, c[2]:c[2] + 32].copy())
-                x = dm.normalise_hu(patch)[None, None]
+                x = normalise_hu(patch)[None, None]
                 loc = torch.from_numpy(scan.coords_of_voxels(voxel[None]))
                 out[i] = float(head(encoder(x, loc))[0])
     finally:
@@ -95,6 +97,20 @@ def interior_cube(scan: dm.PreparedScan, edge: int) -> np.ndarray:
     core = np.argwhere(ndimage.binary_erosion(scan.lung, iterations=edge // 2 + 1))
     centre = core[np.argmin(np.abs(core - core.mean(axis=0)).sum(axis=1))]
     return centre - edge // 2 + np.indices((edge,) * 3).reshape(3, -1).T
+
+
+def shared_coordinates(encoder: Encoder, head: SubtypeHead, scan: dm.PreparedScan,
+                       voxels: np.ndarray, block: int, batch: int) -> np.ndarray:
+    """The exact window, except that the voxels of each ``block``^3 block share the block
+    centre's coordinate and are batched together (a batch mixes few kernels)."""
+    blocks = voxels // block
+    order = np.lexsort(blocks.T[::-1])  # block by block, so a batch spans few blocks
+    centres = blocks[order] * block + (block - 1) / 2.0
+    values = np.empty(len(voxels), dtype=np.float32)
+    values[order] = dm.exact_probabilities(encoder, head, scan, voxels[order], batch=batch,
+                                           device="cpu", progress=False,
+                                           coords=scan.coords_of_voxels(centres))
+    return values
 
 
 def speed(root: Path, rounds: int, block: int, exact_edge: int, reference_voxels: int,
@@ -112,10 +128,8 @@ def speed(root: Path, rounds: int, block: int, exact_edge: int, reference_voxels
                       reference_voxels),
         "exact": (lambda: dm.exact_probabilities(encoder, head, scan, cube, batch=batch,
                                                  device="cpu", progress=False), len(cube)),
-        "shared4": (lambda: dm.exact_probabilities(encoder, head, scan, cube, batch=batch,
-                                                   device="cpu", progress=False,
-                                                   coordinate_block=4), len(cube)),
-        "fast": (lambda: dm.fast_probabilities(encoder, head, scan, tile_voxels, block=block,
+        "shared4": (lambda: shared_coordinates(encoder, head, scan, cube, 4, batch), len(cube)),
+        "fast": (lambda: fast_probabilities(encoder, head, scan, tile_voxels, block=block,
                                                device="cpu", progress=False), len(tile_voxels)),
     }
     # the warm-up lets oneDNN build its kernels on first use
@@ -133,12 +147,11 @@ def speed(root: Path, rounds: int, block: int, exact_edge: int, reference_voxels
               f"({ratio.min():.2f}-{ratio.max():.2f}x) |")
     exact = dm.exact_probabilities(encoder, head, scan, cube, batch=batch, device="cpu",
                                    progress=False)
-    shared = dm.exact_probabilities(encoder, head, scan, cube, batch=batch, device="cpu",
-                                    progress=False, coordinate_block=4)
+    shared = shared_coordinates(encoder, head, scan, cube, 4, batch)
     ref = reference_window(encoder, head, scan, cube[:reference_voxels])
     print(f"\nmax |exact - reference| {np.abs(exact[:reference_voxels] - ref).max():.2e}; "
           f"shared4 against exact: max |diff| {np.abs(shared - exact).max():.2e}, "
-          f"{dm.agreement(shared, exact)}")
+          f"{map_agreement(shared, exact)}")
 
 
 def calibrate(encoder: Encoder, root: Path, subjects: list[str], patches: int = 256) -> Encoder:
@@ -223,7 +236,7 @@ def agreement(root: Path, subjects: list[str], block: int, sample: int, batch: i
         voxels = voxels[scan.lung[tuple(voxels.T)]]
         picked = voxels[rng.choice(len(voxels), min(sample, len(voxels)), replace=False)]
         start = time.perf_counter()
-        fast_all = dm.fast_probabilities(encoder, head, scan, voxels, block=block, device="cpu",
+        fast_all = fast_probabilities(encoder, head, scan, voxels, block=block, device="cpu",
                                          progress=False)
         fast_seconds = time.perf_counter() - start
         fast = fast_all[np.array([np.flatnonzero((voxels == p).all(axis=1))[0] for p in picked])]
@@ -233,9 +246,9 @@ def agreement(root: Path, subjects: list[str], block: int, sample: int, batch: i
         exact_seconds = time.perf_counter() - start
         shifted = dm.exact_probabilities(encoder, head, scan, picked + np.array([1, 0, 0]),
                                          batch=batch, device="cpu", progress=False)
-        baseline = dm.agreement(shifted, exact)  # how alike neighbouring voxels are
+        baseline = map_agreement(shifted, exact)  # how alike neighbouring voxels are
         t = truth[tuple(picked.T)]
-        scores = dm.agreement(fast, exact)
+        scores = map_agreement(fast, exact)
         aucs = []
         for values in (exact, fast):
             lung_here = np.ones(len(t), bool)

@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from drasclr.data.atlas import build_atlas
@@ -22,7 +21,6 @@ from drasclr.evaluation import densemap as dm
 from drasclr.evaluation.head import (SubtypeHead, check_head_matches, head_and_encoder, load_head,
                                      save_head)
 from drasclr.nn import Encoder
-from drasclr.nn.loc_cond_conv import LocCondConv3d
 
 torch.set_num_threads(1)
 
@@ -85,11 +83,11 @@ class IntensityEncoder(nn.Module):
         return x[:, :, 14:18, 14:18, 14:18].mean(dim=(1, 2, 3, 4))[:, None]
 
 
-def intensity_head(path: Path) -> Path:
+def intensity_head(path: Path, training_subjects=("sub9999",)) -> Path:
     """A head file for ``IntensityEncoder``: p > 0.5 where the centre is brighter than 0.1
-    (network units, about -330 HU)."""
+    (network units, about -330 HU), fitted on ``training_subjects`` (None: not recorded)."""
     return save_head(path, [20.0], -2.0, label="centrilobular", encoder={"rep_dim": 1},
-                     source="stub")
+                     source="stub", training_subjects=training_subjects)
 
 
 def lung_interior_voxel(scan: dm.PreparedScan, margin: int = 3) -> np.ndarray:
@@ -161,17 +159,20 @@ def test_grid_interpolation_is_trilinear_and_exact_on_grid():
     np.testing.assert_allclose(filled, expected, atol=1e-5)
 
 
-def test_shared_coordinates_only_when_asked(cohort):
+def test_given_coordinates_replace_the_voxels_own(cohort):
     scan, encoder, head = cohort["scan"], tiny_encoder(), spread_head()
-    centre = lung_interior_voxel(scan) // 3 * 3 + 1  # the centre voxel of its 3^3 block
-    voxels = centre[None] + np.array([[0, 0, 0], [1, 0, 0], [0, 1, -1]])
+    voxels = lung_interior_voxel(scan)[None] + np.array([[0, 0, 0], [1, 0, 0], [0, 1, -1]])
     exact = dm.exact_probabilities(encoder, head, scan, voxels, device="cpu", progress=False)
+    own = dm.exact_probabilities(encoder, head, scan, voxels, device="cpu", progress=False,
+                                 coords=scan.coords_of_voxels(voxels))
+    np.testing.assert_array_equal(own, exact)
     shared = dm.exact_probabilities(encoder, head, scan, voxels, device="cpu", progress=False,
-                                    coordinate_block=3)
-    assert shared[0] == pytest.approx(exact[0], abs=1e-5)  # the block centre: its own coordinate
-    assert np.abs(shared[1:] - exact[1:]).max() > 1e-4  # the others: an approximation
-    with pytest.raises(ValueError, match="coordinate_block"):
-        dm.exact_probabilities(encoder, head, scan, voxels, coordinate_block=0, progress=False)
+                                    coords=np.repeat(scan.coords_of_voxels(voxels[:1]), 3, 0))
+    assert shared[0] == pytest.approx(exact[0], abs=1e-5)  # its own coordinate
+    assert np.abs(shared[1:] - exact[1:]).max() > 1e-4
+    with pytest.raises(ValueError, match=r"coords: expected shape \(3, 3\)"):
+        dm.exact_probabilities(encoder, head, scan, voxels, coords=np.zeros((2, 3)),
+                               progress=False)
 
 
 # -- geometry of the written map --------------------------------------------------------------
@@ -300,87 +301,6 @@ def test_stale_work_folder_is_not_trusted(tmp_path, cohort):
     assert second.calls == 2 and not np.allclose(a, b)  # another head: recomputed
 
 
-# -- fast mode --------------------------------------------------------------------------------
-
-def strided_valid(layers: list[tuple[nn.Module, nn.Module]], x: torch.Tensor,
-                  coord: torch.Tensor) -> torch.Tensor:
-    """The encoder's own strided layers without padding: on a crop starting at q its output 0
-    is, by the shift-and-stitch argument, the dense output at q."""
-    for conv, bn in layers:
-        routing = torch.sigmoid(conv.routing(coord))
-        weight = torch.einsum("e,e...->...", routing, conv.weight)
-        x = F.elu(bn(F.conv3d(x, weight, conv.bias, stride=conv.stride)))
-    return x
-
-
-def encoder_pairs(encoder: Encoder) -> list[tuple[nn.Module, nn.Module]]:
-    pairs = [(encoder.conv1, encoder.bn1), (encoder.conv2, encoder.bn2)]
-    for block in (encoder.downsample1, encoder.downsample2, encoder.downsample3):
-        pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
-    return pairs + [(encoder.conv3, encoder.bn3), (encoder.conv4, encoder.bn4)]
-
-
-def test_dilation_trick_equals_the_strided_network():
-    encoder, coord = tiny_encoder(), torch.tensor([0.2, -0.4, 0.7])
-    layers = dm.dense_layers(encoder, coord)
-    assert dm.receptive_margin(layers) == 76
-    assert [layer.dilation for layer in layers] == [1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16]
-    x = torch.randn(1, 1, 30, 29, 28)
-    with torch.no_grad():
-        dense = dm.run_dense(layers[:5], x)  # through downsample1: stride 4 in all
-        strided = strided_valid(encoder_pairs(encoder)[:5], x, coord)
-    np.testing.assert_allclose(dense[..., ::4, ::4, ::4].numpy(), strided.numpy(), atol=1e-5)
-
-
-def one_channel_encoder(seed: int = 0) -> Encoder:
-    """The encoder's layout with one channel per layer: fast mode end to end at test cost."""
-    torch.manual_seed(seed)
-    encoder = Encoder(rep_dim=1, moco_dim=1, num_experts=2, backend="grouped")
-    for parent in [encoder, encoder.downsample1, encoder.downsample2, encoder.downsample3]:
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LocCondConv3d):
-                new = LocCondConv3d(1, 1, 3, child.stride, 1, num_experts=2)
-                with torch.no_grad():
-                    new.weight.mul_(3.0)  # keep the signal alive through 13 layers
-                setattr(parent, name, new)
-            elif isinstance(child, nn.BatchNorm3d):
-                setattr(parent, name, nn.BatchNorm3d(1))
-    return encoder.eval()
-
-
-def test_fast_mode_is_the_dense_pass_at_each_voxel(cohort):
-    scan, encoder = cohort["scan"], one_channel_encoder()
-    head = SubtypeHead(1)
-    with torch.no_grad():
-        head.weight.fill_(4.0)
-    centre = lung_interior_voxel(scan)
-    voxels = centre[None] + np.array([[0, 0, 0], [1, 2, 0], [3, 0, 1]])
-    values = dm.fast_probabilities(encoder, head, scan, voxels, block=4, device="cpu",
-                                   progress=False)
-    tile = (voxels // 4)[0]
-    assert np.all(voxels // 4 == tile)  # one block, one coordinate
-    coord = torch.from_numpy(scan.coords_of_voxels((tile * 4 + 1.5)[None])[0])
-    padded = np.pad(scan.hu, 100, constant_values=-1024)
-    for voxel, value in zip(voxels, values):
-        start = voxel - 92 + 100  # the patch's corner v - 16 is the dense centre: 76 before it
-        crop = padded[start[0]:start[0] + 153, start[1]:start[1] + 153, start[2]:start[2] + 153]
-        x = (torch.from_numpy(crop.astype(np.float32)) + 1024) / 632 - 1
-        with torch.no_grad():
-            h = strided_valid(encoder_pairs(encoder), x[None, None], coord)
-            expected = float(head(h.reshape(1, 1))[0])
-        assert h.shape[2:] == (1, 1, 1)
-        assert value == pytest.approx(expected, abs=1e-5)
-
-
-def test_agreement_figures():
-    exact = np.array([0.1, 0.6, 0.7, 0.2, 0.9])
-    scores = dm.agreement(exact, exact)
-    assert scores["pearson"] == pytest.approx(1.0) and scores["dice"] == 1.0
-    shifted = dm.agreement(np.array([0.1, 0.4, 0.7, 0.2, 0.9]), exact)
-    assert shifted["dice"] == pytest.approx(2 * 2 / (2 + 3))
-    assert shifted["max_abs"] == pytest.approx(0.2)
-
-
 # -- scoring ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction, detected", [(0.24, False), (0.26, True), (0.25, True)])
@@ -393,9 +313,30 @@ def test_detection_rule_on_hand_made_maps(fraction, detected):
     hot = box[: int(round(fraction * len(box)))]
     prob[hot[:, 0], hot[:, 1], hot[:, 2]] = 0.9
     prob[0, 0, 0] = 1.0  # outside the box: does not count
-    result, fractions = dm.box_detections(prob, affine, centre[None])
+    lung = np.ones(prob.shape, bool)
+    result, fractions = dm.box_detections(prob, lung, affine, centre[None])
     assert bool(result[0]) is detected
     assert fractions[0] == pytest.approx(round(fraction * len(box)) / len(box))
+
+
+def test_box_fraction_is_over_the_lung_voxels_of_the_box():
+    """A subpleural box: half of it is chest wall (no lung, probability 0 there); its lung half
+    is 40 % hot. Over all voxels it holds 20 % (missed); over lung voxels 40 % (detected)."""
+    rng = np.random.default_rng()
+    prob = np.zeros((48, 48, 48), np.float32)
+    lung = np.zeros(prob.shape, bool)
+    lung[24:] = True  # the pleura at x = 24: the box 8..39 is half lung
+    affine, centre = np.eye(4), np.array([[24.0, 24.0, 24.0]])
+    box = dm.box_voxels(prob.shape, affine, centre[0])
+    in_lung = box[lung[tuple(box.T)]]
+    hot = in_lung[rng.choice(len(in_lung), int(0.4 * len(in_lung)), replace=False)]
+    prob[tuple(hot.T)] = rng.uniform(0.51, 1.0, len(hot))
+    detected, fractions = dm.box_detections(prob, lung, affine, centre)
+    assert fractions[0] == pytest.approx(0.4, abs=1e-3) and detected[0]
+    everywhere, _ = dm.box_detections(prob, np.ones(prob.shape, bool), affine, centre)
+    assert not everywhere[0]
+    none, fractions = dm.box_detections(prob, np.zeros(prob.shape, bool), affine, centre)
+    assert np.isnan(fractions[0]) and not none[0]
 
 
 def test_box_scores_from_maps():
@@ -403,7 +344,7 @@ def test_box_scores_from_maps():
     affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm voxels: boxes of 16^3 voxels
     prob[0:30] = 0.8  # boxes centred at x = 20 mm and x = 40 mm lie in the hot part
     centres = np.array([[20.0, 40, 40], [40.0, 40, 40], [120.0, 40, 40], [160.0, 40, 40]])
-    detected, _ = dm.box_detections(prob, affine, centres)
+    detected, _ = dm.box_detections(prob, np.ones(prob.shape, bool), affine, centres)
     assert detected.tolist() == [True, True, False, False]
     scores = dm.box_scores(detected, np.array([True, False, True, False]))
     assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 1, 1)
@@ -449,14 +390,20 @@ def test_report_section_with_overlay(tmp_path):
     scan = np.where(lung, -850, 0).astype(np.float32)
     evaluation = dm.MapEvaluation("s1", "centrilobular", scan, prob, truth, lung, np.eye(4),
                                   np.array([[10.0, 10, 7]]), np.array([True]))
-    sections = dm.report_sections([evaluation], tmp_path,
-                                  agreement_rows=[["s1", 0.9, 0.8]])
-    section = sections[0]
-    assert section.tables[0].rows[0][:2] == ["s1", "centrilobular"]
-    assert section.tables[0].rows[0][5] == 1.0  # the box is detected: F1 1
+    healthy = dm.MapEvaluation("s2", "centrilobular", scan, prob, np.zeros(shape, bool), lung,
+                               np.eye(4), np.array([[10.0, 10, 7], [4.0, 4, 4]]),
+                               np.array([False, False]))
+    section = dm.report_sections([evaluation, healthy], tmp_path)[0]
+    table = section.tables[0]
+    assert table.rows[0][:2] == ["s1", "centrilobular"]
+    assert table.rows[0][5:8] == [1, 0, 0]  # the box is detected: a true positive
+    assert table.rows[1][5:8] == [0, 2, 0]  # the healthy subject's boxes: false positives
+    pooled = dict(zip(table.columns, table.rows[2]))
+    assert pooled["subject"] == "all (2)" and pooled["box precision"] == pytest.approx(1 / 3)
+    assert pooled["box recall"] == 1.0 and pooled["box F1"] == pytest.approx(0.5)
+    assert list(pooled["voxel AUC"].values) == [evaluation.scores()["auc"]]  # healthy: no AUC
     figure = tmp_path / section.figures[0].path
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(section.tables) == 2
 
 
 # -- head files and errors --------------------------------------------------------------------
@@ -468,6 +415,10 @@ def test_head_file_round_trip(tmp_path):
                      source="fine-tuned")
     head, loaded, metadata = load_head(path)
     assert metadata["label"] == "paraseptal" and metadata["rep_dim"] == 8
+    assert metadata["training_subjects"] is None  # not given: not recorded
+    recorded = save_head(tmp_path / "recorded.pt", np.ones(8), 0.0, label="paraseptal",
+                         encoder=encoder.config, training_subjects=["s2", "s1", "s2"])
+    assert load_head(recorded)[2]["training_subjects"] == ("s1", "s2")
     np.testing.assert_array_equal(head.weight.detach().numpy(), np.arange(8.0))
     assert float(head.bias.detach()) == 0.5
     for key, value in encoder.state_dict().items():
@@ -576,3 +527,16 @@ def test_cli_maps_and_scores_a_scan(cohort, tmp_path, monkeypatch, capsys):
     assert f"of subject {cohort['subject']}" in printed and "voxel AUC" in printed
     assert "0 centrilobular, 12 healthy; precision" in printed  # an emphysema-free subject
     assert nib.load(out).shape == nib.load(cohort["image"]).shape
+
+    # boxes the head was trained on are refused; a head without the record only warns
+    arguments = ["densemap", "--image", str(cohort["image"]), "--store", str(cohort["store"]),
+                 "--out", str(out), "--step", "6", "--device", "cpu", "--lung-mask",
+                 str(cohort["mask"]), "--no-progress", "--batch", "256", "--annotations",
+                 str(cohort["root"] / "cohort" / "annotations.csv")]
+    trained = intensity_head(tmp_path / "trained.pt", (cohort["subject"], "sub0003"))
+    assert main([*arguments, "--head", str(trained)]) == 2
+    assert f"trained on the boxes of subject {cohort['subject']}" in capsys.readouterr().err
+    old = intensity_head(tmp_path / "old.pt", None)
+    with pytest.warns(UserWarning, match="does not record the subjects it was trained on"):
+        assert main([*arguments, "--head", str(old)]) == 0
+    assert "12 healthy; precision" in capsys.readouterr().out

@@ -9,30 +9,41 @@ import json
 import shutil
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+import drasclr.evaluation.detection as detection_module
 import drasclr.evaluation.detection_patches as patches_module
 from drasclr.data.atlas import build_atlas
 from drasclr.data.io import read_ct
+from drasclr.data.lung_segmentation import segment_lungs
+from drasclr.data.registration import load_subject_to_atlas
 from drasclr.data.resample import resample_isotropic
 from drasclr.data.store import write_subject
 from drasclr.data.synthetic import generate_cohort, map_template_points
 from drasclr.data.synthetic.transform import SubjectTransform
 from drasclr.evaluation.detection import (
-    FINETUNE_DRASCLR, METHODS, PROBE_DRASCLR, PROBE_RANDOM, DetectionConfig, FineTuneConfig,
-    cross_validate_probe, encode_patches, evaluate_detection, fine_tune, fit_linear_probe,
-    predict_proba, probe_weights, subject_folds, task_subset,
+    FINETUNE_DRASCLR, METHODS, PATCH_LAA950, PROBE_DRASCLR, PROBE_RANDOM, DetectionConfig,
+    FineTuneConfig, cross_validate_probe, encode_patches, evaluate_detection, fine_tune,
+    fit_linear_probe, fold_scores, predict_proba, probe_weights, subject_folds, task_subset,
 )
+from drasclr.evaluation.detection_voxels import box_features, box_fractions, box_samples
 from drasclr.evaluation.detection_efficiency import (
     LabelEfficiency, label_efficiency, nested_subsets,
 )
 from drasclr.features import random_encoder
+from drasclr.evaluation.densemap import labels_on_grid
 from drasclr.evaluation.detection_patches import DetectionPatches, detection_patches
+from drasclr.evaluation.head import SubtypeHead
 from drasclr.evaluation.report import Score
 
 SUBJECTS = 6  # sub0001 and sub0004 have centrilobular and paraseptal boxes, four are healthy
+# A small encoder for the slow paths; without location conditioning, whose per-sample kernels
+# cost several times more on a CPU (the coordinate path is tested with the patches and maps).
+TINY = {"rep_dim": 8, "moco_dim": 4, "num_experts": 2, "conditioning": "none"}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +117,27 @@ def test_patch_is_the_scans_voxels_around_the_point(cohort, cohort_patches):
                                 corner[2]:corner[2] + 32]
         expected = np.rint(np.clip(expected, -1024, 240)).astype(np.int16)
         np.testing.assert_array_equal(data.patches[row], expected)
+        # the box's region: the patch of box voxel b is regions[b:b + 32]; b's coordinate is
+        # its world point through the registration; the box's lung is the segmentation's
+        padded = np.pad(np.rint(np.clip(volume.array, -1024, 240)).astype(np.int16), 32,
+                        constant_values=-1024)
+        low = corner - 16 + 32
+        np.testing.assert_array_equal(data.regions[row], padded[low[0]:low[0] + 63,
+                                                                low[1]:low[1] + 63,
+                                                                low[2]:low[2] + 63])
+        b = np.array([[0, 0, 0], [31, 5, 17], [16, 16, 16]])
+        world = (corner + b) @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+        to_atlas = load_subject_to_atlas(cohort["store"] / "transforms" / subject_id)
+        expected_coords = cohort["atlas"].coords_of_points(
+            world @ to_atlas[:3, :3].T + to_atlas[:3, 3])
+        np.testing.assert_allclose(np.c_[b, np.ones(3)] @ data.box_coord_affine[row],
+                                   expected_coords, atol=1e-5)
+        lungs = segment_lungs(volume)
+        lung = labels_on_grid(lungs.labels, lungs.affine, volume)
+        np.testing.assert_array_equal(data.box_lung[row], lung[corner[0]:corner[0] + 32,
+                                                              corner[1]:corner[1] + 32,
+                                                              corner[2]:corner[2] + 32])
+    assert 0.2 < data.box_lung.mean() < 1.0  # boxes on lung points, some reaching beyond it
 
 
 def test_cache_reused_then_invalidated_when_annotations_change(cohort, tmp_path, monkeypatch):
@@ -179,20 +211,30 @@ def test_errors_name_the_file_line_and_problem(cohort, broken_store, tmp_path):
 
 # -- folds, probe, fine-tuning ---------------------------------------------------------------
 
-def planted(subjects: int = 16, per_subject: int = 8, shift_hu: float = 150.0, seed: int = 0
-            ) -> DetectionPatches:
+def planted(subjects: int = 16, per_subject: int = 8, shift_hu: float = 150.0, seed: int = 0,
+            boxes: bool = False) -> DetectionPatches:
     """Boxes whose mean intensity depends on the label: the first half of the subjects have
-    centrilobular boxes (brighter), the rest healthy ones; random coordinates."""
+    centrilobular boxes (brighter), the rest healthy ones; random coordinates. ``boxes``: with
+    the box arrays of the voxel rule (63^3 regions of the same kind, all lung, coordinates
+    changing by 0.01 per voxel around the box's own)."""
     rng = np.random.default_rng(seed)
     n = subjects * per_subject
     subject_ids = np.repeat([f"s{i:02d}" for i in range(subjects)], per_subject)
     labels = np.where(np.arange(n) < n // 2, "centrilobular", "healthy")
-    brighter = shift_hu * (labels != "healthy")[:, None, None, None]
-    hu = -800 + 40 * rng.standard_normal((n, 32, 32, 32)) + brighter
+    shift = shift_hu * (labels != "healthy")
     coords = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
     points = rng.normal(size=(n, 3))
+    if not boxes:
+        hu = -800 + 40 * rng.standard_normal((n, 32, 32, 32)) + shift[:, None, None, None]
+        return DetectionPatches(subject_ids, labels, points, points, coords,
+                                np.rint(hu).astype(np.int16))
+    regions = np.stack([np.rint(-800 + s + 40 * rng.standard_normal((63, 63, 63)))
+                        .astype(np.int16) for s in shift])
+    affine = np.concatenate([np.broadcast_to(0.01 * np.eye(3), (n, 3, 3)),
+                             (coords - 0.01 * 15.5)[:, None]], axis=1)
     return DetectionPatches(subject_ids, labels, points, points, coords,
-                            np.rint(hu).astype(np.int16))
+                            np.ascontiguousarray(regions[:, 16:48, 16:48, 16:48]), regions,
+                            np.ones((n, 32, 32, 32), bool), affine)
 
 
 def test_folds_are_subject_disjoint_and_hold_both_classes():
@@ -248,31 +290,54 @@ def test_fine_tuning_learns_planted_signal_deterministically():
 
 
 def test_evaluate_detection_table_layout():
-    data = planted(subjects=6, per_subject=4)
-    config = DetectionConfig(folds=2, finetune=FineTuneConfig(epochs=1, batch_size=8))
-    result = evaluate_detection(data, random_encoder({}, 1), config, subtypes=["centrilobular"])
+    data = planted(subjects=6, per_subject=4, boxes=True)
+    config = DetectionConfig(folds=2, finetune=FineTuneConfig(epochs=1, batch_size=8),
+                             box_step=31)
+    result = evaluate_detection(data, random_encoder(TINY, 1), config, subtypes=["centrilobular"])
     table = result.section().tables[0]
     assert table.columns == ["Method", "centrilobular F1", "centrilobular precision",
-                             "centrilobular recall"]
+                             "centrilobular recall", "centrilobular centre-patch F1"]
     assert [row[0] for row in table.rows] == list(METHODS)
-    assert all(isinstance(c, Score) and len(c.values) == 2 for row in table.rows for c in row[1:])
+    for row in table.rows:
+        cells = row[1:] if row[0] != PATCH_LAA950 else row[1:4]  # density: no centre column
+        assert all(isinstance(c, Score) and len(c.values) == 2 for c in cells)
+    assert table.rows[-1][4] == ""
+    assert "25% of its lung voxels" in table.note
     assert result.scores[PROBE_DRASCLR]["centrilobular"].f1.mean > 0.5
     assert result.counts["centrilobular"] == {"positive": 12, "healthy": 12, "subjects": 6}
     assert {PROBE_RANDOM, FINETUNE_DRASCLR} <= set(result.scores)
 
 
-def test_label_efficiency_subsets_and_curve(tmp_path):
+def test_label_efficiency_subsets_and_curve(tmp_path, monkeypatch):
     y = np.array([0] * 30 + [1] * 10)
     subsets = nested_subsets(y, (0.1, 0.5, 1.0), seed=0)
     assert [len(s) for s in subsets] == [4, 20, 40]
     assert set(subsets[0]) <= set(subsets[1]) <= set(subsets[2])
     assert all(set(y[s]) == {0, 1} for s in subsets)
 
+    # every run (each fraction and scratch) takes the steps of 2 epochs of the full part
     data = planted(subjects=4, per_subject=4)
-    config = DetectionConfig(folds=2, finetune=FineTuneConfig(epochs=1, batch_size=8))
-    curve = label_efficiency(data, random_encoder({}, 1), "centrilobular", (0.5, 1.0), config)
+    config = DetectionConfig(folds=2, finetune=FineTuneConfig(epochs=2, batch_size=4),
+                             rule="centre")
+    steps_taken, original_step = [], torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps_taken[-1][1] += 1
+        return original_step(self, *args, **kwargs)
+
+    def recording_fine_tune(encoder, patches, coords, y, *args, **kwargs):
+        steps_taken.append([len(y), 0])
+        return fine_tune(encoder, patches, coords, y, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    monkeypatch.setattr(detection_module, "fine_tune", recording_fine_tune)
+    curve = label_efficiency(data, random_encoder(TINY, 1), "centrilobular", (0.5, 1.0), config,
+                             repeats=2)
     assert curve.fractions == (0.5, 1.0) and len(curve.drasclr) == 2
-    assert all(len(s.f1.values) == 2 for s in curve.drasclr)
+    assert all(len(s.f1.values) == 4 for s in curve.drasclr)  # 2 folds x 2 repeats
+    assert len(steps_taken) == 12 and curve.steps == 4  # 2 epochs of 8 boxes in batches of 4
+    assert {boxes for boxes, _ in steps_taken} == {4, 8}  # half and all of a training part
+    assert all(steps == curve.steps for _, steps in steps_taken)
     png = curve.plot(tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     section = curve.section(png.name)
@@ -287,6 +352,88 @@ def test_label_efficiency_subsets_and_curve(tmp_path):
     assert never.matching_fraction is None
 
 
+# -- the paper's voxel rule and the density control -------------------------------------------
+
+class CentreVoxel(torch.nn.Module):
+    """h = the network input at the patch's centre voxel (box voxel b's patch centres on b)."""
+
+    rep_dim = 1
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        return x[:, :, 16, 16, 16]
+
+
+def subpleural_box(lesion_from: int = 26) -> DetectionPatches:
+    """One box whose first half (x < 16) is chest wall (40 HU, no lung) and whose lung half is
+    -850 HU with an emphysema slab (-990 HU) at x >= ``lesion_from``, away from the centre."""
+    region = np.full((63, 63, 63), -850, np.int16)
+    region[:32] = 40  # box voxel x = region index - 16: the wall is x < 16
+    region[16 + lesion_from:48] = -990
+    lung = np.zeros((1, 32, 32, 32), bool)
+    lung[0, 16:] = True
+    return DetectionPatches(np.array(["s"]), np.array(["paraseptal"]), np.zeros((1, 3)),
+                            np.zeros((1, 3)), np.zeros((1, 3), np.float32),
+                            region[None, 16:48, 16:48, 16:48].copy(), region[None], lung,
+                            np.zeros((1, 4, 3)))
+
+
+def test_voxel_rule_detects_a_subpleural_box_the_centre_misses():
+    data = subpleural_box()
+    head = SubtypeHead(1)
+    with torch.no_grad():  # p > 0.5 where the centre voxel is below about -930 HU
+        head.weight.fill_(-20.0)
+        head.bias.fill_(-17.0)
+    h = box_features(CentreVoxel(), data, np.array([0]), step=4)
+    assert h.shape == (1, len(box_samples(4)), 1) and len(box_samples(4)) == 9 ** 3
+    box_p = head(torch.from_numpy(h)).detach().numpy()
+    centre_p = head(torch.from_numpy(encode_patches(CentreVoxel(), data.patches, data.coords)))
+    lung_fraction = box_fractions(box_p, data.box_lung, 4)[0]
+    # exact at step 1 the slab is 6 of 16 lung columns; interpolated from every 4th voxel the
+    # values above 0.5 start at x = 27: 5 of 16
+    assert lung_fraction == pytest.approx(5 / 16)
+    scores = fold_scores(np.array([1]), centre_p.detach().numpy(), box_p, data.box_lung, 4)
+    assert scores["recall"] == 1.0 and scores["centre_f1"] == 0.0
+    # counted over all the box's voxels (the wall as 0) the same map would miss it
+    assert box_fractions(box_p, np.ones_like(data.box_lung), 4)[0] == pytest.approx(5 / 32)
+    # a smaller slab falls below 25 % of the lung voxels
+    small = subpleural_box(lesion_from=29)
+    small_p = head(torch.from_numpy(box_features(CentreVoxel(), small, np.array([0]), step=4)))
+    assert box_fractions(small_p.detach().numpy(), small.box_lung, 4)[0] < 0.25
+
+
+def test_voxel_rule_learns_planted_signal_and_not_shuffled_labels():
+    data = planted(subjects=8, per_subject=4, boxes=True)
+    encoder = random_encoder(TINY, 0)
+    config = DetectionConfig(folds=4, box_step=31)
+    h = encode_patches(encoder, data.patches, data.coords)
+    box_h = box_features(encoder, data, np.arange(len(data)), config.box_step)
+    rows, y, groups = task_subset(data, "centrilobular")
+    real = cross_validate_probe(h[rows], y, groups, subject_folds(y, groups, 4), config,
+                                box_h[rows], data.box_lung[rows])
+    assert real.f1.mean > 0.9 and real.centre_f1.mean > 0.9
+    shuffled = np.random.default_rng().permutation(y)
+    chance = cross_validate_probe(h[rows], shuffled, groups, subject_folds(shuffled, groups, 4),
+                                  config, box_h[rows], data.box_lung[rows])
+    assert chance.f1.mean < 0.75
+
+
+def test_patch_laa950_separates_low_density_boxes_and_not_shuffled_labels():
+    rng = np.random.default_rng()
+    data = planted(subjects=8, per_subject=4, shift_hu=0.0, boxes=True)
+    positive = data.labels == "centrilobular"
+    data.regions[positive, 16:48, 16:48, 24:48] -= 180  # a quarter of the lung far below -950
+    data.patches[:] = data.regions[:, 16:48, 16:48, 16:48]
+    data.box_lung[:, :4] = False  # voxels outside the lung do not count
+    config = DetectionConfig(folds=4)
+    result = evaluate_detection(data, random_encoder(TINY, 0), config, ["centrilobular"],
+                                [PATCH_LAA950])
+    assert result.scores[PATCH_LAA950]["centrilobular"].f1.mean > 0.95
+    shuffled = replace(data, labels=rng.permutation(data.labels))
+    chance = evaluate_detection(shuffled, random_encoder(TINY, 0), config, ["centrilobular"],
+                                [PATCH_LAA950])
+    assert chance.scores[PATCH_LAA950]["centrilobular"].f1.mean < 0.75
+
+
 # -- the command -----------------------------------------------------------------------------
 
 def test_detect_command_writes_table_and_heads(cohort, cohort_patches, tmp_path, capsys):
@@ -294,21 +441,25 @@ def test_detect_command_writes_table_and_heads(cohort, cohort_patches, tmp_path,
     from drasclr.evaluation.head import head_and_encoder
     from drasclr.pretrain.checkpoints import save_checkpoint
 
-    encoder = random_encoder({}, 5)
+    encoder = random_encoder(TINY, 5)
     checkpoint = save_checkpoint({"encoder_q": encoder.state_dict(),
                                   "encoder_config": encoder.config}, tmp_path / "encoder.pt")
     out = tmp_path / "out"
     code = main(["detect", "--annotations", str(cohort["annotations"]), "--store",
                  str(cohort["store"]), "--checkpoint", str(checkpoint), "--out", str(out),
                  "--folds", "2", "--probe-only", "--cache-dir", str(cohort["root"] / "cache"),
-                 "--no-progress"])
+                 "--box-step", "31", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| Linear probe DrasCLR |" in printed and "paraseptal F1" in printed
+    assert "| Patch LAA-950 (density control) |" in printed
     summary = json.loads((out / "detection.json").read_text())
     assert len(summary["scores"][PROBE_DRASCLR]["centrilobular"]["f1"]) == 2
+    assert len(summary["scores"][PROBE_DRASCLR]["centrilobular"]["centre_f1"]) == 2
     head, head_encoder, meta = head_and_encoder(out / "head_paraseptal_probe.pt", checkpoint)
     assert meta["label"] == "paraseptal"
+    rows, _, groups = task_subset(cohort_patches, "paraseptal")
+    assert meta["training_subjects"] == tuple(sorted(set(groups)))
     # the head on the encoder's h gives the probe's probabilities: high for paraseptal boxes
     data = cohort_patches
     h = torch.from_numpy(encode_patches(head_encoder, data.patches, data.coords))

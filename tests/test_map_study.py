@@ -2,7 +2,6 @@
 and that their boxes never reach the classifier whose maps are scored on them."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,49 +11,36 @@ from drasclr.evaluation import map_study
 from drasclr.evaluation.detection_patches import DetectionPatches
 
 
-def write_truth(cohort: Path, shares: dict[str, dict[str, float]]) -> None:
-    (cohort / "truth").mkdir(parents=True, exist_ok=True)
-    for subject, realised in shares.items():
-        record = {"disease": {"realised_shares": realised}}
-        (cohort / "truth" / f"{subject}.json").write_text(json.dumps(record))
-
-
-def random_shares(rng, subjects):
-    return {s: {"centrilobular": float(rng.uniform(0, 0.3)), "paraseptal": float(rng.uniform(0, 0.3))}
-            for s in subjects}
-
-
-def test_subjects_with_most_rank_by_the_true_share(tmp_path):
+def boxes(diseased: int = 6, healthy: int = 6, per_subject: int = 4) -> DetectionPatches:
+    """Subjects sub0000.. with centrilobular and paraseptal boxes, then healthy-only ones."""
     rng = np.random.default_rng()
-    subjects = [f"sub{i:04d}" for i in range(7)]
-    shares = random_shares(rng, subjects)
-    write_truth(tmp_path, shares)
-    for subtype in ("centrilobular", "paraseptal"):
-        expected = sorted(subjects, key=lambda s: -shares[s][subtype])[:3]
-        assert map_study.subjects_with_most(tmp_path, subtype, 3, subjects) == expected
-    assert map_study.subjects_with_most(tmp_path, "paraseptal", 2, subjects[:2]) == \
-        sorted(subjects[:2], key=lambda s: -shares[s]["paraseptal"])
+    ids = np.repeat([f"sub{i:04d}" for i in range(diseased + healthy)], per_subject)
+    labels = np.where(np.arange(len(ids)) < diseased * per_subject,
+                      np.tile(["centrilobular", "paraseptal"], len(ids) // 2), "healthy")
+    n = len(ids)
+    return DetectionPatches(ids, labels, rng.normal(size=(n, 3)), rng.normal(size=(n, 3)),
+                            rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+                            rng.integers(-1024, 240, (n, 32, 32, 32)).astype(np.int16))
 
 
-def test_subjects_with_most_errors_name_the_file(tmp_path):
-    write_truth(tmp_path, {"sub0000": {"centrilobular": 0.1}})
-    with pytest.raises(FileNotFoundError, match="sub0001.json: no truth record"):
-        map_study.subjects_with_most(tmp_path, "centrilobular", 1, ["sub0000", "sub0001"])
-    with pytest.raises(ValueError, match="sub0000.json: no realised share of 'paraseptal'"):
-        map_study.subjects_with_most(tmp_path, "paraseptal", 1, ["sub0000"])
+def test_held_out_subjects_are_drawn_at_random_seeded_with_healthy_ones():
+    data = boxes(diseased=12, healthy=10)
+    diseased = {f"sub{i:04d}" for i in range(12)}
+    draws = {}
+    for seed in range(6):
+        sick, healthy = map_study.held_out_subjects(data, "paraseptal", 3, seed)
+        assert set(sick) <= diseased and len(set(sick)) == 3
+        assert not set(healthy) & diseased and len(set(healthy)) == 3
+        assert map_study.held_out_subjects(data, "paraseptal", 3, seed) == (sick, healthy)
+        draws[seed] = tuple(sorted(sick))
+    assert len(set(draws.values())) > 1  # another seed, another draw: not a ranking
+    with pytest.raises(ValueError, match="subjects: expected 1 to 9 held out of the 12 "
+                                         "subjects with paraseptal boxes and of the 10"):
+        map_study.held_out_subjects(data, "paraseptal", 10)
 
 
 def test_held_out_subjects_never_train_the_classifier_that_maps_them(tmp_path, monkeypatch):
-    rng = np.random.default_rng()
-    subjects = [f"sub{i:04d}" for i in range(6)]
-    shares = random_shares(rng, subjects)
-    write_truth(tmp_path / "cohort", shares)
-    ids = np.repeat(subjects, 6)
-    labels = np.tile(["centrilobular", "paraseptal", "healthy"], 12)
-    n = len(ids)
-    data = DetectionPatches(ids, labels, rng.normal(size=(n, 3)), rng.normal(size=(n, 3)),
-                            rng.uniform(-1, 1, (n, 3)).astype(np.float32),
-                            rng.integers(-1024, 240, (n, 32, 32, 32)).astype(np.int16))
+    data = boxes()
     trained_on, mapped = {}, []
 
     def fit_heads(training, encoder, head_dir, source, config, subtypes, kinds):
@@ -72,11 +58,12 @@ def test_held_out_subjects_never_train_the_classifier_that_maps_them(tmp_path, m
     monkeypatch.setattr(map_study, "evaluate_map", lambda result, lesions, boxes: (result, lesions))
     evaluations = map_study.held_out_maps(data, None, tmp_path / "cohort", tmp_path / "store",
                                           tmp_path / "maps", subjects=2, step=3)
+    subjects = set(data.subject_ids)
     for subtype in ("centrilobular", "paraseptal"):
-        held_out = set(sorted(subjects, key=lambda s: -shares[s][subtype])[:2])
-        assert trained_on[subtype] == set(subjects) - held_out
-        assert {s for s, head, _ in mapped if subtype in head} == held_out
-    assert all(step == 3 for *_, step in mapped) and len(evaluations) == 4
+        held_out = {s for s, head, _ in mapped if subtype in head}
+        assert held_out == set(sum(map_study.held_out_subjects(data, subtype, 2), []))
+        assert len(held_out) == 4 and trained_on[subtype] == subjects - held_out
+    assert all(step == 3 for *_, step in mapped) and len(evaluations) == 8
     assert all(str(lesions).endswith(f"lesions/{s}.nii.gz") for s, lesions in evaluations)
 
     calls = len(trained_on)
@@ -84,6 +71,3 @@ def test_held_out_subjects_never_train_the_classifier_that_maps_them(tmp_path, m
     map_study.held_out_maps(data, None, tmp_path / "cohort", tmp_path / "store", tmp_path / "maps",
                             subjects=2, step=3)
     assert not trained_on and calls == 2  # a re-run reuses the fitted heads
-    with pytest.raises(ValueError, match="subjects: expected 1 to 5 held out of the 6"):
-        map_study.held_out_maps(data, None, tmp_path / "cohort", tmp_path / "store",
-                                tmp_path / "maps", subjects=6)

@@ -155,7 +155,7 @@ def test_landmark_patches_lie_in_the_body_and_follow_the_atlas_lungs(real_store,
 @pytest.mark.parametrize("kind", ["drasclr", "authors"])
 def test_checkpoints_give_finite_features_on_the_real_scans(real_store, tmp_path, kind):
     from drasclr.intensity import normalise_hu
-    from drasclr.reference_checkpoint import load_any_encoder
+    from drasclr import load_encoder
 
     store, atlas = real_store
     if kind == "authors":
@@ -171,7 +171,7 @@ def test_checkpoints_give_finite_features_on_the_real_scans(real_store, tmp_path
         path = save_checkpoint({"encoder_q": encoder.state_dict(), "encoder_config": encoder.config},
                                tmp_path / "encoder_epoch_0000.pt")
     # the encoder as `drasclr features` loads it, on a spread of landmarks of both scans
-    encoder, _ = load_any_encoder(path)
+    encoder = load_encoder(path)
     patches = PatchStore(store)
     landmarks = np.arange(0, atlas.num_landmarks, 29)
     features = []

@@ -8,9 +8,10 @@ Section 4.3.1, Fig. 3), written on the input scan's own grid so it overlays the 
 whose id is the file's name); ``--checkpoint`` is needed only for a linear-probe head (a
 fine-tuned head carries its encoder). ``--lesions`` scores the map against a true lesion
 label file on the scan's grid (the synthetic cohort's ``lesions/<id>.nii.gz``) and
-``--annotations`` the subject's 32 mm boxes by the paper's detection rule. An
-interrupted run resumes from the chunks kept beside the output. There is no fast mode: the
-fully convolutional pass did not agree with the exact window (``drasclr.evaluation.densemap``).
+``--annotations`` the subject's 32 mm boxes by the paper's detection rule (a box is detected
+when >= 25 % of its lung voxels have p > 0.5). ``--annotations`` refuses a subject whose boxes
+trained the head (the head file records its training subjects; a head file without that
+record is scored with a warning). An interrupted run resumes from the chunks kept beside the output.
 """
 from __future__ import annotations
 
@@ -51,17 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "centrilobular 1, paraseptal 2, panlobular 3)")
     parser.add_argument("--annotations",
                         help="CSV of boxes (subject_id, label, x_mm, y_mm, z_mm): print box-level "
-                             "precision, recall, F1 by the paper's rule (25%% of voxels > 0.5)")
+                             "precision, recall, F1 by the paper's rule (25%% of the box's lung "
+                             "voxels > 0.5); refused when the head was trained on this "
+                             "subject's boxes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from drasclr.device import resolve_device
     from drasclr.evaluation import densemap as dm
+    from drasclr.evaluation.head import load_head
 
     if args.step < 1:  # argparse already refuses; the API is called with the same check
         raise ValueError(f"--step: expected at least 1, got {args.step}")
     device = resolve_device(args.device)
+    if args.annotations:  # refused before the mapping, which can take long, not after it
+        subject = args.subject or dm.subject_of_image(args.store, args.image)
+        dm.check_not_trained_on(load_head(args.head)[2]["training_subjects"], subject, args.head,
+                                warn=False)
     on_gpu = device.type == "cuda"
     result = dm.densemap(
         args.image, args.store, args.out, args.head, args.checkpoint, args.subject,
@@ -77,11 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"against {args.lesions}: voxel AUC {scores['auc']:.3f}, Dice {scores['dice']:.3f}, "
               f"lesion {100 * scores['prevalence']:.2f}% of {scores['voxels']} lung voxels")
     if args.annotations:
-        centres, positive = dm.subject_boxes(args.annotations, result.subject_id, result.label)
-        detected, _ = dm.box_detections(result.on_scan_grid(result.map_iso),
-                                        result.scan.original.affine, centres)
-        boxes = dm.box_scores(detected, positive)
-        print(f"boxes of {args.annotations}: {positive.sum()} {result.label}, "
-              f"{(~positive).sum()} healthy; precision {boxes['precision']:.3f}, recall "
-              f"{boxes['recall']:.3f}, F1 {boxes['f1']:.3f}")
+        boxes = dm.box_evaluation(result, args.annotations)
+        print(f"boxes of {args.annotations}: {boxes['positive']} {result.label}, "
+              f"{boxes['boxes'] - boxes['positive']} healthy; precision "
+              f"{boxes['precision']:.3f}, recall {boxes['recall']:.3f}, F1 {boxes['f1']:.3f}")
     return 0

@@ -7,8 +7,10 @@
 Writes into ``--out``: ``detection.md`` (the table, also printed), ``detection.json`` (every
 fold's scores and the settings), the heads fitted on all labelled boxes for ``drasclr
 densemap`` (``head_<subtype>_probe.pt``, ``head_<subtype>_finetune.pt``), and with
-``--fractions`` ``label_efficiency_<subtype>.png``. A thin layer over
-:mod:`drasclr.evaluation.detection`.
+``--fractions`` ``label_efficiency_<subtype>.png``. Test boxes are scored by the paper's voxel
+rule (``--rule voxel``: >= 25 % of the box's lung voxels with p > 0.5, every ``--box-step``-th
+voxel evaluated) with the centre-patch F1 beside; each head file records the subjects it was
+fitted on. A thin layer over :mod:`drasclr.evaluation.detection`.
 """
 from __future__ import annotations
 
@@ -40,10 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--no-augment", action="store_true", help="fine-tune without augmentation")
     parser.add_argument("--probe-only", action="store_true",
-                        help="only the linear probes (no fine-tuning rows, no fine-tuned heads)")
+                        help="only the linear probes and the LAA-950 control (no fine-tuning "
+                             "rows, no fine-tuned heads)")
+    parser.add_argument("--rule", choices=("voxel", "centre"), default="voxel",
+                        help="how a test box is scored: voxel (the paper's: >= 25%% of its lung "
+                             "voxels have p > 0.5; the centre-patch F1 as a second column) or "
+                             "centre (its centre patch alone)")
+    parser.add_argument("--box-step", type=int, default=8, metavar="S",
+                        help="voxel rule: evaluate every S-th voxel of a box (and its last) and "
+                             "interpolate (1: all 32^3; default 8: 5^3 patches per box)")
     parser.add_argument("--fractions", metavar="F1,F2,...",
                         help="also the label-efficiency curve at these fractions of the training "
-                             "boxes, e.g. 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+                             "boxes, e.g. 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0; every run "
+                             "takes the optimisation steps of --epochs over a whole training "
+                             "part")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="label efficiency: draws of the folds (default 1)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:N (default: CUDA if present)")
     parser.add_argument("--cache-dir",
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                              f"got {args.fractions!r}") from None
     config = DetectionConfig(
         folds=args.folds, seed=args.seed, random_init=args.random_init, device=args.device,
+        rule=args.rule, box_step=args.box_step,
         finetune=FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, augment=not args.no_augment))
     out = Path(args.out)
@@ -92,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     sections = [result.section()]
     curves = {}
     for subtype in subtypes if fractions else []:
-        curve = label_efficiency(data, encoder, subtype, fractions, config)
+        curve = label_efficiency(data, encoder, subtype, fractions, config, args.repeats)
         figure = curve.plot(out / f"label_efficiency_{subtype}.png")
         sections.append(curve.section(figure.name))
         curves[subtype] = curve
@@ -105,10 +120,13 @@ def run(args: argparse.Namespace) -> int:
         "annotations": str(args.annotations), "store": str(args.store),
         "checkpoint": str(args.checkpoint), "boxes": len(data), "counts": result.counts,
         "config": {"folds": config.folds, "seed": config.seed, "random_init": config.random_init,
-                   "cs": list(config.cs), **vars(config.finetune)},
-        "scores": {m: {s: {k: list(getattr(v, k).values) for k in ("f1", "precision", "recall")}
+                   "cs": list(config.cs), "rule": config.rule, "box_step": config.box_step,
+                   **vars(config.finetune)},
+        "scores": {m: {s: {k: list(getattr(v, k).values)
+                           for k in ("f1", "precision", "recall", "centre_f1")
+                           if getattr(v, k) is not None}
                        for s, v in by.items()} for m, by in result.scores.items()},
-        "label_efficiency": {s: {"fractions": list(c.fractions),
+        "label_efficiency": {s: {"fractions": list(c.fractions), "steps": c.steps,
                                  "f1": [list(x.f1.values) for x in c.drasclr],
                                  "scratch_f1": list(c.scratch.f1.values),
                                  "matching_fraction": c.matching_fraction}

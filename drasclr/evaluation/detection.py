@@ -3,8 +3,17 @@
 Two tasks on the boxes of :mod:`drasclr.evaluation.detection_patches`: centrilobular vs
 healthy and paraseptal vs healthy. Each is scored by F1, precision and recall of the subtype
 (the positive class), mean and SD over ``folds``-fold cross-validation split by subject: no
-subject has boxes in both the training and the test part of a fold. Four methods, the rows of
-the paper's table:
+subject has boxes in both the training and the test part of a fold.
+
+Scoring rule (``DetectionConfig.rule``): ``"voxel"``, the paper's (Section 4.3.1), classifies
+the test box voxel by voxel, each voxel by the patch centred on it, and detects the box when
+at least 25 % of its lung voxels have probability above 0.5
+(:mod:`drasclr.evaluation.detection_voxels`; every ``box_step``-th voxel evaluated, the rest
+interpolated). The classifiers are trained on the annotated patches (the box's centre patch)
+either way. ``"centre"`` classifies only the centre patch; with the voxel rule its F1 is kept
+as a second column ("centre-patch F1"), so the two rules can be compared.
+
+Four methods, the rows of the paper's table, and a density control:
 
 - **Linear probe DrasCLR / random init**: scikit-learn ``StandardScaler`` then
   ``LogisticRegression`` on the frozen representation h; C is chosen by a subject-grouped
@@ -13,6 +22,9 @@ the paper's table:
 - **Fine-tune DrasCLR / scratch**: the encoder plus a linear head trained end to end on
   augmented patches (``PatchAugment``, as in pretraining), starting from the DrasCLR weights or
   from a random initialisation, with the same schedule (:class:`FineTuneConfig`).
+- **Patch LAA-950 (density control)**: the percentage of the box's lung voxels below -950 HU
+  as the only feature of the same scaler + logistic regression, fitted on the training
+  folds: what density alone detects.
 
 The models themselves are in :mod:`drasclr.evaluation.detection_models` (re-exported here). A
 fitted classifier is written as a head file (:mod:`drasclr.evaluation.head`) for the dense
@@ -33,7 +45,9 @@ from drasclr.evaluation.detection_models import (  # noqa: F401 (re-exported: th
     DEFAULT_CS, FineTuneConfig, encode_patches, fine_tune, fit_linear_probe, predict_proba,
     probe_weights,
 )
+from drasclr.evaluation.densemap.scoring import DETECTION_THRESHOLD, detected_by_fraction
 from drasclr.evaluation.detection_patches import DetectionPatches
+from drasclr.evaluation.detection_voxels import box_features, box_fractions, box_laa950, check_boxes
 from drasclr.device import resolve_device
 from drasclr.features import calibrate_batchnorm, random_encoder
 from drasclr.evaluation.report import Score, Section, Table
@@ -46,7 +60,10 @@ SUBTYPES = ("centrilobular", "paraseptal")
 HEALTHY = "healthy"
 PROBE_DRASCLR, PROBE_RANDOM = "Linear probe DrasCLR", "Linear probe random init"
 FINETUNE_DRASCLR, FINETUNE_SCRATCH = "Fine-tune DrasCLR", "Fine-tune scratch"
-METHODS = (PROBE_DRASCLR, PROBE_RANDOM, FINETUNE_DRASCLR, FINETUNE_SCRATCH)
+PATCH_LAA950 = "Patch LAA-950 (density control)"
+METHODS = (PROBE_DRASCLR, PROBE_RANDOM, FINETUNE_DRASCLR, FINETUNE_SCRATCH, PATCH_LAA950)
+#: How a test box is scored: the paper's voxel rule, or its centre patch alone.
+RULES = ("voxel", "centre")
 #: Shuffles of the stratified group split tried before giving up (see ``subject_folds``).
 FOLD_ATTEMPTS = 20
 
@@ -54,7 +71,9 @@ FOLD_ATTEMPTS = 20
 @dataclass(frozen=True)
 class DetectionConfig:
     """Cross-validation and probe settings; ``device=None`` uses CUDA when present.
-    ``random_init`` seeds the weights of the random-init and scratch encoders."""
+    ``random_init`` seeds the weights of the random-init and scratch encoders. ``rule``: how a
+    test box is scored (``RULES``); ``box_step``: the voxel rule evaluates every S-th voxel of
+    a box and interpolates (1: all 32^3)."""
 
     folds: int = ranged(5, Interval(2, integer=True))
     seed: int = ranged(0, COUNT)
@@ -64,10 +83,14 @@ class DetectionConfig:
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     inference_batch: int = ranged(64, AT_LEAST_ONE)
     device: str | None = None
+    rule: str = "voxel"
+    box_step: int = ranged(8, Interval(1, 31, integer=True))
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_numbers("cs", self.cs, POSITIVE)
+        if self.rule not in RULES:
+            raise ValueError(f"rule: expected one of {RULES}, got {self.rule!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -76,16 +99,32 @@ class DetectionConfig:
 
 @dataclass(frozen=True)
 class DetectionScores:
-    """F1, precision and recall of the subtype over folds."""
+    """F1, precision and recall of the subtype over folds, by the configured rule, and the
+    F1 of the centre patch alone when the rule is the voxel one (else None)."""
 
     f1: Score
     precision: Score
     recall: Score
+    centre_f1: Score | None = None
 
     @classmethod
     def of(cls, folds: Sequence[dict[str, float]]) -> "DetectionScores":
+        centre = (Score.of([fold["centre_f1"] for fold in folds])
+                  if folds and all("centre_f1" in fold for fold in folds) else None)
         return cls(*(Score.of([fold[name] for fold in folds])
-                     for name in ("f1", "precision", "recall")))
+                     for name in ("f1", "precision", "recall")), centre)
+
+
+def fold_scores(y_true: np.ndarray, centre_p: np.ndarray, box_p: np.ndarray | None = None,
+                box_lung: np.ndarray | None = None, box_step: int = 1) -> dict[str, float]:
+    """One fold's scores: by the voxel rule on the box maps (probabilities ``box_p`` (N, M) at
+    ``box_samples(box_step)``, lung ``box_lung``) with the centre-patch F1 beside, or by the
+    centre patches' probabilities ``centre_p`` alone when ``box_p`` is None."""
+    centre = binary_scores(y_true, (np.asarray(centre_p) > DETECTION_THRESHOLD).astype(np.int64))
+    if box_p is None:
+        return centre
+    detected = detected_by_fraction(box_fractions(box_p, box_lung, box_step))
+    return {**binary_scores(y_true, detected.astype(np.int64)), "centre_f1": centre["f1"]}
 
 
 def binary_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -135,27 +174,61 @@ def subject_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 
 
 
 def cross_validate_probe(h: np.ndarray, y: np.ndarray, groups: np.ndarray, folds,
-                         config: DetectionConfig) -> DetectionScores:
-    """Linear probe scores over subject-disjoint folds (scaler and C fitted per training part)."""
+                         config: DetectionConfig, box_h: np.ndarray | None = None,
+                         box_lung: np.ndarray | None = None) -> DetectionScores:
+    """Linear probe scores over subject-disjoint folds (scaler and C fitted per training part
+    on the patches' h). With the box maps' h (``box_h`` (N, M, D), :func:`box_features`) and
+    lung (``box_lung``), scored by the voxel rule; else by the centre patch."""
     results = []
     for train, test in folds:
         model = fit_linear_probe(h[train], y[train], groups[train], config.cs,
                                  config.inner_folds, config.seed)
-        results.append(binary_scores(y[test], model.predict(h[test])))
+        box_p = None
+        if box_h is not None:
+            box_p = model.predict_proba(box_h[test].reshape(-1, box_h.shape[-1]))[:, 1]
+            box_p = box_p.reshape(len(test), -1)
+        results.append(fold_scores(y[test], model.predict_proba(h[test])[:, 1], box_p,
+                                   None if box_lung is None else box_lung[test], config.box_step))
     return DetectionScores.of(results)
 
 
 def cross_validate_finetune(make_encoder: Callable[[], nn.Module], data: DetectionPatches,
                             rows: np.ndarray, y: np.ndarray, folds, config: DetectionConfig,
                             label: str = "positive") -> DetectionScores:
-    """Fine-tuning scores over folds; ``make_encoder()`` gives the starting encoder each time."""
+    """Fine-tuning scores over folds; ``make_encoder()`` gives the starting encoder each time.
+    The test boxes are scored by ``config.rule``."""
+    return DetectionScores.of([score_fine_tuned(make_encoder(), data, rows, y, train, test, config,
+                                                label) for train, test in folds])
+
+
+def score_fine_tuned(start: nn.Module, data: DetectionPatches, rows: np.ndarray, y: np.ndarray,
+                     train: np.ndarray, test: np.ndarray, config: DetectionConfig,
+                     label: str = "positive") -> dict[str, float]:
+    """Fine-tune ``start`` on the boxes ``rows[train]`` and score the boxes ``rows[test]`` by
+    ``config.rule`` (:func:`fold_scores`)."""
+    device = config.torch_device
+    model, head = fine_tune(start, data.patches[rows[train]], data.coords[rows[train]], y[train],
+                            config.finetune, config.seed, device, label)
+    centre_p = predict_proba(model, head, data.patches[rows[test]], data.coords[rows[test]],
+                             config.inference_batch, device)
+    if config.rule == "centre":
+        return fold_scores(y[test], centre_p)
+    box_h = box_features(model, data, rows[test], config.box_step, config.inference_batch, device)
+    with torch.no_grad():
+        box_p = head.cpu()(torch.from_numpy(box_h)).numpy()
+    return fold_scores(y[test], centre_p, box_p, data.box_lung[rows[test]], config.box_step)
+
+
+def cross_validate_density(laa950: np.ndarray, y: np.ndarray, groups: np.ndarray, folds,
+                           config: DetectionConfig) -> DetectionScores:
+    """The patch LAA-950 control: the box's LAA-950 as the one feature of the linear probe's
+    classifier, fitted on each training part; a box-level prediction (no centre column)."""
+    x = np.asarray(laa950, dtype=np.float64).reshape(-1, 1)
     results = []
     for train, test in folds:
-        model, head = fine_tune(make_encoder(), data.patches[rows[train]], data.coords[rows[train]],
-                                y[train], config.finetune, config.seed, config.torch_device, label)
-        p = predict_proba(model, head, data.patches[rows[test]], data.coords[rows[test]],
-                          config.inference_batch, config.torch_device)
-        results.append(binary_scores(y[test], (p > 0.5).astype(np.int64)))
+        model = fit_linear_probe(x[train], y[train], groups[train], config.cs,
+                                 config.inner_folds, config.seed)
+        results.append(binary_scores(y[test], model.predict(x[test])))
     return DetectionScores.of(results)
 
 
@@ -172,19 +245,29 @@ class DetectionResult:
     def section(self) -> Section:
         """The paper's table: methods x (F1, precision, recall) per subtype, mean ± SD."""
         subtypes = [s for s in SUBTYPES if any(s in by for by in self.scores.values())]
-        columns = ["Method"] + [f"{s} {m}" for s in subtypes for m in ("F1", "precision", "recall")]
+        voxel = self.config.rule == "voxel"
+        metrics = ("F1", "precision", "recall") + (("centre-patch F1",) if voxel else ())
+        columns = ["Method"] + [f"{s} {m}" for s in subtypes for m in metrics]
         rows = []
         for method, by_subtype in self.scores.items():
             row: list = [method]
             for subtype in subtypes:
                 s = by_subtype.get(subtype)
-                row += [s.f1, s.precision, s.recall] if s else ["", "", ""]
+                cells = [s.f1, s.precision, s.recall] if s else ["", "", ""]
+                if voxel:
+                    cells.append(s.centre_f1 if s and s.centre_f1 is not None else "")
+                row += cells
             rows.append(row)
         counted = "; ".join(f"{s}: {c['positive']} boxes vs {c['healthy']} healthy from "
                             f"{c['subjects']} subjects" for s, c in self.counts.items())
+        rule = (f"a box is detected when >= 25% of its lung voxels have p > 0.5 (every "
+                f"{self.config.box_step}th voxel evaluated, the rest interpolated; Yu et al. "
+                "2023, Section 4.3.1); centre-patch F1: the centre patch's p > 0.5 alone"
+                if voxel else "a box is detected when its centre patch has p > 0.5")
         table = Table("Emphysema subtype detection", columns, rows,
                       note=f"{self.config.folds}-fold cross-validation split by subject, mean ± "
-                           f"SD over folds; {counted}.")
+                           f"SD over folds; {rule}; the LAA-950 row is a one-feature density "
+                           f"control; {counted}.")
         return Section("Emphysema subtype detection",
                        "Linear probe on frozen representations and end-to-end fine-tuning, each "
                        "subtype against healthy boxes (Yu et al. 2023, Table 5).", [table])
@@ -200,16 +283,25 @@ def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
     if unknown:
         raise ValueError(f"methods: unknown {sorted(unknown)}, expected some of {METHODS}")
     device = config.torch_device
+    voxel = config.rule == "voxel"
+    if voxel or PATCH_LAA950 in methods:
+        check_boxes(data)
     make_random = lambda: random_encoder(encoder.config, config.random_init)  # noqa: E731
-    features = {}  # frozen h of all patches, once per encoder, shared by the subtypes
+    frozen = {}
     if PROBE_DRASCLR in methods:
-        features[PROBE_DRASCLR] = encode_patches(encoder, data.patches, data.coords,
-                                                 config.inference_batch, device)
+        frozen[PROBE_DRASCLR] = encoder
     if PROBE_RANDOM in methods:
-        frozen_random = calibrated_random_encoder(make_random(), data, config.inference_batch,
-                                                  device)
-        features[PROBE_RANDOM] = encode_patches(frozen_random, data.patches, data.coords,
-                                                config.inference_batch, device)
+        frozen[PROBE_RANDOM] = calibrated_random_encoder(make_random(), data,
+                                                         config.inference_batch, device)
+    # frozen h of all patches (and box maps), once per encoder, shared by the subtypes
+    features, box_h = {}, {}
+    for method, frozen_encoder in frozen.items():
+        features[method] = encode_patches(frozen_encoder, data.patches, data.coords,
+                                          config.inference_batch, device)
+        if voxel:
+            box_h[method] = box_features(frozen_encoder, data, np.arange(len(data)),
+                                         config.box_step, config.inference_batch, device)
+    laa950 = box_laa950(data) if PATCH_LAA950 in methods else None
     scores: dict[str, dict[str, DetectionScores]] = {m: {} for m in methods}
     counts = {}
     for subtype in subtypes:
@@ -218,9 +310,14 @@ def evaluate_detection(data: DetectionPatches, encoder: nn.Module,
                            "subjects": len(np.unique(groups))}
         folds = subject_folds(y, groups, config.folds, config.seed, f"{subtype} vs healthy")
         for method in methods:
-            if method in features:
-                scores[method][subtype] = cross_validate_probe(features[method][rows], y, groups,
-                                                               folds, config)
+            if method == PATCH_LAA950:
+                scores[method][subtype] = cross_validate_density(laa950[rows], y, groups, folds,
+                                                                 config)
+            elif method in features:
+                scores[method][subtype] = cross_validate_probe(
+                    features[method][rows], y, groups, folds, config,
+                    box_h[method][rows] if voxel else None,
+                    data.box_lung[rows] if voxel else None)
             else:
                 start = (lambda: encoder) if method == FINETUNE_DRASCLR else make_random
                 scores[method][subtype] = cross_validate_finetune(start, data, rows, y, folds,
@@ -251,7 +348,8 @@ def save_detection_heads(data: DetectionPatches, encoder: nn.Module, out_dir: st
     """Fit each subtype's classifier on all its labelled boxes and write head files
     ``head_<subtype>_<kind>.pt`` (:mod:`drasclr.evaluation.head`) for ``drasclr densemap``:
     ``probe`` (linear probe on the frozen ``encoder``, scaler folded into the weights) and
-    ``finetune`` (fine-tuned from ``encoder``, its weights saved in the head file)."""
+    ``finetune`` (fine-tuned from ``encoder``, its weights saved in the head file). Each
+    file records the subjects whose boxes fitted it."""
     from drasclr.evaluation.head import save_head
 
     unknown = set(kinds) - {"probe", "finetune"}
@@ -270,12 +368,14 @@ def save_detection_heads(data: DetectionPatches, encoder: nn.Module, out_dir: st
             model = fit_linear_probe(h[rows], y, groups, config.cs, config.inner_folds, config.seed)
             weight, bias = probe_weights(model)
             written.append(save_head(out_dir / f"head_{subtype}_probe.pt", weight, bias,
-                                     label=subtype, encoder=encoder.config, source=source))
+                                     label=subtype, encoder=encoder.config, source=source,
+                                     training_subjects=np.unique(groups)))
         if "finetune" in kinds:
             model, head = fine_tune(encoder, data.patches[rows], data.coords[rows], y,
                                     config.finetune, config.seed, device, subtype)
             written.append(save_head(out_dir / f"head_{subtype}_finetune.pt", head.weight,
                                      head.bias, label=subtype, encoder=model.cpu(),
                                      include_encoder_weights=True,
-                                     source=f"fine-tuned from {source}"))
+                                     source=f"fine-tuned from {source}",
+                                     training_subjects=np.unique(groups)))
     return written

@@ -6,10 +6,17 @@ and the smallest fraction at which DrasCLR matches scratch-with-everything. The 
 drawn inside each training part (never touching the test subjects), per class so that both
 classes stay present, and nested: the 20 % subset contains the 10 % one, so the curve shows
 the effect of more labels rather than of a different draw.
+
+Every run takes the same number of optimisation steps (``FineTuneConfig.steps``; by default
+what ``epochs`` passes over the largest training part take), so 10 % of the labels means
+fewer distinct boxes, not also ten times fewer updates. Test boxes are scored by the
+detection rule of the config (the paper's voxel rule by default). ``repeats`` redraws the
+folds; the spread (SD, and every value in the table) is over folds x repeats.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,14 +24,16 @@ import numpy as np
 from torch import nn
 
 from drasclr.evaluation.detection import (
-    DetectionConfig, DetectionScores, binary_scores, fine_tune, predict_proba,
-    subject_folds, task_subset,
+    DetectionConfig, DetectionScores, score_fine_tuned, subject_folds, task_subset,
 )
 from drasclr.evaluation.detection_patches import DetectionPatches
 from drasclr.evaluation.report import Figure, Section, Table
 from drasclr.features import random_encoder
+from drasclr.ranges import AT_LEAST_ONE, check_number
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(1, 11))
+#: Seed offset between repeats (larger than the fold-split attempts of ``subject_folds``).
+REPEAT_SEEDS = 1000
 
 
 @dataclass
@@ -36,6 +45,8 @@ class LabelEfficiency:
     drasclr: list[DetectionScores]
     scratch: DetectionScores
     folds: int
+    steps: int = 0  # optimisation steps of every fine-tuning run
+    repeats: int = 1
 
     @property
     def matching_fraction(self) -> float | None:
@@ -84,8 +95,10 @@ class LabelEfficiency:
                  "DrasCLR does not reach scratch-with-everything at any fraction tried.")
         table = Table(f"Label efficiency, {self.subtype} vs healthy",
                       ["Training boxes", "F1", "precision", "recall"], rows,
-                      note=f"Fine-tuned from DrasCLR on a fraction of each training fold; "
-                           f"{self.folds} subject-disjoint folds, mean ± SD. {found}")
+                      note=f"Fine-tuned from DrasCLR on a fraction of each training fold, "
+                           f"{self.steps} optimisation steps at every fraction; "
+                           f"{self.folds} subject-disjoint folds x {self.repeats} repeat(s), "
+                           f"mean ± SD. {found}")
         figures = ([Figure(f"Label efficiency, {self.subtype}", Path(figure_path), found)]
                    if figure_path is not None else [])
         return Section(f"Label efficiency ({self.subtype})",
@@ -104,29 +117,32 @@ def nested_subsets(y: np.ndarray, fractions: Sequence[float], seed: int) -> list
 
 def label_efficiency(data: DetectionPatches, encoder: nn.Module, subtype: str,
                      fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                     config: DetectionConfig = DetectionConfig()) -> LabelEfficiency:
+                     config: DetectionConfig = DetectionConfig(),
+                     repeats: int = 1) -> LabelEfficiency:
     """Fine-tune ``encoder`` on each fraction of every training fold, and a random-init
-    encoder of the same architecture on all of it; score on the fold's test subjects."""
+    encoder of the same architecture on all of it, each for the same number of optimisation
+    steps; score on the fold's test subjects. ``repeats`` draws of the folds."""
     fractions = tuple(float(f) for f in fractions)
     if (not fractions or any(not 0 < f <= 1 for f in fractions)
             or list(fractions) != sorted(fractions)):
         raise ValueError(f"fractions: expected increasing values in (0, 1], got {fractions}")
+    check_number("repeats", repeats, AT_LEAST_ONE)
     rows, y, groups = task_subset(data, subtype)
-    folds = subject_folds(y, groups, config.folds, config.seed, f"{subtype} vs healthy")
-    device = config.torch_device
-
-    def score(start: nn.Module, train: np.ndarray, test: np.ndarray) -> dict[str, float]:
-        model, head = fine_tune(start, data.patches[rows[train]], data.coords[rows[train]],
-                                y[train], config.finetune, config.seed, device, subtype)
-        p = predict_proba(model, head, data.patches[rows[test]], data.coords[rows[test]],
-                          config.inference_batch, device)
-        return binary_scores(y[test], (p > 0.5).astype(np.int64))
+    draws = [subject_folds(y, groups, config.folds, config.seed + REPEAT_SEEDS * r,
+                           f"{subtype} vs healthy") for r in range(repeats)]
+    steps = config.finetune.steps or config.finetune.epochs * max(
+        math.ceil(len(train) / config.finetune.batch_size) for folds in draws for train, _ in folds)
+    fixed = replace(config, finetune=replace(config.finetune, steps=steps))
 
     per_fraction: list[list[dict[str, float]]] = [[] for _ in fractions]
     scratch = []
-    for number, (train, test) in enumerate(folds):
-        for k, subset in enumerate(nested_subsets(y[train], fractions, config.seed + number)):
-            per_fraction[k].append(score(encoder, train[subset], test))
-        scratch.append(score(random_encoder(encoder.config, config.random_init), train, test))
+    for r, folds in enumerate(draws):
+        for number, (train, test) in enumerate(folds):
+            seed = config.seed + REPEAT_SEEDS * r + number
+            for k, subset in enumerate(nested_subsets(y[train], fractions, seed)):
+                per_fraction[k].append(score_fine_tuned(encoder, data, rows, y, train[subset],
+                                                        test, fixed, subtype))
+            scratch.append(score_fine_tuned(random_encoder(encoder.config, config.random_init),
+                                            data, rows, y, train, test, fixed, subtype))
     return LabelEfficiency(subtype, fractions, [DetectionScores.of(r) for r in per_fraction],
-                           DetectionScores.of(scratch), config.folds)
+                           DetectionScores.of(scratch), config.folds, steps, repeats)

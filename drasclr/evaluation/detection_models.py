@@ -10,6 +10,7 @@ healthy boxes usually outnumber one subtype's.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,13 +29,17 @@ DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 @dataclass(frozen=True)
 class FineTuneConfig:
     """The fine-tuning schedule, shared by DrasCLR and scratch. The defaults are small enough
-    for a CPU run on a synthetic cohort; raise ``epochs`` for a real study."""
+    for a CPU run on a synthetic cohort; raise ``epochs`` for a real study. ``steps``: a fixed
+    number of optimisation steps (mini-batches, reshuffled every pass) whatever the number of
+    boxes, instead of ``epochs`` passes; the label-efficiency curve sets it, so that fewer
+    labels do not also mean fewer updates."""
 
     epochs: int = ranged(5, AT_LEAST_ONE)
     batch_size: int = ranged(32, Interval(2, integer=True))  # BatchNorm needs two samples
     lr: float = ranged(1e-3, POSITIVE)
     weight_decay: float = ranged(1e-4, NON_NEGATIVE)
     augment: bool = True
+    steps: int | None = ranged(None, AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -92,6 +97,7 @@ def fine_tune(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray, y: np
 
     Binary cross-entropy with ``pos_weight`` = negatives / positives, AdamW, mini-batches in a
     seeded order; the last batch of an epoch is dropped when it has one sample (BatchNorm).
+    ``config.epochs`` passes, or exactly ``config.steps`` optimisation steps when set.
     Returns the trained encoder and head, both in eval mode; ``encoder`` is left untouched.
     """
     from drasclr.pretrain.augment import PatchAugment
@@ -111,18 +117,23 @@ def fine_tune(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray, y: np
     order_rng = np.random.default_rng(seed)
     coords_t = torch.as_tensor(coords, dtype=torch.float32)
     targets = torch.from_numpy(y)
-    for _ in range(config.epochs):
-        order = order_rng.permutation(len(y))
-        for start in range(0, len(order), config.batch_size):
-            batch = np.sort(order[start:start + config.batch_size])
-            if len(batch) < 2:
-                continue
-            x = augment(torch.from_numpy(np.asarray(patches[batch])).to(device), generator)
-            logits = head.logits(model(x, coords_t[batch].to(device)))
-            loss = loss_fn(logits, targets[batch].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+
+    def batches():
+        passes = itertools.count() if config.steps is not None else range(config.epochs)
+        for _ in passes:
+            order = order_rng.permutation(len(y))
+            for start in range(0, len(order), config.batch_size):
+                batch = np.sort(order[start:start + config.batch_size])
+                if len(batch) >= 2:
+                    yield batch
+
+    for batch in itertools.islice(batches(), config.steps):
+        x = augment(torch.from_numpy(np.asarray(patches[batch])).to(device), generator)
+        logits = head.logits(model(x, coords_t[batch].to(device)))
+        loss = loss_fn(logits, targets[batch].to(device))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
     return model.eval(), head.eval()
 
 

@@ -10,6 +10,12 @@ label``, subject world RAS mm; the synthetic cohort's ``annotations.csv`` is one
   registration (``store/transforms/<id>/``), then ``Atlas.coords_of_points``. Loc-CondConv
   takes a continuous coordinate, so any point works, not only landmarks.
 
+For the paper's detection rule (a box is detected when >= 25 % of its voxels have p > 0.5,
+Section 4.3.1) every point also keeps its 32 mm box: the HU of the region that the 32^3
+patches centred on the box's voxels cover (63^3 voxels), the box's lung voxels (the lung
+segmentation resampled to 1 mm, as ``drasclr densemap`` does) and the affine map from box
+voxel index to Loc-CondConv coordinate (:mod:`drasclr.evaluation.detection_voxels` uses them).
+
 The scan of a subject is read and resampled once for all its points. The result is cached in
 one ``.npz`` (written atomically) keyed by a hash of the annotation file, the store's manifest
 and ``store.json``, so repeated experiments never re-read scans and a changed annotation file
@@ -31,6 +37,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -38,18 +45,25 @@ from drasclr.atomic import atomic_write_bytes
 from drasclr.data.atlas import Atlas
 from drasclr.data.io import read_ct
 from drasclr.data.lung_segmentation import LungMask, segment_lungs
-from drasclr.data.patches import cut_patches
+from drasclr.data.patches import PATCH_SIZE, cut_patches
 from drasclr.data.registration import load_subject_to_atlas
 from drasclr.data.resample import resample_isotropic
 from drasclr.data.store import DONE, PatchStore, atlas_checksum, read_store_config
+from drasclr.evaluation.densemap.scan import labels_on_grid
+from drasclr.evaluation.densemap.window import HALF
 from drasclr.intensity import HU_WINDOW
 
 #: Labels an annotation may carry; the detection tasks are each subtype against healthy.
 LABELS = ("centrilobular", "paraseptal", "healthy")
 REQUIRED_COLUMNS = ("subject_id", "x_mm", "y_mm", "z_mm", "label")
 #: Bumped whenever the cached content changes meaning, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_FORMAT = "drasclr-detection-patches"
+#: A box is the 32^3 patch of its point; the 32^3 patches centred on its voxels span 63^3.
+BOX = PATCH_SIZE
+REGION = 2 * PATCH_SIZE - 1
+ARRAYS = ("subject_ids", "labels", "points_mm", "atlas_points_mm", "coords", "patches",
+          "regions", "box_lung", "box_coord_affine")
 
 
 @dataclass
@@ -76,7 +90,13 @@ class DetectionPatches:
         atlas_points_mm: (N, 3) the same points in the atlas (RAS mm), via the registration.
         coords: (N, 3) float32 Loc-CondConv coordinates of the points.
         patches: (N, 32, 32, 32) int16 HU in the window [-1024, 240]; the network input is
-            ``drasclr.intensity.normalise_hu(patches)``.
+            ``drasclr.intensity.normalise_hu(patches)``. The box of a point is its patch.
+        regions: (N, 63, 63, 63) int16 HU like ``patches``: region voxel r is box voxel
+            r - 16, so the patch centred on box voxel b is ``regions[n, b:b+32, ...]`` and
+            ``patches[n] == regions[n, 16:48, 16:48, 16:48]``; None when not made.
+        box_lung: (N, 32, 32, 32) bool, the box's lung voxels; None when not made.
+        box_coord_affine: (N, 4, 3) float64: box voxel b's coordinate is ``[*b, 1] @ A[n]``;
+            None when not made.
         metadata: annotation file, store, cache key.
     """
 
@@ -86,25 +106,35 @@ class DetectionPatches:
     atlas_points_mm: np.ndarray
     coords: np.ndarray
     patches: np.ndarray
+    regions: Optional[np.ndarray] = None
+    box_lung: Optional[np.ndarray] = None
+    box_coord_affine: Optional[np.ndarray] = None
     metadata: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def has_boxes(self) -> bool:
+        """Whether the box arrays (regions, lung, coordinates) are there."""
+        return not any(a is None for a in (self.regions, self.box_lung, self.box_coord_affine))
+
     def subset(self, rows: np.ndarray) -> "DetectionPatches":
         """The points ``rows`` (indices or a bool mask), metadata shared."""
-        return DetectionPatches(self.subject_ids[rows], self.labels[rows], self.points_mm[rows],
-                                self.atlas_points_mm[rows], self.coords[rows], self.patches[rows],
-                                dict(self.metadata))
+        arrays = {name: None if value is None else value[rows]
+                  for name, value in vars(self).items() if name != "metadata"}
+        return DetectionPatches(**arrays, metadata=dict(self.metadata))
 
     def save(self, path: str | Path) -> Path:
         """Write one uncompressed ``.npz`` atomically (uncompressed: loading is the hot path)."""
         header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **self.metadata}
         buffer = io.BytesIO()
+        if not self.has_boxes:
+            raise ValueError("a detection patch cache holds the boxes: regions, box_lung and "
+                             "box_coord_affine are needed")
         np.savez(buffer, metadata=np.array(json.dumps(header)),
                  subject_ids=self.subject_ids.astype(str), labels=self.labels.astype(str),
-                 points_mm=self.points_mm, atlas_points_mm=self.atlas_points_mm,
-                 coords=self.coords, patches=self.patches)
+                 **{name: getattr(self, name) for name in ARRAYS[2:]})
         atomic_write_bytes(path, buffer.getvalue())
         return Path(path)
 
@@ -114,8 +144,7 @@ class DetectionPatches:
             header = json.loads(str(data["metadata"]))
             if header.get("format") != CACHE_FORMAT or header.get("version") != CACHE_VERSION:
                 raise ValueError(f"{path}: not a detection patch cache of version {CACHE_VERSION}")
-            names = ("subject_ids", "labels", "points_mm", "atlas_points_mm", "coords", "patches")
-            arrays = {name: data[name] for name in names}
+            arrays = {name: data[name] for name in ARRAYS}
         metadata = {k: v for k, v in header.items() if k not in ("format", "version")}
         return cls(**arrays, metadata=metadata)
 
@@ -263,7 +292,12 @@ def compute_detection_patches(
                               f"{error}") from None
 
     n, size = len(annotations.labels), atlas.patch_size
-    patches = np.empty((n, size, size, size), dtype=np.int16)
+    if size != BOX:
+        raise ValueError(f"{store}: the atlas's patches are {size}^3; detection boxes are "
+                         f"{BOX}^3 (32 mm at 1 mm)")
+    regions = np.empty((n, REGION, REGION, REGION), dtype=np.int16)
+    box_lung = np.empty((n, BOX, BOX, BOX), dtype=bool)
+    box_coord_affine = np.empty((n, 4, 3), dtype=np.float64)
     atlas_points = np.empty((n, 3), dtype=np.float64)
     for subject_id in tqdm(sorted(sources), desc="detection patches", unit="subject",
                            disable=not progress):
@@ -278,22 +312,42 @@ def compute_detection_patches(
         to_voxel = np.linalg.inv(volume.affine)
         voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         _check_inside_scan(annotations, rows, voxels, volume.array.shape, sources[subject_id])
+        lungs = segment_lungs(volume, segmentation)
         if lung_tolerance_mm is not None:
-            _check_in_lung(annotations, rows, segment_lungs(volume, segmentation),
-                           lung_tolerance_mm, sources[subject_id])
-        # Patches outside the scan are padded with air, as the reference pads its volumes.
-        cut = cut_patches(volume.array, voxels, size)
-        patches[rows] = np.rint(np.clip(cut, *HU_WINDOW)).astype(np.int16)
+            _check_in_lung(annotations, rows, lungs, lung_tolerance_mm, sources[subject_id])
+        # The box of a point is its patch, corner round(v - 15.5) (``cut_patches``); its region
+        # starts 16 voxels before. Outside the scan: air, as the reference pads its volumes.
+        corners = np.rint(voxels - (BOX - 1) / 2.0)
+        cut = cut_patches(volume.array, corners + (REGION - 1) / 2.0 - HALF, REGION)
+        regions[rows] = np.rint(np.clip(cut, *HU_WINDOW)).astype(np.int16)
+        lung = labels_on_grid(lungs.labels, lungs.affine, volume).astype(np.uint8)
+        box_lung[rows] = cut_patches(lung, corners + (BOX - 1) / 2.0, BOX, fill=0) > 0
         matrix = to_atlas[subject_id]
         atlas_points[rows] = points @ matrix[:3, :3].T + matrix[:3, 3]
+        box_coord_affine[rows] = _box_coord_affines(corners, volume.affine, matrix, atlas)
     return DetectionPatches(
         subject_ids=annotations.subject_ids, labels=annotations.labels,
         points_mm=annotations.points_mm, atlas_points_mm=atlas_points,
-        coords=atlas.coords_of_points(atlas_points), patches=patches,
+        coords=atlas.coords_of_points(atlas_points),
+        patches=np.ascontiguousarray(regions[:, HALF:HALF + BOX, HALF:HALF + BOX, HALF:HALF + BOX]),
+        regions=regions, box_lung=box_lung, box_coord_affine=box_coord_affine,
         metadata={"annotations": str(annotations.path), "store": str(store),
                   "atlas": read_store_config(store)["atlas"],
                   "lung_tolerance_mm": lung_tolerance_mm, "segmentation": segmentation},
     )
+
+
+def _box_coord_affines(corners: np.ndarray, iso_affine: np.ndarray, to_atlas: np.ndarray,
+                       atlas: Atlas) -> np.ndarray:
+    """(N, 4, 3): box voxel b of box n (1 mm voxel ``corners[n] + b``) has the Loc-CondConv
+    coordinate ``[*b, 1] @ A[n]`` (the voxel's world point through the registration, then
+    ``Atlas.coords_of_points``; all affine, so four points fix it)."""
+    basis = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+    voxels = (corners[:, None, :] + basis[None]).reshape(-1, 3)
+    world = voxels @ iso_affine[:3, :3].T + iso_affine[:3, 3]
+    coords = atlas.coords_of_points(world @ to_atlas[:3, :3].T + to_atlas[:3, 3])
+    coords = coords.astype(np.float64).reshape(len(corners), 4, 3)
+    return np.concatenate([coords[:, 1:] - coords[:, :1], coords[:, :1]], axis=1)
 
 
 def _subject_sources(annotations: Annotations, store: Path) -> dict[str, str]:

@@ -13,11 +13,14 @@ A head file is a ``torch.save`` dict (readable with ``weights_only=True``)::
      "weight": Tensor (D,), "bias": Tensor (),
      "encoder": {"config": Encoder.config,
                  "state_dict": dict | None,   # None: a linear probe on a frozen encoder,
-                 "source": str}}              # which checkpoint h came from
+                 "source": str},              # which checkpoint h came from
+     "training_subjects": [str, ...]}   # whose boxes fitted it (absent in older files)
 
 The probability of the label is ``sigmoid(h @ weight + bias)`` on the raw encoder output h
 (``Encoder.forward``, before the projection head). A fine-tuned head carries its encoder's
-weights; a linear probe does not, and its encoder comes from ``--checkpoint``.
+weights; a linear probe does not, and its encoder comes from ``--checkpoint``. The training
+subjects let ``drasclr densemap --annotations`` refuse to score a map on boxes the head was
+fitted on.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,6 +76,7 @@ def save_head(
     encoder: Union[nn.Module, dict[str, Any]],
     include_encoder_weights: bool = False,
     source: str = "",
+    training_subjects: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write a head file atomically.
 
@@ -84,6 +88,8 @@ def save_head(
         include_encoder_weights: save the encoder's state dict too (fine-tuning); needs an
             ``Encoder`` module. Leave False for a linear probe on a frozen checkpoint.
         source: where the encoder came from (a checkpoint path, "fine-tuned from ...").
+        training_subjects: the subjects whose boxes fitted the head (and the fine-tuned
+            encoder); None records nothing, and scoring maps on boxes then only warns.
     """
     weight_t = torch.as_tensor(np.asarray(weight.detach().cpu() if isinstance(weight, Tensor)
                                           else weight, dtype=np.float32)).reshape(-1)
@@ -108,6 +114,8 @@ def save_head(
     payload = {"format": HEAD_FORMAT, "version": HEAD_VERSION, "label": str(label),
                "rep_dim": int(rep_dim), "weight": weight_t.clone(), "bias": bias_t[0].clone(),
                "encoder": {"config": config, "state_dict": state_dict, "source": str(source)}}
+    if training_subjects is not None:
+        payload["training_subjects"] = sorted({str(s) for s in training_subjects})
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -121,7 +129,8 @@ def load_head(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     Returns:
         (head, encoder, metadata): the ``SubtypeHead`` in eval mode; the fine-tuned
         ``Encoder`` (eval mode) when the file holds its weights, else None; metadata with
-        ``label``, ``rep_dim``, ``encoder_config``, ``encoder_source``, ``path``.
+        ``label``, ``rep_dim``, ``encoder_config``, ``encoder_source``, ``path`` and
+        ``training_subjects`` (a tuple, or None when the file does not record them).
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: naming the file: not a head file, another version, missing keys, a weight
@@ -169,8 +178,19 @@ def load_head(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                              f"({str(error).splitlines()[0]})") from None
         encoder = encoder.to(map_location).eval()
     metadata = {"label": head.label, "rep_dim": head.rep_dim, "encoder_config": dict(config),
-                "encoder_source": str(encoder_info["source"]), "path": str(path)}
+                "encoder_source": str(encoder_info["source"]), "path": str(path),
+                "training_subjects": training_subjects_of(state, path)}
     return head.eval(), encoder, metadata
+
+
+def training_subjects_of(state: dict, path: Path) -> Optional[tuple[str, ...]]:
+    """The head file's record of its training subjects; None when it has none."""
+    subjects = state.get("training_subjects")
+    if subjects is None:
+        return None
+    if not isinstance(subjects, (list, tuple)) or not all(isinstance(s, str) for s in subjects):
+        raise ValueError(f"{path}: training_subjects must be a list of subject ids")
+    return tuple(subjects)
 
 
 def check_head_matches(head: SubtypeHead, encoder: nn.Module, head_path: str | os.PathLike,
