@@ -4,7 +4,8 @@ Run: ``taskset -c 0 .venv/bin/python -m pytest benchmarks/bench_synthetic.py --b
 -s``: one core. The two comparisons time their variants interleaved round by round
 (benchmarks/interleave.py) and print the median per-round ratio with its spread.
 
-- render: plan + disease + sampling + scanner effects of one subject (no files), small and full.
+- render: plan + disease + sampling + scanner effects of one subject (no files), small and full,
+  generator version 2 against version 1.
 - sampling: the separable per-slab template -> subject sampling (``scanner.sample_template``:
   per-slab coordinates, looked up with torch's ``grid_sample``) against the reference: every
   voxel's template position by the pointwise float64 map
@@ -24,15 +25,24 @@ from drasclr.data.synthetic.anatomy import HU_AIR, template_anatomy
 from drasclr.data.synthetic.cohort import plan_subject, render_subject
 from drasclr.data.synthetic.files import write_nifti
 from drasclr.data.synthetic.scanner import sample_template
+from drasclr.data.synthetic.subject_anatomy import chest_geometry
 
 
 @pytest.mark.parametrize("size, rounds", [("small", 5), ("full", 2)])
 def test_render_subject(benchmark, size, rounds):
-    template_anatomy(size)  # built once per process, not part of a subject's cost
+    """Version 2 (default) against version 1, interleaved round by round: plan + render of
+    subject 1, no files; the shared grids are built before timing (once per process)."""
+    template_anatomy(size)
+    chest_geometry(size)
+    chest_geometry("small")  # every size's shape calibration reads the small lungs
     benchmark.group = "synthetic: one subject"
-    image, *_ = benchmark.pedantic(lambda: render_subject(plan_subject(0, 1, "copd", size)),
-                                   rounds=rounds, iterations=1)
-    assert image.dtype == np.int16
+    variants = {f"version_{v}": (lambda v=v: render_subject(plan_subject(0, 1, "copd", size,
+                                                                         version=v)))
+                for v in (1, 2)}
+    rounds = benchmark.pedantic(lambda: interleave(variants, rounds), rounds=1, iterations=1)
+    print(f"\nrender {size}, median s: version 2 {rounds.median('version_2'):.2f}, version 1 "
+          f"{rounds.median('version_1'):.2f}; version 2 / version 1 per round: "
+          f"{rounds.describe('version_2', 'version_1')}")
 
 
 def _pointwise_sample(plan, template, hu, labels):
@@ -49,7 +59,7 @@ def test_sampling(benchmark):
     """Separable slabs against the pointwise reference, interleaved round by round (the
     reference takes minutes: 2 rounds). tests/test_synthetic.py checks the coordinates."""
     template = template_anatomy("small")
-    plan = plan_subject(0, 1, "copd", "small")
+    plan = plan_subject(0, 1, "copd", "small", version=1)
     hu, labels = template.hu.copy(), template.lung.copy()
     benchmark.group = "synthetic: template -> subject sampling (small)"
     variants = {
@@ -70,7 +80,7 @@ def test_write_full_subject(benchmark, tmp_path):
     import nibabel as nib
 
     template_anatomy("full")
-    image, lung, lesion, truth = render_subject(plan_subject(0, 1, "copd", "full"))
+    image, lung, lesion, truth = render_subject(plan_subject(0, 1, "copd", "full", version=1))
     affine = np.asarray(truth["image_affine"])
     benchmark.group = "synthetic: write a full-size subject (3 files)"
 

@@ -32,7 +32,7 @@ def cohort(tmp_path_factory) -> dict:
     """One small synthetic subject, preprocessed into a store with its registration."""
     root = tmp_path_factory.mktemp("densemap")
     generate_cohort(root / "cohort", 1, seed=0, kind="copd", size="small", workers=1,
-                    progress=False)
+                    progress=False, version=1)
     atlas = build_atlas(root / "cohort" / "template" / "lung_mask.nii.gz")
     atlas.save(root / "atlas.npz")
     preprocess(root / "cohort" / "images", root / "atlas.npz", root / "store", workers=1,

@@ -42,7 +42,7 @@ def cohort(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("detection")
     generate_cohort(root / "cohort", SUBJECTS, seed=0, kind="copd", size="small", workers=1,
-                    progress=False)
+                    progress=False, version=1)
     atlas = build_atlas(root / "cohort" / "template" / "lung_mask.nii.gz")
     atlas.save(root / "atlas.npz")
     summary = preprocess(root / "cohort" / "images", root / "atlas.npz", root / "store",

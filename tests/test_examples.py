@@ -76,7 +76,8 @@ def pretrained(tmp_path_factory):
     from drasclr.data.synthetic import generate_cohort
 
     root = tmp_path_factory.mktemp("own_scans")
-    cohort = generate_cohort(root / "cohort", 3, seed=0, size="small", workers=1, progress=False)
+    cohort = generate_cohort(root / "cohort", 3, seed=0, size="small", workers=1, progress=False,
+                             version=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -123,7 +123,7 @@ def cohort(tmp_path_factory):
     from drasclr.data.synthetic import generate_cohort
 
     folder = tmp_path_factory.mktemp("preprocess")
-    generate_cohort(folder / "synthetic", len(GOOD), seed=0, kind="copd", size="small")
+    generate_cohort(folder / "synthetic", len(GOOD), seed=0, kind="copd", size="small", version=1)
     atlas_path = folder / "atlas.npz"
     build_atlas(folder / "synthetic" / "template" / "lung_mask.nii.gz").save(atlas_path)
 

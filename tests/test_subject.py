@@ -118,7 +118,7 @@ def small_cohort(tmp_path_factory):
     from drasclr.data.synthetic import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("cohort"), 3, seed=0, kind="copd", size="small",
-                           workers=1, progress=False)
+                           workers=1, progress=False, version=1)
 
 
 def test_landmark_accuracy_on_synthetic_subjects(small_cohort):
@@ -220,7 +220,7 @@ def density_cohort(tmp_path_factory):
     from drasclr.data.synthetic import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("density"), 8, seed=0, kind="copd",
-                           size="small", workers=1, progress=False)
+                           size="small", workers=1, progress=False, version=1)
 
 
 def test_measured_laa950_tracks_the_true_emphysema(density_cohort):

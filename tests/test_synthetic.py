@@ -1,6 +1,8 @@
-"""The synthetic cohort's promised properties and its contract with the pipeline."""
+"""The synthetic cohort's promised properties and its contract with the pipeline (generator
+version 1; version 2: test_synthetic_v2.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,24 +23,25 @@ from drasclr.data.synthetic.cohort import subject_id
 from drasclr.data.synthetic.disease import CENTRILOBULAR, PARASEPTAL
 
 SEED = 7
+V1 = {"version": 1}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """Three small COPD subjects written through the process pool."""
     return generate_cohort(tmp_path_factory.mktemp("cohort"), 3, seed=SEED, size="small",
-                           workers=2, progress=False)
+                           workers=2, progress=False, **V1)
 
 
 @pytest.fixture(scope="module")
 def rendered():
     """Eight small COPD subjects rendered in memory, chosen to span emphysema severity."""
-    extent = np.array([sum(sample_clinical(SEED, i)["emphysema_shares"].values())
+    extent = np.array([sum(sample_clinical(SEED, i, **V1)["emphysema_shares"].values())
                        for i in range(60)])
     order = np.argsort(extent, kind="stable")
     picked = order[np.linspace(len(order) // 2, len(order) - 1, 8).astype(int)]
     picked[0] = order[0]  # one emphysema-free subject
-    return [render_subject(plan_subject(SEED, int(i), "copd", "small")) for i in picked]
+    return [render_subject(plan_subject(SEED, int(i), "copd", "small", **V1)) for i in picked]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -48,19 +51,38 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_same_seed_gives_identical_files_also_after_resume(cohort, tmp_path):
     again = generate_cohort(tmp_path / "again", 3, seed=SEED, size="small", workers=1,
-                            progress=False)
+                            progress=False, **V1)
     expected = _files(cohort)
     assert _files(again) == expected
     # An interrupted run (a subject without its truth record) is completed identically.
     (again / "truth" / "sub0001.json").unlink()
     (again / "images" / "sub0001.nii.gz").write_bytes(b"truncated")
-    generate_cohort(again, 3, seed=SEED, size="small", workers=1, progress=False)
+    generate_cohort(again, 3, seed=SEED, size="small", workers=1, progress=False, **V1)
     assert _files(again) == expected
     other = generate_cohort(tmp_path / "other", 1, seed=SEED + 1, size="small", workers=1,
-                            progress=False)
+                            progress=False, **V1)
     assert _files(other)["images/sub0000.nii.gz"] != expected["images/sub0000.nii.gz"]
     with pytest.raises(ValueError, match="already holds a cohort"):
-        generate_cohort(again, 3, seed=SEED + 1, size="small", workers=1, progress=False)
+        generate_cohort(again, 3, seed=SEED + 1, size="small", workers=1, progress=False, **V1)
+    with pytest.raises(ValueError, match="already holds a cohort"):
+        generate_cohort(again, 3, seed=SEED, size="small", workers=1, progress=False)  # v2
+
+
+#: sha256 of subject sub0000's files (seed 7, small), written by generator version 1 before
+#: version 2 existed: version 1 stays byte-identical.
+V1_SUB0000_SHA256 = {
+    "images/sub0000.nii.gz": "baf1bd264c5756755b7ce71f754ba77ddfbce94c55182b54bc35c367912ee75d",
+    "lesions/sub0000.nii.gz": "c66434b2bb7a43635bf711fd905cba8864892dae0654791750c97d8df356570c",
+    "masks/sub0000.nii.gz": "1f65182f000e8936be207eea74544d6ad07a090e470b9cef4998519bd3ea50ac",
+    "truth/sub0000.json": "96bfe712a89bcbbd6ca0f9db53548ad01cd821ec2edd208fa2519032a31280e5",
+}
+
+
+def test_version_1_files_are_unchanged(cohort):
+    found = {name: hashlib.sha256((cohort / name).read_bytes()).hexdigest()
+             for name in V1_SUB0000_SHA256}
+    assert found == V1_SUB0000_SHA256
+    assert json.loads((cohort / "cohort.json").read_text())["generator_version"] == "1.0"
 
 
 def test_files_load_with_the_right_geometry(cohort):
@@ -122,7 +144,7 @@ def test_map_template_points_follows_the_anatomy(cohort):
 def test_slab_sampling_coordinates_match_the_pointwise_map():
     """The separable per-slab coordinates equal the float64 point-by-point mapping."""
     template = template_anatomy("small")
-    plan = plan_subject(SEED + 3, 2, "copd", "small")
+    plan = plan_subject(SEED + 3, 2, "copd", "small", **V1)
     scanner, rng = plan.scanner, np.random.default_rng(1)
     slabs = list(plan.transform.template_voxel_slabs(scanner.affine, scanner.shape,
                                                      template.affine, slab=7))
@@ -174,8 +196,8 @@ def test_annotation_boxes_sit_on_lesions_of_their_subtype(rendered):
 
 
 def test_gold_stages_and_survival_of_200_subjects():
-    clinical = [sample_clinical(SEED, i)["clinical"] for i in range(200)]
-    assert clinical[5] == plan_subject(SEED, 5, "copd", "small").clinical
+    clinical = [sample_clinical(SEED, i, **V1)["clinical"] for i in range(200)]
+    assert clinical[5] == plan_subject(SEED, 5, "copd", "small", **V1).clinical
     gold = np.array([c["gold"] for c in clinical])
     assert set(gold) == {-1, 0, 1, 2, 3, 4}
     assert all(gold_stage(c["fev1pp"], c["fev1_fvc"]) == c["gold"] for c in clinical)
@@ -188,8 +210,8 @@ def test_gold_stages_and_survival_of_200_subjects():
 
 def test_covid_subject_has_graded_peripheral_lower_opacities():
     index = next(i for i in range(50)
-                 if 0.3 <= sample_clinical(SEED, i, "covid")["involvement"] <= 0.7)
-    image, lung, lesion, truth = render_subject(plan_subject(SEED, index, "covid", "small"))
+                 if 0.3 <= sample_clinical(SEED, i, "covid", **V1)["involvement"] <= 0.7)
+    image, lung, lesion, truth = render_subject(plan_subject(SEED, index, "covid", "small", **V1))
     involved = 100 * np.mean(lesion[lung > 0] > 0)
     grade = truth["clinical"]["covid_grade"]
     assert grade == 1 + int(involved // 25) and grade in (2, 3)

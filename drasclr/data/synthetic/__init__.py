@@ -1,20 +1,26 @@
 """Synthetic chest-CT cohorts: the library's built-in data (docs/architecture.md).
 
-``generate_cohort(out_dir, subjects, seed=0, kind="copd", size="full")`` or
-``drasclr synth --out DIR --subjects N --seed S [--kind copd|covid] [--size full|small]``
-writes::
+``generate_cohort(out_dir, subjects, seed=0, kind="copd", size="full", version=2)`` or
+``drasclr synth --out DIR --subjects N --seed S [--kind copd|covid] [--size full|small]
+[--version 2|1]`` writes::
 
     images/<id>.nii.gz    int16 HU, RAS+ affine in mm, anisotropic voxels
     masks/<id>.nii.gz     uint8 lungs: 0 outside, 1 right lung (larger world x), 2 left lung
     lesions/<id>.nii.gz   uint8 lesions: copd 1 centrilobular, 2 paraseptal, 3 panlobular;
                           covid 1 ground glass, 2 consolidation
-    truth/<id>.json       template_to_subject_affine, deformation, scanner, disease, clinical
-    template/image.nii.gz, template/lung_mask.nii.gz   healthy template at 1 mm: the atlas
+    truth/<id>.json       generator_version, template_to_subject_affine, deformation, scanner,
+                          (v2) anatomy, disease, clinical
+    template/image.nii.gz, template/lung_mask.nii.gz   healthy atlas at 1 mm (v1: the template
+                          every subject is drawn from; v2: a subject of the mean shape with its
+                          own seed, none of the cohort)
     clinical.csv          one row per subject (columns below)
     annotations.csv       subject_id, label (centrilobular | paraseptal | healthy), x_mm, y_mm,
-                          z_mm (subject world), i, j, k (voxel), box_mm (32): boxes centred on
-                          emphysema cluster seeds, or on random lung points of emphysema-free
-                          subjects; only boxes wholly inside the image
+                          z_mm (subject world), i, j, k (voxel), box_mm (32): v1: boxes centred
+                          on emphysema cluster seeds, or on random lung points of
+                          emphysema-free subjects; v2: lesion boxes jittered around lobule and
+                          row centres, healthy boxes in every subject away from lesions, with
+                          the lesion boxes' depth and zone preferences; only boxes wholly
+                          inside the image
     cohort.json           generator version, seed, kind, size, subject ids (written last)
 
 ``sample_clinical(seed, index, kind)`` draws a subject's clinical row without rendering it;
@@ -22,8 +28,30 @@ writes::
 ``map_template_points(truth, points_mm)`` applies a subject's full true mapping (pose and
 smooth deformation) to template world points.
 
-Anatomy, pose and scanner: ``anatomy.py``, ``transform.py``, ``scanner.py``; lesions:
-``disease.py``. The clinical generating model (``clinical.py``), per subject:
+Version 2 (the default; every coefficient and its source: docs/synthetic_cohort.md) makes
+density measures no oracle and location matter:
+
+- per-subject anatomy: shape (``shape.py``: body size, inspiration, hyperinflation, diaphragm
+  and heart modes, a residual of 5.5-8 mm RMS times the size's scale after the best affine
+  fit), own vessel and airway trees and texture (``subject_anatomy.py``); the atlas is none
+  of the subjects;
+- normal lung density depends on location (gravity, apex-base, core-rind);
+- disease beyond density: airway wall thickening and narrowing, vessel pruning, small-airway
+  disease (faint mosaic), textured centrilobular / paraseptal / panlobular patterns
+  (``patterns.py``), each from its own partly correlated latent;
+- density confounders: site protocols (kernel, dose, calibration offset) and inspiration;
+- outcomes: FEV1pp and FEV1/FVC from emphysema, airway and small-airway disease; GOLD and
+  PRISm by definition; reader-noised visual scores; exacerbations mostly from airway
+  disease; survival from a BODE-like hazard.
+
+clinical.csv (v2) adds to the v1 columns: site, kernel (0 smooth, 1 sharp), bmi, mmrc,
+walk_m, bode, airway_true (segmental wall area %), small_airway_true (% of lung),
+pruning_true (% of distal vessels missing), inspiration_true (scan over full-inspiration
+volume); COVID: site, kernel, inspiration_true.
+
+Version 1 (``version=1``) below is kept byte-identical. Anatomy, pose and scanner:
+``anatomy.py``, ``transform.py``, ``scanner.py``; lesions: ``disease.py``. Its clinical
+generating model (``clinical.py``), per subject:
 
 - age ~ U(45, 80); sex male w.p. 0.5; race African American w.p. 0.33; smoking never /
   former / current w.p. 0.1 / 0.5 / 0.4; pack-years 0 for never smokers, else 10 + Gamma(2, 15).
@@ -54,7 +82,8 @@ covid: subject_id, age, sex, covid_grade, involvement_true, ground_glass_true,
 consolidation_true (percent).
 
 LAA-950 measured on an image tracks emphysema_true, but not perfectly: scanner noise and HU
-offset move it, small holes blur above -950 HU and panlobular change is only partly below it.
+offset move it, small holes blur above -950 HU and panlobular change is only partly below it
+(in version 2 also the kernel, dose and inspiration level).
 """
 from __future__ import annotations
 

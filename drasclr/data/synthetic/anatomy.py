@@ -119,15 +119,27 @@ def _inside_ellipse(x, y, ax, by, cy=0.0):
     return (x / ax) ** 2 + ((y - cy) / by) ** 2 < 1.0
 
 
-@functools.lru_cache(maxsize=2)
-def template_anatomy(size: str = "full") -> TemplateAnatomy:
-    """Build (once per process and size; deterministic) the healthy template anatomy."""
-    spec = size_spec(size)
+@dataclass(frozen=True)
+class Chest:
+    """The chest without parenchyma, vessels or airways, shared by every version's anatomy.
+
+    Attributes:
+        hu: (X, Y, Z) float32 HU of body wall, bones, heart and aorta; air elsewhere.
+        lung: (X, Y, Z) uint8 lung labels before the airways are cut out.
+        axes: broadcastable world coordinates (x, y, z) of the grid.
+    """
+
+    hu: np.ndarray
+    lung: np.ndarray
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def chest(spec: SizeSpec) -> Chest:
+    """Body wall (skin, fat, muscle), ribs and sternum, spine, heart, aorta and the two lungs."""
     k = spec.scale
     affine = template_affine(spec)
     shape = spec.template_extent_mm
     x, y, z = _world_axes(shape, affine)
-    rng = np.random.default_rng(TEMPLATE_SEED)
     hu = np.full(shape, HU_AIR, np.float32)
 
     # Body wall as nested elliptic cylinders: skin, fat, muscle, then the inner soft tissue.
@@ -169,6 +181,19 @@ def template_anatomy(size: str = "full") -> TemplateAnatomy:
     lung = _lungs(x, y, z, k, shape, heart_q, spine_radius, aorta,
                   inner=_inside_ellipse(x, y, body_ax - wall - 2 * k, body_by - wall - 2 * k,
                                         body_cy))
+    return Chest(hu, lung, (x, y, z))
+
+
+@functools.lru_cache(maxsize=2)
+def template_anatomy(size: str = "full") -> TemplateAnatomy:
+    """Build (once per process and size; deterministic) the healthy template anatomy."""
+    spec = size_spec(size)
+    k = spec.scale
+    affine = template_affine(spec)
+    shape = spec.template_extent_mm
+    base = chest(spec)
+    hu, lung, (x, y, z) = base.hu, base.lung, base.axes
+    rng = np.random.default_rng(TEMPLATE_SEED)
     in_lung = lung > 0
     # Supine gravity gradient: dependent (posterior) lung is denser.
     gradient = np.broadcast_to(-25.0 * np.clip(y / (60 * k), -1, 1), shape)
@@ -187,18 +212,7 @@ def template_anatomy(size: str = "full") -> TemplateAnatomy:
     fraction *= in_lung
     hu += fraction * (HU_BLOOD - hu)
 
-    # Trachea and main bronchi: air lumen with a soft-tissue wall (drawn over lung and vessels).
-    carina = np.array([0.0, -20 * k, 30 * k])
-    airways = [(np.array([0.0, -20 * k, 200.0]), carina, 8 * k)]
-    airways += [(carina, np.array([s * 40 * k, -14 * k, 5 * k]), 5.5 * k) for s in (1, -1)]
-    wall_mm = max(2 * k, 1.5)
-    tube = np.zeros(shape, np.float32)
-    rasterise_segments(tube, affine, [(a, b, r + wall_mm) for a, b, r in airways])
-    hu[tube > 0.5] = HU_MUSCLE
-    tube[:] = 0
-    rasterise_segments(tube, affine, airways)
-    hu[tube > 0.5] = HU_AIR
-    lung[tube > 0.5] = 0
+    draw_central_airways(hu, lung, affine, k)
 
     pleura_distance = ndimage.distance_transform_edt(lung > 0).astype(np.float32)
     lung_z = z.ravel()[np.flatnonzero(np.any(lung > 0, axis=(0, 1)))]
@@ -209,16 +223,46 @@ def template_anatomy(size: str = "full") -> TemplateAnatomy:
 
 
 def _draw_fissures(hu, lung, x, y, z, k) -> None:
+    """Blend the fissures (``fissure_fractions``) into ``hu`` in place."""
+    for fraction in fissure_fractions(lung, x, y, z, k):
+        hu += fraction * (HU_FISSURE - hu)
+
+
+def fissure_fractions(lung, x, y, z, k) -> list[np.ndarray]:
     """Thin pleural planes, as a 1 mm partial-volume line: both oblique fissures (running from
     posterior-superior to anterior-inferior) and the right horizontal fissure, which exists
     only anterior to the right oblique fissure."""
     oblique = z - (-20 * k + 1.1 * (-y - 5 * k))  # signed height above the oblique plane
     horizontal = z - 10 * k
     right = (lung == RIGHT_LUNG) & (oblique > 0) & (y > -10 * k)
-    for distance, inside in ((np.abs(oblique) / np.hypot(1.0, 1.1), lung > 0),
-                             (np.abs(horizontal), right)):
-        fraction = np.clip(1.0 - distance, 0.0, 1.0) * inside
-        hu += fraction * (HU_FISSURE - hu)
+    return [np.clip(1.0 - distance, 0.0, 1.0) * inside
+            for distance, inside in ((np.abs(oblique) / np.hypot(1.0, 1.1), lung > 0),
+                                     (np.abs(horizontal), right))]
+
+
+def central_airways(k: float) -> list:
+    """Trachea and the two main bronchi as (start mm, end mm, lumen radius mm) segments."""
+    carina = np.array([0.0, -20 * k, 30 * k])
+    airways = [(np.array([0.0, -20 * k, 200.0]), carina, 8 * k)]
+    return airways + [(carina, main_bronchus_end(k, side), 5.5 * k) for side in (1, -1)]
+
+
+def main_bronchus_end(k: float, side: float) -> np.ndarray:
+    """Where the right (side 1) or left (-1) main bronchus enters its lung."""
+    return np.array([side * 40 * k, -14 * k, 5 * k])
+
+
+def draw_central_airways(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, k: float) -> None:
+    """Trachea and main bronchi: air lumen with a soft-tissue wall, cut out of the lungs."""
+    airways = central_airways(k)
+    wall_mm = max(2 * k, 1.5)
+    tube = np.zeros(hu.shape, np.float32)
+    rasterise_segments(tube, affine, [(a, b, r + wall_mm) for a, b, r in airways])
+    hu[tube > 0.5] = HU_MUSCLE
+    tube[:] = 0
+    rasterise_segments(tube, affine, airways)
+    hu[tube > 0.5] = HU_AIR
+    lung[tube > 0.5] = 0
 
 
 def _lungs(x, y, z, k, shape, heart_q, spine_radius, aorta, inner) -> np.ndarray:

@@ -51,21 +51,27 @@ class Lesions:
         return {name: float(counts[label]) / total for label, name in names.items()}
 
 
+def lung_sampling(template: TemplateAnatomy) -> tuple[np.ndarray, ...]:
+    """Flat indices, template mm, pleural depth and zone of the template's lung voxels."""
+    lung_index = np.flatnonzero(template.lung)
+    voxels = np.unravel_index(lung_index, template.lung.shape)
+    lung_mm = np.stack(voxels, 1) * np.diag(template.affine)[:3] + template.affine[:3, 3]
+    depth = template.pleura_distance.ravel()[lung_index]
+    return lung_index, lung_mm, depth, template.zone(lung_mm[:, 2])
+
+
 class _Painter:
     """Samples lung positions by weight and paints clusters of spheres or smooth blobs."""
 
-    def __init__(self, template: TemplateAnatomy, rng: np.random.Generator):
+    def __init__(self, template: TemplateAnatomy, rng: np.random.Generator,
+                 sampling: tuple | None = None):
+        """``sampling``: the template's ``lung_sampling`` when already computed."""
         self.template, self.rng = template, rng
-        self.lung_index = np.flatnonzero(template.lung)
         self.hu = template.hu.copy()
         self.labels = np.zeros(template.lung.shape, np.uint8)
         self.centres: list[tuple[int, np.ndarray]] = []
-        spacing, origin = np.diag(template.affine)[:3], template.affine[:3, 3]
-        self.spacing, self.origin = spacing, origin
-        voxels = np.unravel_index(self.lung_index, template.lung.shape)
-        self.lung_mm = np.stack(voxels, 1) * spacing + origin
-        self.depth = template.pleura_distance.ravel()[self.lung_index]
-        self.zone = template.zone(self.lung_mm[:, 2])
+        self.spacing, self.origin = np.diag(template.affine)[:3], template.affine[:3, 3]
+        self.lung_index, self.lung_mm, self.depth, self.zone = sampling or lung_sampling(template)
 
     def sample(self, weights: np.ndarray, count: int) -> np.ndarray:
         """(count, 3) template mm of lung voxels drawn with probability ~ ``weights``."""

@@ -6,6 +6,10 @@ calibration offset of up to +-20 HU. Noise is white noise passed through the
 same point-spread function, as in filtered back-projection, scaled so that its final standard
 deviation is the subject's noise level. The grid is axis-aligned RAS+ and centred on the world
 origin; voxels outside the sampled template read as air.
+
+Version 2 draws these from the scan's site and reconstruction kernel (``SITES``,
+``protocol_scanner``): a sharp kernel keeps edges and multiplies noise, a smooth one blurs
+both; dose scales the noise as 1 / sqrt(dose); each site has its own calibration offset.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ class Scanner:
     noise_sd_hu: float
     hu_offset: float
     sharpness_sigma_mm: float
+    site: int | None = None  # version 2: the scan's site and kernel (0 smooth, 1 sharp)
+    kernel: int | None = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -47,7 +53,8 @@ class Scanner:
     def to_dict(self) -> dict:
         return {"spacing_mm": list(self.spacing_mm), "shape": list(self.shape),
                 "noise_sd_hu": self.noise_sd_hu, "hu_offset": self.hu_offset,
-                "sharpness_sigma_mm": self.sharpness_sigma_mm}
+                "sharpness_sigma_mm": self.sharpness_sigma_mm,
+                **({} if self.site is None else {"site": self.site, "kernel": self.kernel})}
 
 
 def random_scanner(rng: np.random.Generator, spec: SizeSpec, scale: float) -> Scanner:
@@ -62,6 +69,43 @@ def random_scanner(rng: np.random.Generator, spec: SizeSpec, scale: float) -> Sc
         noise_sd_hu=round(float(rng.uniform(*NOISE_SD_RANGE)), 6),
         hu_offset=round(float(rng.uniform(-MAX_HU_OFFSET, MAX_HU_OFFSET)), 6),
         sharpness_sigma_mm=round(float(rng.uniform(*SHARPNESS_SIGMA_MM)), 6),
+    )
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site's CT protocol: how often it reconstructs sharp, its dose, its calibration."""
+
+    sharp_probability: float
+    relative_dose: float
+    hu_offset_mean: float
+
+
+#: The cohort's sites (index = ``site`` column); see docs/synthetic_cohort.md.
+SITES = (Site(0.1, 1.0, 0.0), Site(0.4, 0.7, -8.0), Site(0.2, 1.3, 10.0), Site(0.05, 0.5, 4.0))
+#: Per kernel (0 smooth, 1 sharp): point-spread sigma range (mm) and noise SD (HU) at dose 1.
+KERNEL_SIGMA_MM = ((0.4, 0.6), (0.2, 0.3))
+KERNEL_NOISE_SD_HU = (12.0, 28.0)
+#: Per-subject spread of the dose around the site's (tube current modulation, body size).
+DOSE_SPREAD = (0.8, 1.25)
+SITE_OFFSET_SD_HU = 4.0
+
+
+def protocol_scanner(rng: np.random.Generator, spec: SizeSpec, scale: float, site: int,
+                     kernel: int) -> Scanner:
+    """Version 2: the scanner of a subject scanned at ``site`` with ``kernel``."""
+    inplane = float(rng.uniform(*spec.inplane_spacing_mm))
+    spacing = (inplane, inplane, float(rng.uniform(*spec.slice_spacing_mm)))
+    extent = np.asarray(spec.template_extent_mm, float) * scale
+    protocol = SITES[site]
+    dose = protocol.relative_dose * rng.uniform(*DOSE_SPREAD)
+    return Scanner(
+        spacing_mm=tuple(round(s, 6) for s in spacing),
+        shape=tuple(int(n) for n in np.ceil(extent / spacing)),
+        noise_sd_hu=round(float(KERNEL_NOISE_SD_HU[kernel] / np.sqrt(dose)), 6),
+        hu_offset=round(float(protocol.hu_offset_mean + rng.normal(0, SITE_OFFSET_SD_HU)), 6),
+        sharpness_sigma_mm=round(float(rng.uniform(*KERNEL_SIGMA_MM[kernel])), 6),
+        site=site, kernel=kernel,
     )
 
 

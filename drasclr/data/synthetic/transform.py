@@ -88,7 +88,10 @@ class SubjectTransform:
     def displacement(self, points: np.ndarray) -> np.ndarray:
         """u(y) in template mm at (N, 3) subject world points."""
         bx, by, bz = (self._basis(points[:, a], a) for a in range(3))
-        return np.einsum("na,nb,nc,abcd->nd", bx, by, bz, self.coefficients, optimize=True)
+        # One axis at a time: a fixed contraction order, no per-call path search.
+        partial = np.einsum("na,abcd->nbcd", bx, self.coefficients)
+        partial = np.einsum("nb,nbcd->ncd", by, partial)
+        return np.einsum("nc,ncd->nd", bz, partial)
 
     def subject_to_template(self, points: np.ndarray) -> np.ndarray:
         """(N, 3) subject world mm -> template world mm (the direction images are sampled in)."""

@@ -28,6 +28,7 @@ def grow_vessel_tree(
     n_points: int,
     min_radius: float,
     rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> list[Segment]:
     """Segments (start mm, end mm, radius mm) of a tree filling ``mask`` from ``root``.
 
@@ -36,11 +37,19 @@ def grow_vessel_tree(
         root: world position of the tree's root (the hilum).
         n_points: points sampled in the territory; about 2 * n_points segments result.
         min_radius: branches thinner than this end at their territory's centroid.
+        weights: optional non-negative density of the points on the grid (more points, so
+            more and finer branches, where it is higher); uniform when None.
     """
     voxels = np.argwhere(mask)
     if len(voxels) == 0:
         raise ValueError("vessel territory is empty")
-    chosen = voxels[rng.choice(len(voxels), size=min(n_points, len(voxels)), replace=False)]
+    count = min(n_points, len(voxels))
+    if weights is None:
+        chosen = voxels[rng.choice(len(voxels), size=count, replace=False)]
+    else:
+        density = weights[mask].astype(float)
+        chosen = voxels[rng.choice(len(voxels), size=count, replace=False,
+                                   p=density / density.sum())]
     points = chosen * np.diag(affine)[:3] + affine[:3, 3] + rng.uniform(-0.5, 0.5, chosen.shape)
 
     segments: list[Segment] = []
