@@ -69,7 +69,8 @@ def _cohort(root, kind="copd", subjects=SUBJECTS, density=True):
                       quality=quality if density else None)
     kernel = rng.permutation(np.arange(subjects) % 2)
     if kind == "copd":
-        for row, k in zip(rows, kernel):
+        for row, k in zip(rows, kernel):  # a kernel the test plants; no site readout
+            row.pop("site", None)
             row["kernel"] = int(k)
     pd.DataFrame(rows).to_csv(root / "clinical.csv", index=False)
     ids = [r["subject_id"] for r in rows]
