@@ -2,27 +2,32 @@
 
 For a COPD cohort: synthetic scans -> atlas landmarks from the template lung mask -> patch
 store (segmentation, registration, patch cutting, density measures) -> MoCo pretraining with
-the per-landmark memory bank -> subject features of the trained encoder and of a randomly
-initialised one -> the paper's subject-level evaluation (readout, survival) against the
-density measures -> the patch- and voxel-level evaluation: emphysema subtype detection by
-linear probes and fine-tuning (Yu et al. 2023, Section 4.3.1, Table 5), label efficiency
-(Section 4.3.2, Fig. 5), dense probability maps of held-out subjects scored against their true
-lesions (Section 4.3.1, Fig. 3; the paper could not score them) and the ablations of how
-location enters the network (Section 4.4, Tables 6-8).
-The same subject-level evaluation for a COVID-19 cohort (pretrained on its own scans, as the
-paper pretrains on MosMed), for the severity task. Everything ends in one report
-(``<out>/report/report.html``) and the tables printed.
+the per-landmark memory bank, once per pretraining seed -> subject features of each trained
+encoder and of as many randomly initialised ones -> the paper's subject-level evaluation
+(readout, survival, and the control and ceiling rows) against the density measures, every
+comparison over the seeds and repeated cross-validation with paired tests
+(``drasclr.evaluation.subject``) -> the patch- and voxel-level evaluation: emphysema subtype
+detection by linear probes and fine-tuning (Yu et al. 2023, Section 4.3.1, Table 5), label
+efficiency (Section 4.3.2, Fig. 5), dense probability maps of held-out subjects scored against
+their true lesions (Section 4.3.1, Fig. 3; the paper could not score them) and the ablations of
+how location enters the network (Section 4.4, Tables 6-8). The same subject-level evaluation
+for a COVID-19 cohort (pretrained on its own scans, as the paper pretrains on MosMed), for the
+severity task. Everything ends in one report (``<out>/report/report.html``), whose reading
+paragraph is generated from its numbers, and the tables printed.
 
-Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they are
-already there, so an interrupted demo picks up where it was. The stage times on the 2-core CPU
-machine are in benchmarks/RESULTS.md; the patch-level sizes (:data:`PATCH_LEVEL`) are small for
-that machine, and ``drasclr detect``, ``drasclr densemap`` and ``drasclr ablate`` run each part
-at any size. ``--quick`` is a shorter smoke run whose numbers mean little.
+Three sizes (:class:`Plan`): :data:`DEMO`, the default, sized to finish within ten minutes on
+a 2-core CPU (the COPD arm, the detection probes of the patch-level stages); :data:`FULL`
+(``--full``), every arm and stage; :data:`QUICK` (``--quick``), a smoke run whose numbers mean
+little. Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they
+are already there, so an interrupted demo picks up where it was. The stage times on the
+2-core CPU machine are in benchmarks/RESULTS.md; ``drasclr detect``, ``drasclr densemap`` and
+``drasclr ablate`` run each patch-level part at any size.
 """
 from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,11 +40,6 @@ class Arm:
     kind: str
     subjects: int
     steps: int
-
-
-#: (COPD arm, COVID arm) of the full demo and of ``--quick``.
-FULL = (Arm("copd", 40, 240), Arm("covid", 24, 120))
-QUICK = (Arm("copd", 12, 20), Arm("covid", 15, 10))
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,50 @@ class PatchLevel:
 PATCH_LEVEL = PatchLevel(3, (0.1, 0.2, 0.5, 1.0), 3, 2, 4, 60)
 QUICK_PATCH_LEVEL = PatchLevel(1, (0.5, 1.0), 2, 1, 8, 4)
 
+#: The patch- and voxel-level stages of the COPD arm: detection by linear probes only, or
+#: probes and fine-tuning, label efficiency, dense maps, ablations.
+PATCH_STAGES = ("detection_probes", "detection", "label_efficiency", "maps", "ablations")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One size of the demo: the two arms (``subjects=0`` skips one), the pretraining seeds
+    (each method's row is over them), the repeated cross-validation and the patch stages."""
+
+    copd: Arm
+    covid: Arm
+    seeds: int
+    folds: int
+    repeats: int
+    patch_stages: tuple[str, ...]
+    patch_level: PatchLevel
+
+
+DEMO = Plan(Arm("copd", 60, 150), Arm("covid", 0, 120), seeds=3, folds=5, repeats=3,
+            patch_stages=("detection_probes",), patch_level=PATCH_LEVEL)
+FULL = Plan(Arm("copd", 60, 240), Arm("covid", 24, 120), seeds=3, folds=5, repeats=5,
+            patch_stages=PATCH_STAGES[1:], patch_level=PATCH_LEVEL)
+QUICK = Plan(Arm("copd", 12, 20), Arm("covid", 15, 10), seeds=3, folds=3, repeats=1,
+             patch_stages=("detection_probes",), patch_level=QUICK_PATCH_LEVEL)
+
 
 @dataclass(frozen=True)
 class DemoSettings:
     """What ``drasclr demo`` runs (drasclr/cli/demo.py builds it from the flags). None means
-    the value of ``FULL`` (or of ``QUICK`` when ``quick``); ``covid_subjects=0`` skips that arm."""
+    the value of the plan: ``DEMO``, or ``FULL`` when ``full``, ``QUICK`` when ``quick``;
+    ``covid_subjects=0`` skips that arm. ``seed`` seeds the cohorts and the splits; the
+    pretraining seeds are ``seed``, ``seed + 1``, ... (and as many random initialisations)."""
 
     out: Path = Path("demo_output")
     quick: bool = False
+    full: bool = False
     subjects: int | None = None
     steps: int | None = None
     covid_subjects: int | None = None
     covid_steps: int | None = None
     folds: int | None = None
+    repeats: int | None = None
+    seeds: int | None = None
     seed: int = 0
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     device: str = "auto"
@@ -79,42 +110,62 @@ class DemoSettings:
 def run_demo(args: DemoSettings) -> Path:
     """Run the demo; returns the report's path."""
     from drasclr.evaluation.report import format_text_table, write_report
-    from drasclr.evaluation.subject import COHORT_SECTION
+    from drasclr.evaluation.subject import COHORT_SECTION, READING_SECTION
 
-    copd, covid = QUICK if args.quick else FULL
-    copd = Arm("copd", _positive(args.subjects, copd.subjects, "--subjects"),
-               _positive(args.steps, copd.steps, "--steps"))
-    covid_subjects = covid.subjects if args.covid_subjects is None else args.covid_subjects
-    if isinstance(covid_subjects, bool) or covid_subjects < 0:
-        raise ValueError(f"--covid-subjects: expected 0 or more, got {covid_subjects!r}")
-    covid = Arm("covid", covid_subjects, _positive(args.covid_steps, covid.steps, "--covid-steps"))
-    folds = _positive(args.folds, 3 if args.quick else 5, "--folds")
-    for arm in (copd, covid):
-        if arm.subjects and arm.subjects < 2 * folds:
-            raise ValueError(f"{arm.kind} subjects: need at least {2 * folds} for {folds}-fold "
-                             f"cross-validation, got {arm.subjects}")
+    plan = resolve_plan(args)
     report_dir = args.out / "report"
-    started, timings, sections = time.perf_counter(), {}, []
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    timings: dict[str, tuple[float, float]] = {}
+    sections = []
     atlas_path = args.out / "atlas.npz"
-    for arm in (copd, covid):
+    for arm in (plan.copd, plan.covid):
         if arm.subjects:
-            sections += _run_arm(arm, args, atlas_path, report_dir, folds, timings)
-    settings = {"copd": vars(copd), "covid": vars(covid), "folds": folds, "seed": args.seed}
+            sections += _run_arm(arm, plan, args, atlas_path, report_dir, timings)
+    settings = {"copd": vars(plan.copd), "covid": vars(plan.covid), "pretraining seeds":
+                plan.seeds, "folds": plan.folds, "repeats": plan.repeats,
+                "patch stages": list(plan.patch_stages), "seed": args.seed}
     report = write_report(sections, report_dir, settings, title="drasclr demo: evaluation report")
 
     print()
     for section in sections:
-        if not section.title.endswith(COHORT_SECTION):  # its file paths are in the report
+        if section.title.endswith(READING_SECTION):
+            print(f"{section.title}\n{section.intro}\n")
+        elif not section.title.endswith(COHORT_SECTION):  # its file paths are in the report
             for table in section.tables:
                 print(format_text_table(table) + "\n")
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-          + f"; total {time.perf_counter() - started:.0f}")
+    print("timings (s wall / s CPU): "
+          + ", ".join(f"{k} {wall:.0f}/{cpu:.0f}" for k, (wall, cpu) in timings.items())
+          + f"; total {time.perf_counter() - started:.0f}/{_cpu_seconds() - cpu_started:.0f}")
     print(f"report: {report}")
     return report
 
 
-def _run_arm(arm: Arm, args: DemoSettings, atlas_path: Path, report_dir: Path, folds: int,
-             timings: dict[str, float]) -> list:
+def resolve_plan(args: DemoSettings) -> Plan:
+    """The plan of ``args`` (DEMO, FULL or QUICK) with the sizes the flags override, checked."""
+    if args.quick and args.full:
+        raise ValueError("--quick and --full: choose one")
+    plan = QUICK if args.quick else FULL if args.full else DEMO
+    copd = Arm("copd", _positive(args.subjects, plan.copd.subjects, "--subjects"),
+               _positive(args.steps, plan.copd.steps, "--steps"))
+    covid_subjects = plan.covid.subjects if args.covid_subjects is None else args.covid_subjects
+    if isinstance(covid_subjects, bool) or covid_subjects < 0:
+        raise ValueError(f"--covid-subjects: expected 0 or more, got {covid_subjects!r}")
+    covid = Arm("covid", covid_subjects,
+                _positive(args.covid_steps, plan.covid.steps, "--covid-steps"))
+    folds = _positive(args.folds, plan.folds, "--folds")
+    if folds < 2:
+        raise ValueError(f"--folds: need at least 2, got {folds}")
+    for arm in (copd, covid):
+        if arm.subjects and arm.subjects < 2 * folds:
+            raise ValueError(f"{arm.kind} subjects: need at least {2 * folds} for {folds}-fold "
+                             f"cross-validation, got {arm.subjects}")
+    return replace(plan, copd=copd, covid=covid, folds=folds,
+                   repeats=_positive(args.repeats, plan.repeats, "--repeats"),
+                   seeds=_positive(args.seeds, plan.seeds, "--seeds"))
+
+
+def _run_arm(arm: Arm, plan: Plan, args: DemoSettings, atlas_path: Path, report_dir: Path,
+             timings: dict[str, tuple[float, float]]) -> list:
     """One cohort from scans to its report sections; returns them."""
     from drasclr import extract_features, train
     from drasclr.data.atlas import Atlas, build_atlas
@@ -141,52 +192,66 @@ def _run_arm(arm: Arm, args: DemoSettings, atlas_path: Path, report_dir: Path, f
         summary = preprocess(cohort / "images", atlas_path, store, workers=args.workers)
         print(f"{summary.done + summary.skipped} subjects in the store, {summary.failed} failed")
 
-    with _stage(f"{arm.kind}: MoCo pretraining, {arm.steps} steps -> {out / 'train'}",
-                timings, f"{arm.kind} pretrain"):
+    seeds = [args.seed + k for k in range(plan.seeds)]
+    checkpoints = []
+    with _stage(f"{arm.kind}: MoCo pretraining, {arm.steps} steps, seeds "
+                f"{', '.join(map(str, seeds))} -> {out / 'train'}", timings, f"{arm.kind} pretrain"):
         landmarks_per_batch, queue_size = min(4, atlas.num_landmarks), 64
-        result = train(store=str(store), atlas=str(atlas_path), out_dir=str(out / "train"),
-                       max_steps=arm.steps, landmarks_per_batch=landmarks_per_batch,
-                       batch_size=4 * landmarks_per_batch, queue_size=queue_size,
-                       seed=args.seed, device=args.device, tensorboard=False)
-        _summarise_training(result.history, queue_size)
+        for seed in seeds:
+            result = train(store=str(store), atlas=str(atlas_path),
+                           out_dir=str(out / "train" / f"seed{seed}"), max_steps=arm.steps,
+                           landmarks_per_batch=landmarks_per_batch,
+                           batch_size=4 * landmarks_per_batch, queue_size=queue_size,
+                           seed=seed, device=args.device, tensorboard=False)
+            _summarise_training(result.history, queue_size, seed)
+            checkpoints.append(result.checkpoint)
 
-    with _stage(f"{arm.kind}: subject features, DrasCLR and random init", timings,
-                f"{arm.kind} features"):
-        feature_files = [out / "features_drasclr.npz", out / "features_random_init.npz"]
-        extract_features(result.checkpoint, store, out=feature_files[0], device=args.device)
-        extract_features(result.checkpoint, store, out=feature_files[1], random_init=args.seed,
-                         device=args.device)
+    with _stage(f"{arm.kind}: subject features, DrasCLR and random init, {len(seeds)} seeds each",
+                timings, f"{arm.kind} features"):
+        features = {"DrasCLR": [], "random init": []}
+        for seed, checkpoint in zip(seeds, checkpoints):
+            drasclr, random = (out / "features" / f"drasclr_seed{seed}.npz",
+                               out / "features" / f"random_init_seed{seed}.npz")
+            extract_features(checkpoint, store, out=drasclr, name="DrasCLR", device=args.device,
+                             progress=False)
+            extract_features(checkpoint, store, out=random, name="random init",
+                             random_init=seed, device=args.device, progress=False)
+            features["DrasCLR"].append(drasclr)
+            features["random init"].append(random)
 
-    with _stage(f"{arm.kind}: evaluation against the density measures", timings,
-                f"{arm.kind} evaluate"):
-        evaluation = evaluate(feature_files, cohort / "clinical.csv", store, report_dir,
-                              folds=folds, seed=args.seed)
+    with _stage(f"{arm.kind}: evaluation against the density measures, {plan.repeats} x "
+                f"{plan.folds}-fold", timings, f"{arm.kind} evaluate"):
+        evaluation = evaluate(features, cohort / "clinical.csv", store, report_dir,
+                              folds=plan.folds, repeats=plan.repeats, seed=args.seed,
+                              n_jobs=args.workers)
         sections = evaluation.sections
-    if arm.kind == "copd":
-        sizes = QUICK_PATCH_LEVEL if args.quick else PATCH_LEVEL
-        sections += _patch_level_sections(cohort, store, atlas_path, result.checkpoint, out,
-                                          report_dir, sizes, folds, args, timings)
+    if arm.kind == "copd" and plan.patch_stages:
+        sections += _patch_level_sections(cohort, store, atlas_path, checkpoints[0], out,
+                                          report_dir, plan, args, timings)
     for section in sections:  # both arms share one report
         section.title = f"{arm.kind.upper()}: {section.title}"
     return sections
 
 
 def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoint: Path,
-                          out: Path, report_dir: Path, sizes: PatchLevel, folds: int, args,
-                          timings: dict[str, float]) -> list:
-    """The paper's patch- and voxel-level evaluation of the COPD arm, one stage each: subtype
-    detection (Table 5), label efficiency (Fig. 5), dense maps of held-out subjects against
-    their true lesions (Fig. 3) and the ablations (Tables 6-8). Each stage's sections are
-    kept in ``out/sections/<stage>.json`` so a re-run skips finished stages."""
+                          out: Path, report_dir: Path, plan: Plan, args,
+                          timings: dict[str, tuple[float, float]]) -> list:
+    """The paper's patch- and voxel-level evaluation of the COPD arm (the first pretraining
+    seed's encoder), the stages of ``plan.patch_stages``: subtype detection by probes only or
+    probes and fine-tuning (Table 5), label efficiency (Fig. 5), dense maps of held-out
+    subjects against their true lesions (Fig. 3) and the ablations (Tables 6-8). Each stage's
+    sections are kept in ``out/sections/<stage>.json`` so a re-run skips finished stages."""
     from drasclr.checkpoint_formats import load_encoder
     from drasclr.evaluation.ablation import AblationConfig, run_ablations
     from drasclr.evaluation.densemap import report_sections
     from drasclr.evaluation.detection import (
-        SUBTYPES, DetectionConfig, FineTuneConfig, evaluate_detection)
+        PROBE_DRASCLR, PROBE_RANDOM, SUBTYPES, DetectionConfig, FineTuneConfig,
+        evaluate_detection)
     from drasclr.evaluation.detection_efficiency import label_efficiency
     from drasclr.evaluation.detection_patches import detection_patches
     from drasclr.evaluation.map_study import held_out_maps
 
+    sizes, folds = plan.patch_level, plan.folds
     annotations = cohort / "annotations.csv"
     data = detection_patches(annotations, store)
     encoder = load_encoder(checkpoint)
@@ -216,7 +281,11 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
             str(store), str(atlas_path), str(cohort / "clinical.csv"), str(out / "ablation"),
             str(annotations), train, folds=folds, seed=args.seed))
 
+    probes = (PROBE_DRASCLR, PROBE_RANDOM)
     stages = {
+        "detection_probes": ("subtype detection, linear probes (Table 5)",
+                             lambda: [evaluate_detection(data, encoder, config,
+                                                         methods=probes).section()]),
         "detection": ("subtype detection, linear probes and fine-tuning (Table 5)",
                       lambda: [evaluate_detection(data, encoder, config).section()]),
         "label_efficiency": (f"label efficiency at {', '.join(f'{f:g}' for f in sizes.fractions)}"
@@ -227,7 +296,8 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
                       "(Tables 6-8)", ablations),
     }
     sections = []
-    for name, (heading, compute) in stages.items():
+    for name in plan.patch_stages:
+        heading, compute = stages[name]
         with _stage(f"copd: {heading}", timings, f"copd {name}"):
             sections += _kept_sections(out / "sections" / f"{name}.json", compute)
     return sections
@@ -246,27 +316,37 @@ def _kept_sections(path: Path, compute) -> list:
     return sections
 
 
-def _summarise_training(history: list[dict], queue_size: int) -> None:
+def _summarise_training(history: list[dict], queue_size: int, seed: int) -> None:
     first, last = history[0], history[-1]
     chance_loss, chance_top1 = 2 * math.log(1 + queue_size), 1 / (1 + queue_size)
-    print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} over {len(history)} steps "
+    print(f"seed {seed}: loss {first['loss']:.3f} -> {last['loss']:.3f} over {len(history)} steps "
           f"(chance level about {chance_loss:.2f}); top-1 in the last step: local "
           f"{last['local_top1']:.2f}, neighbour {last['neighbour_top1']:.2f} "
           f"(chance {chance_top1:.3f})")
 
 
-class _stage:
-    """Print a stage's heading and add its wall time to ``timings[key]``."""
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished workers: beside the wall time, what a
+    stage costs on a machine other jobs load."""
+    own, workers = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
-    def __init__(self, heading: str, timings: dict[str, float], key: str) -> None:
+
+class _stage:
+    """Print a stage's heading and record its (wall, CPU) seconds in ``timings[key]``."""
+
+    def __init__(self, heading: str, timings: dict[str, tuple[float, float]], key: str) -> None:
         self.heading, self.timings, self.key = heading, timings, key
 
     def __enter__(self) -> None:
         print(f"\n== {self.heading}", flush=True)
-        self.start = time.perf_counter()
+        self.start, self.cpu = time.perf_counter(), _cpu_seconds()
 
     def __exit__(self, *exc) -> None:
-        self.timings[self.key] = time.perf_counter() - self.start
+        wall, cpu = time.perf_counter() - self.start, _cpu_seconds() - self.cpu
+        self.timings[self.key] = (wall, cpu)
+        print(f"-- {self.key}: {wall:.0f} s wall, {cpu:.0f} CPU s", flush=True)
 
 
 def _positive(value: int | None, default: int, flag: str) -> int:

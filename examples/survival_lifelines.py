@@ -9,8 +9,9 @@ features plus the confounders, against the confounders alone. Many features and 
 the features are standardised and reduced to ``--components`` principal components, and the
 Cox fit carries a small ridge penalty; scaler, PCA and Cox model are fitted on the training
 folds only and scored by Harrell's concordance index on the held-out fold. (``drasclr
-evaluate`` runs the paper's protocol, Uno's time-dependent C-index at three horizons with
-bootstrapped errors; this script is the short version to adapt.)
+evaluate`` runs the paper's protocol, Uno's time-dependent C-index at three horizons over
+pretraining seeds and repeated cross-validation, with paired tests; this script is the short
+version to adapt.)
 
 The clinical table needs ``subject_id``, the time and event columns and the confounders; rows
 are matched to the features by subject id.

@@ -157,6 +157,24 @@ def test_demo_flags_become_demo_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", lambda settings: seen.append(settings) or Path("r"))
     assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--seed", "3", "--covid-subjects", "0"]) == 0
     assert seen == [DemoSettings(out=tmp_path, quick=True, seed=3, covid_subjects=0)]
+    assert cli.main(["demo", "--out", str(tmp_path), "--full", "--seeds", "4", "--repeats", "2"]) == 0
+    assert seen[-1] == DemoSettings(out=tmp_path, full=True, seeds=4, repeats=2)
+    assert cli.main(["demo", "--full", "--quick"]) == 2
+
+
+def test_demo_plans_and_their_overrides():
+    from drasclr.demo import DEMO, FULL, PATCH_STAGES, DemoSettings, resolve_plan
+
+    plan = resolve_plan(DemoSettings())
+    assert plan == DEMO and plan.seeds >= 3 and plan.patch_stages == ("detection_probes",)
+    full = resolve_plan(DemoSettings(full=True, covid_subjects=0, repeats=2))
+    assert full.patch_stages == PATCH_STAGES[1:] and full.seeds >= 3
+    assert (full.covid.subjects, full.repeats, full.copd) == (0, 2, FULL.copd)
+    for settings, message in ((DemoSettings(full=True, quick=True), "choose one"),
+                              (DemoSettings(seeds=0), "--seeds: expected a positive integer"),
+                              (DemoSettings(subjects=9), "need at least 10 for 5-fold")):
+        with pytest.raises(ValueError, match=message):
+            resolve_plan(settings)
 
 
 def test_nested_augment_flags(trained_with):

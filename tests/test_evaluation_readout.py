@@ -112,3 +112,89 @@ def test_readout_scores_of_one_feature_set_against_a_clinical_table(tmp_path):
     assert scores["log_fev1pp"].mean > 0.3  # severity drives FEV1pp in the generating model
     with pytest.raises(ValueError, match="survival not readout tasks"):
         readout_scores(feature_set, clinical, ["survival"])
+
+
+# --- the protocol: repeated splits shared by every row, seeds, paired tests ------------------
+
+def test_corrected_paired_test_is_the_paired_t_test_with_the_repeated_cv_variance():
+    from scipy import stats
+
+    from drasclr.evaluation.paired import paired_difference
+
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(0.5, 0.1, 15), rng.normal(0.45, 0.1, 15)  # 3 x 5-fold
+    plain = stats.ttest_rel(a, b)
+    # Nadeau-Bengio: the variance of the mean is (1/J + 1/(K-1)) s^2 instead of s^2 / J.
+    t = plain.statistic * np.sqrt((1 / 15) / (1 / 15 + 1 / 4))
+    result = paired_difference(a, b, folds=5)
+    assert result.difference == pytest.approx(np.mean(a - b), rel=1e-12)
+    assert result.p == pytest.approx(2 * stats.t.sf(abs(t), 14), rel=1e-9)
+    assert result.p > plain.pvalue  # more cautious than the plain paired test
+    with pytest.raises(ValueError, match="the same splits"):
+        paired_difference(a, b[:10], folds=5)
+
+
+def test_planted_feature_beats_noise_and_shuffled_labels_do_not():
+    # Rows scored on the same repeated splits: a planted feature against pure noise gets a
+    # small p; with the labels shuffled, neither row predicts anything (R² at most about 0)
+    # and their difference is not significant.
+    from drasclr.evaluation.paired import paired_difference
+    from drasclr.evaluation.readout import score_rows
+    from drasclr.evaluation.data import Labels
+
+    rng = np.random.default_rng(7)
+    n = 60
+    signal = rng.normal(size=n)
+    y = signal + 0.7 * rng.normal(size=n)  # population R² 0.67
+    planted = [np.c_[signal + 0.3 * rng.normal(size=n), rng.normal(size=(n, 9))]
+               for _ in range(3)]
+    noise = [rng.normal(size=(n, 10)) for _ in range(3)]
+    rows = {"planted": planted, "noise": noise}
+    for labels, expect_signal in ((y, True), (rng.permutation(y), False)):
+        scored = score_rows(rows, {"y": Labels(REGRESSION, np.arange(n), labels)}, folds=5,
+                            repeats=3, seed=0)
+        first, second = (scored[r]["y"].per_split["R²"] for r in rows)
+        difference = paired_difference(first, second, folds=5)
+        if expect_signal:
+            assert scored["planted"]["y"].scores["R²"].mean > 0.3
+            assert difference.p < 0.01
+        else:
+            assert scored["planted"]["y"].scores["R²"].mean < 0.05
+            assert scored["noise"]["y"].scores["R²"].mean < 0.05
+            assert difference.p > 0.05
+
+
+def test_every_row_is_scored_on_the_same_splits():
+    # A row's per-split values are reproduced by scoring it alone on readout_splits' splits,
+    # and two copies of one matrix under different names differ by exactly zero on every split.
+    from drasclr.evaluation.data import Labels
+    from drasclr.evaluation.readout import readout_splits, score_rows
+
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(45, 4))
+    grades = (X[:, 0] + rng.normal(size=45) > 0).astype(int) + (X[:, 1] > 1)
+    labels = {"grade": Labels(THREE_GRADES, np.arange(45), grades)}
+    scored = score_rows({"a": [X], "b": [X.copy()], "c": [X[:, ::-1].copy()]}, labels,
+                        folds=3, repeats=2, seed=4)
+    np.testing.assert_array_equal(scored["a"]["grade"].per_split["accuracy"],
+                                  scored["b"]["grade"].per_split["accuracy"])
+    splits = readout_splits(grades, THREE_GRADES, folds=3, repeats=2, seed=4)
+    assert len(splits) == 6
+    for r in range(2):  # each repeat is a partition of the subjects
+        tests = np.concatenate([test for _, test in splits[3 * r:3 * r + 3]])
+        assert sorted(tests) == list(range(45))
+    alone = cross_validate_readout(X[:, ::-1].copy(), grades, THREE_GRADES, folds=3, seed=4,
+                                   splits=splits, repeats=2)
+    np.testing.assert_array_equal(alone.per_split["accuracy"],
+                                  scored["c"]["grade"].per_split["accuracy"])
+
+
+def test_chance_accuracy_is_the_training_majority_on_each_split():
+    from drasclr.evaluation.data import Labels
+    from drasclr.evaluation.readout import chance_accuracy
+
+    y = np.r_[np.zeros(6, int), np.ones(3, int)]
+    splits = [(np.arange(3, 9), np.arange(3)), (np.arange(6), np.arange(6, 9))]
+    # Training majority 0 (3 of 6) then 0 (6 of 6): tests [0,0,0] -> 1, [1,1,1] -> 0.
+    np.testing.assert_array_equal(chance_accuracy(Labels(THREE_GRADES, np.arange(9), y), splits),
+                                  [1.0, 0.0])

@@ -1,5 +1,6 @@
 """The subject-level evaluation end to end (``drasclr.evaluate``, ``drasclr evaluate``): the
 report's files and contents, the results round trip, and every input error before any fit."""
+import html as html_text
 import json
 import re
 
@@ -14,6 +15,7 @@ from drasclr.data.atlas import build_atlas
 from drasclr.data.store import create_store, write_subject
 from drasclr.data.synthetic import sample_clinical
 from drasclr.evaluation.data import load_cohort
+from drasclr.evaluation.paired import paired_difference
 from drasclr.evaluation.report import (
     Estimate, Figure, Score, Section, Table, format_cell, read_results, write_report,
 )
@@ -24,7 +26,11 @@ SUBJECTS = 40
 
 def _density(clinical_row: dict, shares: dict, rng) -> dict:
     emphysema = 100 * sum(shares.values())
-    return {"laa950_percent": emphysema + rng.normal(0, 1),
+    regional = {f"laa950_{zone}_percent": 100 * shares[subtype] + rng.normal(0, 1)
+                for zone, subtype in (("upper", "centrilobular"), ("middle", "centrilobular"),
+                                      ("lower", "panlobular"), ("rind", "paraseptal"),
+                                      ("core", "centrilobular"))}
+    return {**regional, "laa950_percent": emphysema + rng.normal(0, 1),
             "perc15_hu": -900 - 3 * emphysema + rng.normal(0, 10),
             "mean_lung_density_hu": -850 - emphysema + rng.normal(0, 10),
             "lung_volume_ml": 5000 + rng.normal(0, 400),
@@ -32,8 +38,9 @@ def _density(clinical_row: dict, shares: dict, rng) -> dict:
 
 
 def _cohort(root, kind="copd", subjects=SUBJECTS, density=True):
-    """A small cohort as the pipeline leaves it: clinical.csv drawn from the synthetic model,
-    a store whose manifest holds the density measures, a planted and a random feature set."""
+    """A small cohort as the pipeline leaves it: clinical.csv drawn from the synthetic model
+    (with a kernel column for COPD), a store whose manifest holds the density
+    measures, three seeds of a planted feature set and a random one that carries the kernel."""
     root.mkdir(parents=True, exist_ok=True)
     mask = np.zeros((40, 40, 40), np.uint8)
     mask[4:36, 4:36, 4:36] = 1
@@ -49,6 +56,7 @@ def _cohort(root, kind="copd", subjects=SUBJECTS, density=True):
         row = {"subject_id": f"s{i:03d}", **sample["clinical"]}
         if kind == "copd":
             quality = _density(row, sample["emphysema_shares"], rng)
+            row.update({f"{k}_true": 100 * v for k, v in sample["emphysema_shares"].items()})
             latent.append(row["severity"])
         else:
             involvement = 100 * sample["involvement"]
@@ -59,14 +67,26 @@ def _cohort(root, kind="copd", subjects=SUBJECTS, density=True):
         rows.append(row)
         write_subject(root / "store", row["subject_id"], "scan.nii.gz", patches=patches,
                       quality=quality if density else None)
+    kernel = rng.permutation(np.arange(subjects) % 2)
+    if kind == "copd":
+        for row, k in zip(rows, kernel):  # a kernel the test plants; no site readout
+            row.pop("site", None)
+            row["kernel"] = int(k)
     pd.DataFrame(rows).to_csv(root / "clinical.csv", index=False)
     ids = [r["subject_id"] for r in rows]
     latent = np.array(latent)[:, None]
-    planted = latent @ rng.normal(size=(1, 16)) + 0.3 * rng.normal(size=(subjects, 16))
-    FeatureSet(ids, planted, {"name": "planted"}).save(root / "planted.npz")
-    FeatureSet(ids, rng.normal(size=(subjects, 16)), {"name": "random init"}).save(
-        root / "random.npz")
+    loading = rng.normal(size=(1, 16))
+    for seed in range(3):
+        planted = latent @ loading + 0.3 * rng.normal(size=(subjects, 16))
+        FeatureSet(ids, planted, {"name": "planted"}).save(
+            root / ("planted.npz" if seed == 0 else f"planted_{seed}.npz"))
+    random = rng.normal(size=(subjects, 16))
+    random[:, 0] += 3 * kernel
+    FeatureSet(ids, random, {"name": "random init"}).save(root / "random_0.npz")
     return root
+
+
+PLANTED = ["planted.npz", "planted_1.npz", "planted_2.npz"]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +96,10 @@ def copd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(copd):
-    result = drasclr.evaluate([copd / "planted.npz", copd / "random.npz"], copd / "clinical.csv",
-                              copd / "store", copd / "report", repeats=2, bootstrap=10)
+    # A task of each kind and one repeat (the others run the same code), to keep the fits few.
+    features = {"planted": [copd / f for f in PLANTED], "random init": [copd / "random_0.npz"]}
+    result = drasclr.evaluate(features, copd / "clinical.csv", copd / "store", copd / "report",
+                              repeats=1, tasks=["log_fev1pp", "gold", "survival"])
     return result, copd / "report"
 
 
@@ -85,16 +107,20 @@ def test_report_files_exist_and_hold_every_table(evaluated):
     result, out = evaluated
     for name in ("report.html", "report.md", "results.json", "figures/readout_scores.png",
                  "figures/log_fev1pp_predicted.png", "figures/confusion_gold.png",
-                 "figures/confusion_cle.png", "figures/kaplan_meier.png"):
+                 "figures/kaplan_meier.png"):
         assert (out / name).is_file(), name
     assert result.report == out / "report.html"
     html = (out / "report.html").read_text()
-    text = re.sub(r"<[^>]+>", "", html)  # as a reader sees it
+    text = html_text.unescape(re.sub(r"<[^>]+>", "", html))  # as a reader sees it
     markdown = (out / "report.md").read_text()
     titles = [t.title for s in result.sections for t in s.tables]
     assert titles == ["Representations", "Lung function, emphysema scores and exacerbations",
-                      "Survival: time-dependent concordance index"]
-    readout_table, survival_table = result.sections[1].tables[0], result.sections[2].tables[0]
+                      "Paired comparisons, readout",
+                      "Scanner readout: kernel",
+                      "Survival: time-dependent concordance index",
+                      "Paired comparisons, survival C-index"]
+    assert result.sections[1].title == "Reading" and result.reading in text
+    readout_table, survival_table = result.sections[2].tables[0], result.sections[4].tables[0]
     for table in (readout_table, survival_table):
         assert table.title in text and f"**{table.title}**" in markdown
         for column in table.columns:
@@ -102,18 +128,58 @@ def test_report_files_exist_and_hold_every_table(evaluated):
         for row in table.rows:
             assert row[0] in text
             assert format_cell(row[1]) in text and format_cell(row[-1]) in markdown
-    assert [r[0] for r in readout_table.rows] == [
-        "planted", "random init", "density measures", "density + planted",
-        "density + random init"]
+    assert [r[:2] for r in readout_table.rows] == [
+        ["planted", 3], ["random init", 1], ["density measures", 1], ["regional LAA-950", 1],
+        ["true lesion shares (ceiling)", 1], ["density + planted", 3],
+        ["density + random init", 1]]
     assert "PRISm subjects left out of GOLD" in readout_table.note
+    assert "1 × 5-fold" in readout_table.note and "(seed, split)" in readout_table.note
     assert [r[0] for r in survival_table.rows] == [
         "confounders", "confounders + planted", "confounders + random init",
-        "confounders + density measures", "spirometry (FEV1pp, GOLD)",
-        "confounders + planted + spirometry", "confounders + random init + spirometry"]
+        "confounders + density measures", "confounders + regional LAA-950",
+        "confounders + true lesion shares (ceiling)", "confounders + spirometry",
+        "confounders + spirometry + planted", "confounders + spirometry + random init"]
     # The planted features carry the severity that drives lung function; random ones do not.
     scores = result.readout
     assert scores["planted"]["log_fev1pp"].scores["R²"].mean > 0.3
     assert scores["random init"]["log_fev1pp"].scores["R²"].mean < 0.1
+    # Every (seed, split) is in a method's score; its per-split values are the seed means.
+    planted = scores["planted"]["log_fev1pp"]
+    assert len(planted.scores["R²"].values) == 3 * 5
+    np.testing.assert_allclose(planted.per_split["R²"],
+                               np.reshape(planted.scores["R²"].values, (3, 5)).mean(0))
+
+
+def test_paired_comparisons_and_the_reading_follow_the_numbers(evaluated):
+    result, _ = evaluated
+    comparisons = {row[0]: row[1:] for row in result.sections[2].tables[1].rows}
+    # The planted features carry the latent severity; the random ones do not. (Whether one
+    # 5-fold cross-validation makes that significant is the test's power, tested on planted
+    # signals in test_evaluation_readout; here: the cells and the reading agree.)
+    scores = result.readout
+    fev1 = comparisons["planted − random init"][0]
+    assert fev1.difference > 0.3
+    assert fev1 == paired_difference(scores["planted"]["log_fev1pp"].per_split["R²"],
+                                     scores["random init"]["log_fev1pp"].per_split["R²"], 5)
+    assert "planted − density measures" in comparisons
+    assert "density measures − density measures" not in comparisons
+    sentence = next(s for s in result.reading.split("Against ")[1:] if s.startswith("random"))
+    verdict = "scores higher on" if fev1.p < 0.05 else "no difference at p < 0.05 is found on"
+    assert sentence.startswith("random init, planted")
+    assert f"log FEV1pp R² ({fev1.format(2)})" in sentence.split(verdict)[1]
+    # Scanner control: the random features carry the kernel, the planted ones do not.
+    scanner = {row[0]: row[1:] for row in result.sections[3].tables[0].rows}
+    columns = result.sections[3].tables[0].columns[1:]
+    kernel = columns.index("Kernel accuracy − chance")
+    assert scanner["random init"][kernel].difference > 0.3
+    assert scanner["random init"][kernel].p < 0.05
+    assert scanner["planted"][kernel].p > 0.05
+    assert "Scanner readout of planted: Kernel" in result.reading
+    assert any("No site readout" in note for note in result.notes)
+    # Survival: every fold's C-index is there, and missing folds are named in the note.
+    survival_table = result.sections[4].tables[0]
+    assert "left out of the mean: 25th pct:" in survival_table.note
+    assert len(survival_table.rows[1][1].values) == 3 * 5
 
 
 def test_html_is_self_contained(evaluated):
@@ -121,33 +187,36 @@ def test_html_is_self_contained(evaluated):
     html = (out / "report.html").read_text()
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert sources and all(s.startswith(("data:image/png;base64,", "#")) for s in sources)
-    assert html.count("<img") == 5
+    assert html.count("<img") == 4
     assert "http://" not in html and "https://" not in html and "<link" not in html
 
 
 def test_results_json_round_trips(evaluated):
     result, out = evaluated
     sections, settings = read_results(out / "results.json")
-    assert sections[1] == result.sections[1]  # readout: every Score with its fold values
-    assert settings["folds"] == 5 and settings["repeats"] == 2 and settings["seed"] == 0
-    assert settings["feature files"]["planted"].endswith("planted.npz")
+    assert sections[2] == result.sections[2]  # readout: every Score with its fold values
+    assert settings["folds"] == 5 and settings["repeats"] == 1 and settings["seed"] == 0
+    assert settings["feature files"]["planted"][0].endswith("planted.npz")
     assert {"scikit-learn", "scikit-survival", "lifelines"} <= set(settings["versions"])
     first = json.loads((out / "results.json").read_text())
     write_report(sections, out, settings)
     assert json.loads((out / "results.json").read_text()) == first
-    cell = first["sections"][1]["tables"][0]["rows"][0][1]
-    assert cell["type"] == "score" and len(cell["values"]) == 5
+    cell = first["sections"][2]["tables"][0]["rows"][0][2]
+    assert cell["type"] == "score" and len(cell["values"]) == 15
+    cell = first["sections"][2]["tables"][1]["rows"][0][1]
+    assert cell["type"] == "paired difference" and 0 <= cell["p"] <= 1
 
 
 def test_covid_cohort_gets_the_severity_table(tmp_path):
     root = _cohort(tmp_path / "covid", kind="covid", subjects=30)
     result = drasclr.evaluate(root / "planted.npz", root / "clinical.csv", root / "store",
-                              root / "report")
-    table = result.sections[1].tables[0]
-    assert result.sections[1].title == "COVID-19 severity"
-    assert table.columns == ["Representation", "COVID-19 severity accuracy",
+                              root / "report", repeats=1)
+    table = result.sections[2].tables[0]
+    assert result.sections[2].title == "COVID-19 severity"
+    assert table.columns == ["Representation", "Seeds", "COVID-19 severity accuracy",
                              "COVID-19 severity 1-off"]
     assert [r[0] for r in table.rows] == ["planted", "density measures", "density + planted"]
+    assert "No scanner readout" in result.reading
     assert result.survival == {}
     assert (root / "report" / "figures" / "confusion_covid_grade.png").is_file()
 
@@ -179,7 +248,7 @@ def test_write_report_renders_any_sections(tmp_path):
 def test_cli_prints_the_table_and_the_report_path(copd, tmp_path, capsys):
     code = main(["evaluate", "--features", str(copd / "planted.npz"), "--clinical",
                  str(copd / "clinical.csv"), "--store", str(copd / "store"), "--out",
-                 str(tmp_path / "cli"), "--tasks", "log_fev1pp"])
+                 str(tmp_path / "cli"), "--tasks", "log_fev1pp", "--repeats", "1"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "Lung function, emphysema scores and exacerbations" in printed
@@ -262,8 +331,13 @@ def test_feature_sets_of_different_subjects_or_one_name(copd, tmp_path):
                                          r"only one of them: s000\)"):
         load_cohort([copd / "planted.npz", tmp_path / "other.npz"], copd / "clinical.csv",
                     copd / "store")
-    with pytest.raises(ValueError, match=r"its name 'planted' is also that of"):
+    with pytest.raises(ValueError, match=r"planted.npz: given twice for 'planted'"):
         load_cohort([copd / "planted.npz", copd / "planted.npz"], copd / "clinical.csv",
+                    copd / "store")
+    features.save(tmp_path / "copy.npz")
+    with pytest.raises(ValueError, match=r"copy.npz: the same features as .*planted.npz \(one "
+                                         r"pretraining seed given twice for 'planted'\?\)"):
+        load_cohort([copd / "planted.npz", tmp_path / "copy.npz"], copd / "clinical.csv",
                     copd / "store")
 
 
@@ -273,5 +347,6 @@ def test_store_without_density_measures(tmp_path):
         load_cohort(root / "planted.npz", root / "clinical.csv", root / "store")
     assert str(error.value) == (
         f"{root / 'store' / 'manifest.csv'} has no density measures (LAA-950, Perc15, mean lung "
-        f"density, lung volume, HAA): run `drasclr preprocess` again with the same arguments to "
-        f"add them; patches are kept")
+        f"density, lung volume, HAA, LAA-950 upper, LAA-950 middle, LAA-950 lower, LAA-950 rind, "
+        f"LAA-950 core): run `drasclr preprocess` again with the same arguments to add them; "
+        f"patches are kept")

@@ -60,7 +60,7 @@ def _planted_cohort(n=200, seed=0):
 def test_cox_on_reduced_image_features_finds_a_planted_hazard():
     confounders, image, time, event = _planted_cohort()
     horizons = follow_up_horizons(time)
-    options = dict(folds=5, repeats=2, seed=0, bootstrap=10)
+    options = dict(folds=5, repeats=2, seed=0)
     with_image = cross_validate_survival(np.hstack([confounders, image]), image.shape[1], time,
                                          event, horizons, **options)
     without = cross_validate_survival(confounders, 0, time, event, horizons, **options)
@@ -78,6 +78,51 @@ def test_cox_on_reduced_image_features_finds_a_planted_hazard():
 def test_survival_cross_validation_is_seeded():
     confounders, image, time, event = _planted_cohort(n=80, seed=1)
     X, horizons = np.hstack([confounders, image]), follow_up_horizons(time)
-    first, second = (cross_validate_survival(X, 30, time, event, horizons, repeats=1, seed=3,
-                                             bootstrap=5) for _ in range(2))
+    first, second = (cross_validate_survival(X, 30, time, event, horizons, repeats=1, seed=3)
+                     for _ in range(2))
     assert first.cindex == second.cindex
+
+
+def test_seeds_splits_and_folds_without_deaths():
+    # Deaths only late: at the 25th-percentile horizon some held-out folds have no death before
+    # it. Those splits are NaN for every row, named by splits_without_deaths, and left out of
+    # the mean; the standard error is the repeated-CV corrected one of the per-split values.
+    from drasclr.evaluation.paired import corrected_standard_error
+    from drasclr.evaluation.survival import splits_without_deaths
+
+    confounders, image, time, event = _planted_cohort(n=60, seed=2)
+    early = time < np.percentile(time, 30)
+    event = event & ~(early & (np.arange(60) % 4 != 0))  # few deaths before the horizon
+    horizons = follow_up_horizons(time)
+    seeds = [np.hstack([confounders, image + 0.1 * np.random.default_rng(s).normal(size=image.shape)])
+             for s in range(2)]
+    score = cross_validate_survival(seeds, 30, time, event, horizons, folds=5, repeats=2, seed=0)
+    missing = splits_without_deaths(time, event, horizons, folds=5, repeats=2, seed=0)
+    assert 0 < len(missing[25]) < 10
+    gaps = np.isnan(score.per_split[25])
+    assert [f"repeat {s // 5 + 1} fold {s % 5 + 1}" for s in np.flatnonzero(gaps)] == missing[25]
+    values = np.reshape(score.cindex[25].values, (2, 10))  # every (seed, split), NaN kept
+    assert np.array_equal(np.isnan(values), np.stack([gaps, gaps]))
+    assert score.cindex[25].value == pytest.approx(np.nanmean(values))
+    assert score.cindex[25].se == pytest.approx(corrected_standard_error(score.per_split[25], 5))
+
+
+def test_planted_hazard_beats_noise_in_a_paired_test_and_shuffled_outcomes_do_not():
+    from drasclr.evaluation.paired import paired_difference
+
+    confounders, image, time, event = _planted_cohort(n=150, seed=3)
+    noise = np.random.default_rng(9).normal(size=image.shape)
+    horizons = follow_up_horizons(time)
+    options = dict(folds=5, repeats=2, seed=0)
+    shuffle = np.random.default_rng(10).permutation(len(time))
+    for t, e, expect_signal in ((time, event, True), (time[shuffle], event[shuffle], False)):
+        planted = cross_validate_survival(np.hstack([confounders, image]), 30, t, e, horizons,
+                                          **options)
+        other = cross_validate_survival(np.hstack([confounders, noise]), 30, t, e, horizons,
+                                        **options)
+        difference = paired_difference(planted.per_split[50], other.per_split[50], 5)
+        if expect_signal:
+            assert difference.difference > 0.1 and difference.p < 0.01
+        else:
+            assert planted.cindex[50].value == pytest.approx(0.5, abs=0.1)
+            assert difference.p > 0.05

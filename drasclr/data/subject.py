@@ -144,8 +144,7 @@ def lung_density(volume: CTVolume, lungs: LungMask) -> dict[str, float]:
     """The density measures (``drasclr.data.density``) of a 1 mm volume inside its lung mask,
     the segmentation's labels brought onto the volume's grid (nearest neighbour)."""
     lung = lungs.on_grid(volume.array.shape, volume.affine) > 0
-    voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
-    return density_measures(volume.array, lung, voxel_ml)
+    return density_measures(volume.array, lung, volume.affine)
 
 
 def _segmented_volume(source: str | Path | CTVolume, segmentation: str,

@@ -1,9 +1,12 @@
 """The subject-level evaluation's inputs, aligned by subject id and checked before any fitting.
 
-Three sources meet here: one or more feature sets (``drasclr features``), the density measures
-that preprocessing wrote to the patch store's manifest (the baselines of every table), and the
-clinical table (one row per subject; the synthetic cohort's ``clinical.csv`` has every column
-used here). The tasks are those of Yu et al. 2023, Tables 2 to 4; which of them a table
+Three sources meet here: feature sets (``drasclr features``), several files of one method
+being its pretraining seeds; the density measures that preprocessing wrote to the patch store's
+manifest (the baselines of every table, whole-lung and regional LAA-950); and the clinical
+table (one row per subject; the synthetic cohort's ``clinical.csv`` has every column used
+here). Beside the tasks, the clinical table may give two kinds of control: the true lesion
+shares (``*_true`` columns of a synthetic cohort: the ceiling of what an image can tell) and the
+scanner (``site``, ``kernel``: what a representation should not tell). The tasks are those of Yu et al. 2023, Tables 2 to 4; which of them a table
 supports is read from its columns (``covid_grade`` present: a COVID-19 cohort, else COPD).
 
 Every problem found is a ValueError of one line naming the file and the problem, raised by
@@ -11,20 +14,26 @@ Every problem found is a ValueError of one line naming the file and the problem,
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from drasclr.data.density import COPD_DENSITY, COVID_DENSITY, DENSITY_MEASURES
+from drasclr.data.density import COPD_DENSITY, COVID_DENSITY, DENSITY_MEASURES, REGIONAL_LAA950
 from drasclr.data.store import DONE, PatchStore
 from drasclr.features import FeatureSet
 
 COPD, COVID = "copd", "covid"
 #: Confounders of the survival model (Yu et al. 2023, Table 3), clinical table columns.
 CONFOUNDERS = ("age", "sex", "race", "smoking_status", "pack_years")
+#: Clinical columns of the true lesion shares end so (the synthetic cohorts' image truths),
+#: except those of the acquisition: the depth of the breath is not a lesion.
+TRUTH_SUFFIX = "_true"
+ACQUISITION_TRUTHS = ("inspiration_true",)
+#: Scanner columns: what a representation of the lungs should not predict.
+SCANNER_COLUMNS = ("site", "kernel")
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ class Task:
     """One prediction target: a clinical column and how it is read out.
 
     ``kind`` is ``regression`` (R^2), ``ordinal`` (accuracy and 1-off accuracy over
-    ``grades``), ``binary`` (accuracy and AUC) or ``survival``.
+    ``grades``), ``nominal`` (accuracy), ``binary`` (accuracy and AUC) or ``survival``.
     """
 
     key: str
@@ -87,12 +96,18 @@ class SurvivalData:
 
 @dataclass
 class Cohort:
-    """Everything the evaluation fits on, row i of every array for ``subject_ids[i]``."""
+    """Everything the evaluation fits on, row i of every array for ``subject_ids[i]``.
+
+    ``features``: method name -> one (N, D) array per pretraining seed (its files in
+    ``feature_files``). ``regional``: LAA-950 by zone and depth (COPD; None for COVID-19).
+    ``truth``: the clinical table's true lesion shares (None without ``*_true`` columns).
+    ``scanner``: labels of the scanner columns present (site, kernel).
+    """
 
     kind: str
     subject_ids: list[str]
-    features: dict[str, np.ndarray]
-    feature_files: dict[str, str]
+    features: dict[str, list[np.ndarray]]
+    feature_files: dict[str, list[str]]
     density: np.ndarray
     density_columns: tuple[str, ...]
     labels: dict[str, Labels]
@@ -100,16 +115,25 @@ class Cohort:
     clinical_path: Path
     store_path: Path
     notes: list[str] = field(default_factory=list)
+    regional: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    truth_columns: tuple[str, ...] = ()
+    scanner: dict[str, Labels] = field(default_factory=dict)
 
 
-def load_cohort(features: Sequence[str | Path | FeatureSet] | str | Path | FeatureSet,
-                clinical: str | Path, store: str | Path, *, folds: int = 5,
+FeatureSource = str | Path | FeatureSet
+Features = Mapping[str, Sequence[FeatureSource]] | Sequence[FeatureSource] | FeatureSource
+
+
+def load_cohort(features: Features, clinical: str | Path, store: str | Path, *, folds: int = 5,
                 tasks: Sequence[str] | None = None) -> Cohort:
     """Load and align the three sources and check every task's labels.
 
     Args:
-        features: features files or :class:`FeatureSet` objects (one or more), all of the
-            same subjects; each is a row of the tables, under its ``name``.
+        features: features files or :class:`FeatureSet` objects, all of the same subjects:
+            a mapping method name -> its files (one per pretraining seed), or a sequence in
+            which the files of one ``name`` are that method's seeds. Each method is a row of
+            the tables.
         clinical: the clinical table (CSV with a ``subject_id`` column).
         store: the patch store whose manifest holds the density measures.
         folds: the cross-validation folds (every task needs at least this many subjects).
@@ -120,23 +144,36 @@ def load_cohort(features: Sequence[str | Path | FeatureSet] | str | Path | Featu
     if folds < 2:
         raise ValueError(f"folds: need at least 2 cross-validation folds, got {folds}")
     sets, files = _load_feature_sets(features)
-    first = next(iter(sets))
-    subject_ids = list(sets[first].subject_ids)
+    first = files[next(iter(files))][0]
+    subject_ids = list(next(iter(sets.values()))[0].subject_ids)
     clinical_path = Path(clinical)
     table = load_clinical(clinical_path)
     kind = COVID if "covid_grade" in table.columns else COPD
     notes: list[str] = []
-    table = _rows_of(table, subject_ids, files[first], notes)
+    table = _rows_of(table, subject_ids, first, notes)
 
     density_columns = COVID_DENSITY if kind == COVID else COPD_DENSITY
-    density = _read_density(Path(store), subject_ids, density_columns, files[first])
+    measures = _read_density(Path(store), subject_ids,
+                             density_columns + (REGIONAL_LAA950 if kind == COPD else ()), first)
+    density, regional = measures[:, :len(density_columns)], measures[:, len(density_columns):]
+    truth_columns = tuple(c for c in table.columns
+                          if c.endswith(TRUTH_SUFFIX) and c not in ACQUISITION_TRUTHS)
+    truth = (np.column_stack([_numeric(table, c, clinical_path) for c in truth_columns])
+             if truth_columns else None)
+    if truth is None:
+        notes.append(f"No ceiling row: {clinical_path.name} has no true lesion shares "
+                     f"(*{TRUTH_SUFFIX} columns).")
+    scanner = _scanner_labels(table, clinical_path, folds, notes)
 
     keys = _choose_tasks(kind, table, clinical_path, tasks, notes)
     labels = {k: _labels(TASKS[k], table, clinical_path, folds)
               for k in keys if TASKS[k].kind != "survival"}
     survival = (_survival_data(table, clinical_path, folds) if "survival" in keys else None)
-    return Cohort(kind, subject_ids, {name: s.features for name, s in sets.items()}, files,
-                  density, density_columns, labels, survival, clinical_path, Path(store), notes)
+    return Cohort(kind, subject_ids,
+                  {name: [np.asarray(s.features, np.float64) for s in seeds]
+                   for name, seeds in sets.items()},
+                  files, density, density_columns, labels, survival, clinical_path, Path(store),
+                  notes, regional if kind == COPD else None, truth, truth_columns, scanner)
 
 
 def density_label(column: str) -> str:
@@ -149,38 +186,56 @@ def _few(names: Sequence[str], count: int = 5) -> str:
     return shown + (", ..." if len(names) > count else "")
 
 
-def _load_feature_sets(features) -> tuple[dict[str, FeatureSet], dict[str, str]]:
-    """Feature sets by name, all aligned to the subject order of the first."""
-    items = [features] if isinstance(features, (str, Path, FeatureSet)) else list(features)
-    if not items:
+def _load_feature_set(item: FeatureSource) -> tuple[FeatureSet, str]:
+    """One feature set and the name of its source for messages."""
+    if not isinstance(item, FeatureSet):
+        return FeatureSet.load(item), str(item)
+    source = f"feature set '{item.name}'"
+    bad = ~np.isfinite(np.asarray(item.features, dtype=np.float64)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{source}: non-finite features for {int(bad.sum())} "
+                         f"subject(s): {_few(np.asarray(item.subject_ids)[bad])}")
+    return item, source
+
+
+def _load_feature_sets(features: Features
+                       ) -> tuple[dict[str, list[FeatureSet]], dict[str, list[str]]]:
+    """Method name -> its feature sets (seeds) and their sources, all aligned to the subject
+    order of the first."""
+    if isinstance(features, Mapping):
+        named = [(str(name), item) for name, items in features.items()
+                 for item in ([items] if isinstance(items, (str, Path, FeatureSet)) else items)]
+    else:
+        items = [features] if isinstance(features, (str, Path, FeatureSet)) else list(features)
+        named = [(None, item) for item in items]
+    if not named:
         raise ValueError("features: give at least one features file")
-    sets: dict[str, FeatureSet] = {}
-    files: dict[str, str] = {}
-    for item in items:
-        if isinstance(item, FeatureSet):
-            feature_set, source = item, f"feature set '{item.name}'"
-            bad = ~np.isfinite(np.asarray(item.features, dtype=np.float64)).all(axis=1)
-            if bad.any():
-                raise ValueError(f"{source}: non-finite features for {int(bad.sum())} "
-                                 f"subject(s): {_few(np.asarray(item.subject_ids)[bad])}")
-        else:
-            feature_set, source = FeatureSet.load(item), str(item)
-        if feature_set.name in sets:
-            raise ValueError(f"{source}: its name '{feature_set.name}' is also that of "
-                             f"{files[feature_set.name]}; name feature sets apart "
-                             f"(`drasclr features --name`)")
-        sets[feature_set.name], files[feature_set.name] = feature_set, source
-    first = next(iter(sets))
-    reference = sets[first].subject_ids
-    for name, feature_set in sets.items():
-        if set(feature_set.subject_ids) != set(reference):
-            only = sorted(set(feature_set.subject_ids) ^ set(reference))
-            raise ValueError(f"{files[name]}: not the subjects of {files[first]} ({len(only)} "
-                             f"in only one of them: {_few(only)}); extract both from one store")
-        order = {s: i for i, s in enumerate(feature_set.subject_ids)}
-        rows = np.array([order[s] for s in reference])
-        sets[name] = FeatureSet(list(reference), np.asarray(feature_set.features)[rows],
-                                feature_set.metadata)
+    sets: dict[str, list[FeatureSet]] = {}
+    files: dict[str, list[str]] = {}
+    for name, item in named:
+        feature_set, source = _load_feature_set(item)
+        name = feature_set.name if name is None else name
+        if source in files.get(name, ()):
+            raise ValueError(f"{source}: given twice for '{name}'")
+        sets.setdefault(name, []).append(feature_set)
+        files.setdefault(name, []).append(source)
+    first_name = next(iter(sets))
+    reference, first = sets[first_name][0].subject_ids, files[first_name][0]
+    for name, seeds in sets.items():
+        for i, (feature_set, source) in enumerate(zip(seeds, files[name])):
+            if set(feature_set.subject_ids) != set(reference):
+                only = sorted(set(feature_set.subject_ids) ^ set(reference))
+                raise ValueError(f"{source}: not the subjects of {first} ({len(only)} in only "
+                                 f"one of them: {_few(only)}); extract both from one store")
+            order = {s: j for j, s in enumerate(feature_set.subject_ids)}
+            rows = np.array([order[s] for s in reference])
+            seeds[i] = FeatureSet(list(reference), np.asarray(feature_set.features)[rows],
+                                  feature_set.metadata)
+        for i in range(len(seeds)):
+            for j in range(i):
+                if np.array_equal(seeds[i].features, seeds[j].features):
+                    raise ValueError(f"{files[name][i]}: the same features as {files[name][j]} "
+                                     f"(one pretraining seed given twice for '{name}'?)")
     return sets, files
 
 
@@ -293,6 +348,26 @@ def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: column {column} has missing, non-numeric or non-finite "
                          f"values for {int(bad.sum())} subjects ({names})")
     return values
+
+
+def _scanner_labels(table: pd.DataFrame, path: Path, folds: int,
+                    notes: list[str]) -> dict[str, Labels]:
+    """Labels of the scanner columns present and usable; a note for each one that is not."""
+    labels = {}
+    for column in SCANNER_COLUMNS:
+        if column not in table.columns:
+            notes.append(f"No {column} readout: {path.name} has no {column} column.")
+            continue
+        values = _numeric(table, column, path)
+        grades = tuple(int(v) for v in np.unique(values))
+        task = (Task(column, column.capitalize(), column, "binary", grades=grades)
+                if len(grades) == 2 else
+                Task(column, column.capitalize(), column, "nominal", grades=grades))
+        try:
+            labels[column] = _labels(task, table, path, folds)
+        except ValueError as error:
+            notes.append(f"No {column} readout: {error}.")
+    return labels
 
 
 def _check_count(n: int, folds: int, what: str, path: Path) -> None:

@@ -70,9 +70,24 @@ class Section:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """The mean difference of two rows over the splits they share, and the p-value of a paired
+    test of it (``drasclr.evaluation.paired``)."""
+
+    difference: float
+    p: float
+
+    def format(self, digits: int = 3) -> str:
+        if not np.isfinite(self.difference):
+            return "n/a"
+        p = f"{self.p:.3f}" if self.p >= 0.001 else "<0.001"
+        return f"{self.difference:+.{digits}f} (p {p})"
+
+
+@dataclass(frozen=True)
 class Estimate:
     """A point estimate with its standard error, and the values it was averaged from (e.g. a
-    C-index over repeated folds with a bootstrapped standard error)."""
+    C-index over repeated folds with a standard error from their spread)."""
 
     value: float
     se: float
@@ -88,7 +103,7 @@ def format_cell(cell, digits: int = 3) -> str:
     """The text of a table cell: scores as 'mean ± SD', floats to ``digits`` decimals."""
     if isinstance(cell, Score):
         return cell.format(digits) if np.isfinite(cell.mean) else "n/a"
-    if isinstance(cell, Estimate):
+    if isinstance(cell, (Estimate, PairedDifference)):
         return cell.format(digits)
     if cell is None:
         return ""
@@ -168,6 +183,9 @@ def _cell_to_json(cell):
     if isinstance(cell, Estimate):
         return {"type": "estimate", "value": _number(cell.value), "se": _number(cell.se),
                 "values": [_number(v) for v in cell.values]}
+    if isinstance(cell, PairedDifference):
+        return {"type": "paired difference", "difference": _number(cell.difference),
+                "p": _number(cell.p)}
     return _json_safe(cell)
 
 
@@ -178,6 +196,9 @@ def _cell_from_json(cell):
         nan = lambda v: np.nan if v is None else float(v)  # noqa: E731
         return Estimate(nan(cell["value"]), nan(cell["se"]),
                         tuple(nan(v) for v in cell["values"]))
+    if isinstance(cell, dict) and cell.get("type") == "paired difference":
+        return PairedDifference(*(np.nan if cell[k] is None else float(cell[k])
+                                  for k in ("difference", "p")))
     return cell
 
 
@@ -275,7 +296,8 @@ table.settings td:first-child { font-weight: 600; white-space: nowrap; }
 
 
 def _is_number(cell) -> bool:
-    return isinstance(cell, (Score, Estimate, int, float, np.number)) and not isinstance(cell, bool)
+    return (isinstance(cell, (Score, Estimate, PairedDifference, int, float, np.number))
+            and not isinstance(cell, bool))
 
 
 def _html_cell(cell) -> str:
