@@ -6,8 +6,9 @@ manifest (the baselines of every table, whole-lung and regional LAA-950); and th
 table (one row per subject; the synthetic cohort's ``clinical.csv`` has every column used
 here). Beside the tasks, the clinical table may give two kinds of control: the true lesion
 shares (``*_true`` columns of a synthetic cohort: the ceiling of what an image can tell) and the
-scanner (``site``, ``kernel``: what a representation should not tell). The tasks are those of Yu et al. 2023, Tables 2 to 4; which of them a table
-supports is read from its columns (``covid_grade`` present: a COVID-19 cohort, else COPD).
+scanner (``site``, ``kernel``: what a representation should not tell). The tasks are those
+of Yu et al. 2023, Tables 2 to 4; which of them a table supports is read from its columns
+(``covid_grade`` present: a COVID-19 cohort, else COPD).
 
 Every problem found is a ValueError of one line naming the file and the problem, raised by
 :func:`load_cohort` before any model is fitted.
