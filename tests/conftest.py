@@ -13,17 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DRASCLR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-#: Real chest CT scans with reference lung masks (SHARED_DATA/real_ct/README.md).
-REAL = SHARED_DATA / "real_ct"
-LUNG1, COPD = "lung1-001_ct", "copdgene-10002K_ct-64"
-SCANS = {LUNG1: "lung1-001_ct.nii.gz", COPD: "copdgene-10002K_ct-64.nrrd"}
-REFERENCE_MASKS = {LUNG1: "lung1-001_lungs.nii.gz", COPD: "copdgene-10002K_wholelung-64.nrrd"}
-ATLAS_MASK = SHARED_DATA / "atlas_lung_mask.nii.gz"
-REAL_CT_AVAILABLE = ATLAS_MASK.exists() and all(
-    (REAL / name).exists() for name in [*SCANS.values(), *REFERENCE_MASKS.values()])
+from real_data import ATLAS_MASK, REAL, REAL_CT_AVAILABLE, SCANS, SHARED_DATA  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -241,12 +241,12 @@ def test_ablation_config_points_into_the_demo_output():
 
 def test_real_ct_figure_draws_the_segmentation_landmarks_and_a_dense_map(real_store, tmp_path,
                                                                          one_thread):
-    from conftest import LUNG1, REAL, SCANS
+    from real_data import LUNG1, REAL, SCANS
 
     store, atlas = real_store
     example = load_example("real_ct_figure")
     result = example.main(["--scan", str(REAL / SCANS[LUNG1]), "--store", str(store),
-                           "--out", str(tmp_path), "--step", "8", "--synthetic-subjects", "4"])
+                           "--out", str(tmp_path), "--step", "8", "--synthetic-subjects", "5"])
     html = result["html"].read_text()
     assert html.count("data:image/png;base64,") == 3 and "synthetic cohort" in html
     # the slice through the most lung: a lung cross-section of an adult, mapped everywhere

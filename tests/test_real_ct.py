@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import COPD, LUNG1, REAL, REAL_CT_AVAILABLE, REFERENCE_MASKS, SCANS, SHARED_DATA
+from real_data import COPD, LUNG1, REAL, REAL_CT_AVAILABLE, REFERENCE_MASKS, SCANS, SHARED_DATA
 from drasclr.data.io import read_ct
 from drasclr.data.lung_segmentation import LEFT, RIGHT, LungMask
 from drasclr.data.registration import FORWARD_FILE, ras_matrix

@@ -36,7 +36,6 @@ def _summary(index: int) -> dict:
     measures on its image inside its true lung mask (as preprocessing computes them), its
     clinical row, and its boxes with their template-space pleural depth."""
     image, lung, _, truth = render_subject(plan_subject(SEED, index, "copd", "small"))
-    voxel_ml = float(np.prod(truth["scanner"]["spacing_mm"])) / 1000
     template = chest_geometry("small").template
     from drasclr.data.synthetic.transform import SubjectTransform
 
@@ -49,7 +48,8 @@ def _summary(index: int) -> dict:
         voxels = np.clip(voxels, 0, np.asarray(template.lung.shape) - 1)
         depth = template.pleura_distance[tuple(voxels.T)].tolist()
         zone = template.zone(points[:, 2]).tolist()
-    return {"density": density_measures(image, lung > 0, voxel_ml), "clinical": truth["clinical"],
+    density = density_measures(image, lung > 0, np.asarray(truth["image_affine"]))
+    return {"density": density, "clinical": truth["clinical"],
             "boxes": [(b["label"], d, z) for b, d, z in zip(boxes, depth, zone)],
             "diseased": truth["clinical"]["emphysema_true"] > 0}
 

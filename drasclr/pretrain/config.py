@@ -159,6 +159,8 @@ class TrainConfig:
         """Check values that need no file access; raise ValueError naming the field."""
         if not self.store:
             raise ValueError("store: a patch store folder is required")
+        if self.atlas is not None and not str(self.atlas).strip():
+            raise ValueError("atlas: an empty path; leave it unset to use the store's atlas")
         check_fields(self)  # again: the dataclass is mutable
         if self.batch_size % self.landmarks_per_batch:
             raise ValueError(

@@ -88,7 +88,7 @@ def subject_rng(seed: int, index: int, kind: str, version: int = 1) -> np.random
 
 
 def check_version(version: int) -> int:
-    if version not in GENERATOR_VERSIONS:
+    if isinstance(version, bool) or version not in GENERATOR_VERSIONS:
         raise ValueError(f"version must be one of {sorted(GENERATOR_VERSIONS)}, got {version!r}")
     return version
 
