@@ -15,7 +15,7 @@ for a COVID-19 cohort (pretrained on its own scans, as the paper pretrains on Mo
 severity task. Everything ends in one report (``<out>/report/report.html``), whose reading
 paragraph is generated from its numbers, and the tables printed.
 
-Three sizes (:class:`Plan`): :data:`DEMO`, the default, sized to finish within ten minutes on
+Three sizes (:class:`Plan`): :data:`DEMO`, the default, sized for about ten minutes on
 a 2-core CPU (the COPD arm, the detection probes of the patch-level stages); :data:`FULL`
 (``--full``), every arm and stage; :data:`QUICK` (``--quick``), a smoke run whose numbers mean
 little. Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they
