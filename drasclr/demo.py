@@ -252,7 +252,7 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
     from drasclr.evaluation.map_study import held_out_maps
 
     sizes, folds = plan.patch_level, plan.folds
-    annotations = cohort / "annotations.csv"
+    annotations = _annotations_in_store(cohort / "annotations.csv", store, out)
     data = detection_patches(annotations, store)
     encoder = load_encoder(checkpoint)
     config = DetectionConfig(folds=folds, seed=args.seed, random_init=args.seed,
@@ -304,6 +304,29 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
         with _stage(f"copd: {heading}", timings, f"copd {name}"):
             sections += _kept_sections(out / "sections" / f"{name}.json", compute)
     return sections
+
+
+def _annotations_in_store(annotations: Path, store: Path, out: Path) -> Path:
+    """The cohort's annotations of the subjects the store holds: a subject that failed
+    preprocessing (a registration below the quality threshold, say) has no patches to score,
+    and the rest of the demo goes on without its boxes."""
+    import csv
+
+    from drasclr.data.store import DONE, PatchStore
+    from drasclr.data.synthetic.files import write_csv
+
+    done = {row["subject_id"] for row in PatchStore(store).manifest if row["status"] == DONE}
+    with open(annotations, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        columns, rows = list(reader.fieldnames or []), list(reader)
+    kept = [row for row in rows if row["subject_id"] in done]
+    if len(kept) == len(rows):
+        return annotations
+    print(f"{len(rows) - len(kept)} annotated boxes of subjects that failed preprocessing "
+          "left out of the patch-level stages")
+    path = out / "annotations_in_store.csv"
+    write_csv(path, kept, columns)
+    return path
 
 
 def _kept_sections(path: Path, compute) -> list:

@@ -182,3 +182,34 @@ def test_nested_augment_flags(trained_with):
                           "--no-augment.enabled")
     assert (config.augment.noise_std, config.augment.contrast_gamma) == (20.0, (1.0, 2.0))
     assert config.augment.enabled is False and config.augment.rotate_degrees == 10.0
+
+
+def test_demo_leaves_out_the_boxes_of_subjects_that_failed_preprocessing(tmp_path):
+    """A subject that failed preprocessing has no patches: the demo's patch-level stages go on
+    with the other subjects' boxes instead of stopping."""
+    import csv
+
+    import numpy as np
+
+    from drasclr.data.store import write_subject
+    from drasclr.demo import _annotations_in_store
+    from helpers import make_store
+
+    store, _ = make_store(tmp_path, num_subjects=3, num_landmarks=2)
+    write_subject(store, "s01", "synthetic", error="registration failed: lung Dice 0.7")
+    annotations = tmp_path / "annotations.csv"
+    rows = [{"subject_id": s, "label": label, "x_mm": str(i)} for i, (s, label) in enumerate(
+        [("s00", "healthy"), ("s01", "centrilobular"), ("s02", "paraseptal"), ("s01", "healthy")])]
+    with open(annotations, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["subject_id", "label", "x_mm"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    kept_path = _annotations_in_store(annotations, store, tmp_path)
+    with open(kept_path, newline="") as file:
+        kept = list(csv.DictReader(file))
+    assert [row["subject_id"] for row in kept] == ["s00", "s02"]
+    assert kept == [rows[0], rows[2]]  # every column of the kept rows unchanged
+    redone = np.random.default_rng(1).integers(-1000, 200, (2, 32, 32, 32), dtype=np.int16)
+    write_subject(store, "s01", "synthetic", patches=redone)
+    assert _annotations_in_store(annotations, store, tmp_path / "other") == annotations
