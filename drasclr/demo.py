@@ -77,7 +77,7 @@ class Plan:
     patch_level: PatchLevel
 
 
-DEMO = Plan(Arm("copd", 60, 150), Arm("covid", 0, 120), seeds=3, folds=5, repeats=3,
+DEMO = Plan(Arm("copd", 60, 100), Arm("covid", 0, 120), seeds=3, folds=5, repeats=3,
             patch_stages=("detection_probes",), patch_level=PATCH_LEVEL)
 FULL = Plan(Arm("copd", 60, 240), Arm("covid", 24, 120), seeds=3, folds=5, repeats=5,
             patch_stages=PATCH_STAGES[1:], patch_level=PATCH_LEVEL)
