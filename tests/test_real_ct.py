@@ -105,6 +105,11 @@ def test_registration_to_the_atlas_and_its_quality_flag(real_store):
         # cannot undo the volume a tumour takes from LUNG1-001's right upper lobe
         overlap = dice(warped, atlas_lung)
         assert overlap >= MIN_REGISTRATION_DICE[subject_id], subject_id
+        # and the pipeline's own lung mask, the one it registered
+        own = saved_labels(store, subject_id, reference.array.shape, reference.affine)
+        own_warped = np.zeros(len(voxel), bool)
+        own_warped[inside] = own[tuple(voxel[inside].astype(int).T)] > 0
+        assert dice(own_warped, atlas_lung) >= MIN_REGISTRATION_DICE[subject_id], subject_id
         # the registration's own check says the same
         assert rows[subject_id]["status"] == "done"
         assert abs(rows[subject_id]["dice"] - overlap) < 0.05, (subject_id, rows[subject_id]["dice"], overlap)
