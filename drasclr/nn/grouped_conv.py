@@ -128,8 +128,9 @@ def conv3d_by_landmark(
 
     stride, padding, dilation = (as_triple(v, name) for v, name in (
         (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    out_voxels = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
-        x.shape[2:], kernels.shape[3:], stride, padding, dilation))
+    # a list, not a generator: torch.compile cannot trace math.prod of a generator
+    out_voxels = math.prod([(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+        x.shape[2:], kernels.shape[3:], stride, padding, dilation)])
     # split, not one narrow per bucket: a narrow's backward fills a zero gradient of all of x
     x_buckets = x.split([bucket.count * bucket.members.shape[0] for bucket in partition.buckets])
     outputs = []
