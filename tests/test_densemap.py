@@ -134,6 +134,26 @@ def test_exact_map_equals_the_encoder_on_the_centred_patch(cohort):
     np.testing.assert_allclose(values, reference, atol=2e-5)
 
 
+def test_maps_default_to_bf16_on_a_cpu_with_native_bf16_unless_opted_out(cohort, monkeypatch):
+    from drasclr import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # bf16 runs anywhere
+    monkeypatch.delenv(precision.CPU_BF16_VARIABLE, raising=False)
+    scan, encoder, head = cohort["scan"], tiny_encoder(), spread_head()
+    lung = np.argwhere(scan.lung)
+    voxels = lung[:: len(lung) // 6][:6]
+    reference = np.array([reference_probability(encoder, head, scan, v) for v in voxels])
+    assert np.ptp(reference) > 0.05
+    bf16 = dm.exact_probabilities(encoder, head, scan, voxels, batch=3, device="cpu",
+                                  progress=False)
+    error = np.abs(bf16 - reference).max()
+    assert 2e-5 < error < 2e-2  # bf16 rounding, not float32's
+    monkeypatch.setenv(precision.CPU_BF16_VARIABLE, "0")
+    fp32 = dm.exact_probabilities(encoder, head, scan, voxels, batch=3, device="cpu",
+                                  progress=False)
+    np.testing.assert_allclose(fp32, reference, atol=2e-5)
+
+
 def test_step_map_equals_step_one_on_the_evaluated_voxels(cohort):
     scan, encoder, head = cohort["scan"], tiny_encoder(), spread_head()
     centre = lung_interior_voxel(scan)

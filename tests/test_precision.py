@@ -29,16 +29,26 @@ def native_bf16(monkeypatch):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_picks_bf16_only_where_the_cpu_has_it_and_the_user_opts_in(monkeypatch, native):
+def test_auto_picks_bf16_only_where_the_cpu_has_it_and_the_workload_or_user_asks(monkeypatch,
+                                                                                  native):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.delenv(precision.CPU_BF16_VARIABLE, raising=False)
     assert precision.use_bf16("cpu") is False  # float32 by default on every CPU
+    assert precision.use_bf16("cpu", cpu_default=True) is native  # a workload measured faster
     monkeypatch.setenv(precision.CPU_BF16_VARIABLE, "1")
     assert precision.use_bf16("cpu") is native
     assert precision.use_bf16(torch.device("cpu"), amp=False) is False
     with precision.autocast("cpu", precision.use_bf16("cpu")):
         y = F.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv(precision.CPU_BF16_VARIABLE, "0")  # the user's opt-out wins
+    assert precision.use_bf16("cpu", cpu_default=True) is False
+
+
+def test_a_malformed_opt_in_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(precision.CPU_BF16_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="DRASCLR_CPU_BF16='yes'"):
+        precision.use_bf16("cpu")
 
 
 def test_the_probe_reads_the_cpu_flags():

@@ -95,7 +95,8 @@ class TrainConfig:
     sync_bn: bool = _doc("SyncBatchNorm in the query encoder under DDP", False)
     amp: bool = _doc(
         "bfloat16 autocast where it pays: CUDA with bf16, or a CPU with AVX512_BF16 or AMX "
-        "when DRASCLR_CPU_BF16=1 (drasclr.precision); false: float32 everywhere", True
+        "when DRASCLR_CPU_BF16=1 (unsafe for training there, see drasclr.precision); false: "
+        "float32 everywhere", True
     )
     seed: int = _doc("seed of initialisation, sampling and augmentation", 0, COUNT)
     device: str = _doc("auto (cuda when present), cpu, cuda, cuda:N", "auto")

@@ -60,9 +60,15 @@ class PatchGatherer:
         return normalise_hu(patches)[:, None]
 
 
+#: Dense maps run bf16 autocast by default on a CPU with native bf16: every patch has its own
+#: location, and the per-patch kernel mixtures and convolutions ran 1.30x (1.27-1.61x) faster
+#: in bf16 than in float32 (benchmarks/RESULTS.md, "CPU ceiling, part 3").
+CPU_BF16 = True
+
+
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast where it pays (when ``amp``; drasclr.precision), else float32."""
-    return precision.autocast(device, precision.use_bf16(device, amp))
+    return precision.autocast(device, precision.use_bf16(device, amp, cpu_default=CPU_BF16))
 
 
 def exact_probabilities(
