@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one unattended call on a lent CUDA machine, sized to end in
 # about six minutes: the kernel and encoder tests on the GPU, the Triton self-check that
-# backend="auto" runs, the training step against the reference-style step, and the per-layer
-# and whole-encoder benchmark. Logs and the benchmark's JSON go to $OUT (default /tmp/gpu_out);
+# backend="auto" runs, the training step against the reference-style step, whether bf16
+# training collapses (as it does on the CPU), and the per-layer and whole-encoder benchmark. Logs and the benchmark's JSON go to $OUT (default /tmp/gpu_out);
 # a short summary is printed last.
 #
 #     OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
@@ -46,7 +46,12 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_train.py --
     --benchmark-json="$OUT/bench_train.json" >"$OUT/bench_train.log" 2>&1
 echo "bench_train exit $?"; grep -E "patches/s|passed|failed|Error" "$OUT/bench_train.log" | tail -5
 
-echo "== 4. layers and whole encoder (budget 130 s of measurements)"
+echo "== 4. does bf16 training collapse here as on the CPU? (benchmarks/bf16_training_check.py)"
+timeout 60 python3 benchmarks/bf16_training_check.py --device cuda --steps 8 --runs 3 \
+    >"$OUT/bf16_training_check.log" 2>&1
+echo "bf16 check exit $?"; tail -7 "$OUT/bf16_training_check.log"
+
+echo "== 5. layers and whole encoder (budget 130 s of measurements)"
 timeout 200 python3 benchmarks/gpu_encoder_benchmark.py "$OUT/gpu_encoder_benchmark.json" \
     --budget-s 130 >"$OUT/gpu_encoder_benchmark.log" 2>&1
 echo "encoder benchmark exit $?"; tail -60 "$OUT/gpu_encoder_benchmark.log"
