@@ -401,6 +401,37 @@ def test_voxel_rule_detects_a_subpleural_box_the_centre_misses():
     assert box_fractions(small_p.detach().numpy(), small.box_lung, 4)[0] < 0.25
 
 
+def test_box_features_are_the_encoder_on_each_sample_voxels_patch_and_coordinate(monkeypatch):
+    from drasclr import precision
+    from drasclr.intensity import normalise_hu
+
+    data = planted(subjects=2, per_subject=1, boxes=True,
+                   seed=int(np.random.default_rng().integers(1 << 30)))
+    # a ramp of -120 to +1,360 HU across the region, so that every sample voxel's patch differs
+    ramp = np.tensordot([4, 8, 12], np.indices((63,) * 3), axes=1) - 120
+    data.regions[:] += ramp.astype(np.int16)
+    encoder = random_encoder({**TINY, "conditioning": "loc_condconv"}, 3)
+    encoder64 = random_encoder({**TINY, "conditioning": "loc_condconv"}, 3).double().eval()
+
+    @torch.no_grad()
+    def reference_h(n: int, i: int, j: int, k: int) -> np.ndarray:
+        """h of the patch whose corner is box voxel (i, j, k), at that voxel's coordinate."""
+        patch = normalise_hu(torch.from_numpy(data.regions[n, i:i + 32, j:j + 32, k:k + 32]))
+        coord = torch.from_numpy(np.r_[i, j, k, 1.0] @ data.box_coord_affine[n])
+        return encoder64(patch.double()[None, None], coord[None])[0].numpy()
+
+    reference = np.array([[reference_h(1, *voxel) for voxel in box_samples(16)]])
+    tolerance = 1e-4 * np.ptp(reference, axis=1).max()  # of the spread across sample voxels
+    fp32 = box_features(encoder, data, np.array([1]), 16, amp=False, progress=False)
+    np.testing.assert_allclose(fp32, reference, atol=tolerance)
+    # by default the dense maps' arithmetic: bf16 on a CPU with native bf16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.delenv(precision.CPU_BF16_VARIABLE, raising=False)
+    error = np.abs(box_features(encoder, data, np.array([1]), 16, progress=False)
+                   - reference).max()
+    assert 10 * tolerance < error < 2e-2 * np.abs(reference).max()  # bf16 rounding
+
+
 def test_voxel_rule_learns_planted_signal_and_not_shuffled_labels():
     data = planted(subjects=8, per_subject=4, boxes=True)
     encoder = random_encoder(TINY, 0)

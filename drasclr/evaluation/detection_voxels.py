@@ -12,7 +12,8 @@ so no value is extrapolated) and the map is filled by trilinear interpolation; a
 it is the exact map. The patch of box voxel b is ``regions[n, b:b+32, ...]`` of
 :class:`~drasclr.evaluation.detection_patches.DetectionPatches`, its coordinate
 ``[*b, 1] @ box_coord_affine[n]``, so the values at the grid voxels are the ones a whole-scan
-map would hold there.
+map would hold there. The patches run in the dense maps' arithmetic (bf16 autocast where it
+pays, :data:`drasclr.evaluation.densemap.window.CPU_BF16`): the same per-voxel workload.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.interpolate import RegularGridInterpolator
 from torch import nn
+from tqdm import tqdm
 
 from drasclr.evaluation.densemap.scoring import lung_fraction_above
+from drasclr.evaluation.densemap.window import autocast
 from drasclr.evaluation.detection_patches import BOX, DetectionPatches
 from drasclr.intensity import normalise_hu
 
@@ -53,22 +56,29 @@ def check_boxes(data: DetectionPatches) -> None:
 
 @torch.no_grad()
 def box_features(encoder: nn.Module, data: DetectionPatches, rows: np.ndarray, step: int,
-                 batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+                 batch_size: int = 64, device: str | torch.device = "cpu", amp: bool = True,
+                 progress: bool = True) -> np.ndarray:
     """(len(rows), M, rep_dim) float32 representation h of the patch centred on each sample
-    voxel (:func:`box_samples`) of each box ``rows``, with that voxel's own coordinate."""
+    voxel (:func:`box_samples`) of each box ``rows``, with that voxel's own coordinate; under
+    bf16 autocast where it pays when ``amp`` (``amp=False``: float32); ``progress``: a tqdm
+    bar over the boxes."""
     check_boxes(data)
     samples = box_samples(step)
+    device = torch.device(device)
     encoder = encoder.eval().to(device)
     homogeneous = np.c_[samples, np.ones(len(samples))]
     out = np.empty((len(rows), len(samples), encoder.rep_dim), dtype=np.float32)
-    for k, row in enumerate(np.asarray(rows)):
+    boxes = tqdm(np.asarray(rows), desc=f"box maps ({len(samples)} voxels per box)",
+                 unit="box", disable=not progress, leave=False)
+    for k, row in enumerate(boxes):
         windows = sliding_window_view(data.regions[row], (BOX,) * 3)
         patches = windows[samples[:, 0], samples[:, 1], samples[:, 2]]
         coords = torch.as_tensor(homogeneous @ data.box_coord_affine[row], dtype=torch.float32)
         for start in range(0, len(samples), batch_size):
             x = normalise_hu(torch.from_numpy(np.ascontiguousarray(
                 patches[start:start + batch_size])).to(device))[:, None]
-            h = encoder(x, coords[start:start + batch_size].to(device))
+            with autocast(device, amp):
+                h = encoder(x, coords[start:start + batch_size].to(device))
             out[k, start:start + batch_size] = h.float().cpu().numpy()
     return out
 
