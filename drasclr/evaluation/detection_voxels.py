@@ -64,7 +64,6 @@ def box_features(encoder: nn.Module, data: DetectionPatches, rows: np.ndarray, s
     bar over the boxes."""
     check_boxes(data)
     samples = box_samples(step)
-    device = torch.device(device)
     encoder = encoder.eval().to(device)
     homogeneous = np.c_[samples, np.ones(len(samples))]
     out = np.empty((len(rows), len(samples), encoder.rep_dim), dtype=np.float32)
