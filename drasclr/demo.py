@@ -57,7 +57,7 @@ class PatchLevel:
 
 # Sized for the 2-core CPU, where the fine-tunings and the box maps of the voxel rule dominate
 # (stage times: benchmarks/RESULTS.md). A box step of 16 evaluates 27 voxels of each 32 mm
-# box (8: 125, about 4.6 times the cost) and interpolates the rest.
+# box (8: 125, 4.6 times as many encoder passes) and interpolates the rest.
 PATCH_LEVEL = PatchLevel(3, (0.1, 0.2, 0.5, 1.0), 3, 2, 4, 60, 16)
 QUICK_PATCH_LEVEL = PatchLevel(1, (0.5, 1.0), 2, 1, 8, 4, 16)
 
