@@ -19,12 +19,14 @@ Three sizes (:class:`Plan`): :data:`DEMO`, the default, sized for about ten minu
 a 2-core CPU (the COPD arm, the detection probes of the patch-level stages); :data:`FULL`
 (``--full``), every arm and stage; :data:`QUICK` (``--quick``), a smoke run whose numbers mean
 little. Every stage keeps its outputs under ``--out`` and is skipped (or resumed) when they
-are already there, so an interrupted demo picks up where it was. The stage times on the
-2-core CPU machine are in benchmarks/RESULTS.md; ``drasclr detect``, ``drasclr densemap`` and
-``drasclr ablate`` run each patch-level part at any size.
+are already there, made after its inputs last changed and with the same settings, so an
+interrupted demo picks up where it was. The stage times on the 2-core CPU machine are in
+benchmarks/RESULTS.md; ``drasclr detect``, ``drasclr densemap`` and ``drasclr ablate`` run
+each patch-level part at any size.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -213,21 +215,25 @@ def _run_arm(arm: Arm, plan: Plan, args: DemoSettings, atlas_path: Path, report_
                 timings, f"{arm.kind} features"):
         features = {"DrasCLR": [], "random init": []}
         for seed, checkpoint in zip(seeds, checkpoints):
-            drasclr, random = (out / "features" / f"drasclr_seed{seed}.npz",
-                               out / "features" / f"random_init_seed{seed}.npz")
-            extract_features(checkpoint, store, out=drasclr, name="DrasCLR", device=args.device,
-                             progress=False)
-            extract_features(checkpoint, store, out=random, name="random init",
-                             random_init=seed, device=args.device, progress=False)
-            features["DrasCLR"].append(drasclr)
-            features["random init"].append(random)
+            for name, random_init in (("DrasCLR", None), ("random init", seed)):
+                path = out / "features" / f"{name.replace(' ', '_').lower()}_seed{seed}.npz"
+                if _up_to_date(path, [checkpoint, store / "manifest.csv"]):
+                    print(f"kept from an earlier run: {path}")
+                else:
+                    extract_features(checkpoint, store, out=path, name=name,
+                                     random_init=random_init, device=args.device, progress=False)
+                features[name].append(path)
 
     with _stage(f"{arm.kind}: evaluation against the density measures, {plan.repeats} x "
                 f"{plan.folds}-fold", timings, f"{arm.kind} evaluate"):
-        evaluation = evaluate(features, cohort / "clinical.csv", store, report_dir,
-                              folds=plan.folds, repeats=plan.repeats, seed=args.seed,
-                              n_jobs=args.workers)
-        sections = evaluation.sections
+        sections = _kept_sections(
+            out / "sections" / "evaluate.json",
+            lambda: evaluate(features, cohort / "clinical.csv", store, report_dir,
+                             folds=plan.folds, repeats=plan.repeats, seed=args.seed,
+                             n_jobs=args.workers).sections,
+            inputs=[*features["DrasCLR"], *features["random init"], cohort / "clinical.csv"],
+            settings={"folds": plan.folds, "repeats": plan.repeats, "seed": args.seed},
+            report_dir=report_dir)
     if arm.kind == "copd" and plan.patch_stages:
         sections += _patch_level_sections(cohort, store, atlas_path, checkpoints[0], out,
                                           report_dir, plan, args, timings)
@@ -306,7 +312,11 @@ def _patch_level_sections(cohort: Path, store: Path, atlas_path: Path, checkpoin
     for name in plan.patch_stages:
         heading, compute = stages[name]
         with _stage(f"copd: {heading}", timings, f"copd {name}"):
-            sections += _kept_sections(out / "sections" / f"{name}.json", compute)
+            sections += _kept_sections(
+                out / "sections" / f"{name}.json", compute,
+                inputs=[checkpoint, annotations, store / "manifest.csv"],
+                settings={"folds": folds, "seed": args.seed, "patch_level": vars(sizes)},
+                report_dir=report_dir)
     return sections
 
 
@@ -333,17 +343,30 @@ def _annotations_in_store(annotations: Path, store: Path, out: Path) -> Path:
     return path
 
 
-def _kept_sections(path: Path, compute) -> list:
-    """The sections kept at ``path`` by an earlier run, else ``compute()``'s, then kept."""
+def _kept_sections(path: Path, compute, inputs: list[Path], settings: dict,
+                   report_dir: Path) -> list:
+    """The sections an earlier run kept at ``path``, when it made them with the same
+    ``settings`` after the last change of every file in ``inputs`` and their figures are still
+    in ``report_dir``; else ``compute()``'s, then kept."""
     from drasclr.evaluation.report import read_results, write_results
 
-    if path.exists():
-        print(f"kept from an earlier run: {path}")
-        return read_results(path)[0]
+    if _up_to_date(path, inputs):
+        sections, kept_settings = read_results(path)
+        figures = [report_dir / f.path for section in sections for f in section.figures]
+        if kept_settings == json.loads(json.dumps(settings)) and all(map(Path.exists, figures)):
+            print(f"kept from an earlier run: {path}")
+            return sections
     sections = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_results(sections, path, {})
+    write_results(sections, path, settings)
     return sections
+
+
+def _up_to_date(output: Path, inputs: list[Path]) -> bool:
+    """Whether ``output`` exists and was written after every file of ``inputs`` last changed
+    (a finished training run leaves its checkpoint untouched, a resumed one rewrites it)."""
+    return output.exists() and all(output.stat().st_mtime_ns >= Path(p).stat().st_mtime_ns
+                                   for p in inputs)
 
 
 def _summarise_training(history: list[dict], queue_size: int, seed: int) -> None:

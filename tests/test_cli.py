@@ -184,6 +184,50 @@ def test_nested_augment_flags(trained_with):
     assert config.augment.enabled is False and config.augment.rotate_degrees == 10.0
 
 
+def test_resumed_demo_keeps_a_stage_only_while_its_inputs_settings_and_figures_stand(tmp_path):
+    """A stage's kept sections are reused by a re-run, and recomputed once an input file
+    changed after them, the settings differ or one of their figures is gone."""
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from drasclr.demo import _kept_sections
+    from drasclr.evaluation.report import Figure, Section, Table
+
+    rng = np.random.default_rng()
+    report_dir, kept = tmp_path / "report", tmp_path / "sections" / "evaluate.json"
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    checkpoint.write_bytes(rng.bytes(64))
+    (report_dir / "figs").mkdir(parents=True)
+    calls = []
+
+    def compute():
+        calls.append(float(rng.normal()))
+        (report_dir / "figs" / "curve.png").write_bytes(rng.bytes(16))
+        return [Section("readout", tables=[Table("R2", ["score"], [[calls[-1]]])],
+                        figures=[Figure("curve", Path("figs/curve.png"))])]
+
+    def run(settings):
+        sections = _kept_sections(kept, compute, inputs=[checkpoint], settings=settings,
+                                  report_dir=report_dir)
+        return sections[0].tables[0].rows[0][0]
+
+    settings = {"folds": 5, "patch_level": {"fractions": (0.1, 1.0)}}
+    first = run(settings)
+    assert run(settings) == first and len(calls) == 1  # kept, tuples and all
+
+    earlier = checkpoint.stat().st_mtime_ns - 1_000_000_000
+    os.utime(kept, ns=(earlier, earlier))  # training resumed and rewrote the checkpoint since
+    assert run(settings) == calls[-1] != first and len(calls) == 2
+    assert run(settings) == calls[-1] and len(calls) == 2
+
+    assert run({**settings, "folds": 3}) == calls[-1] and len(calls) == 3
+    (report_dir / "figs" / "curve.png").unlink()
+    run({**settings, "folds": 3})
+    assert len(calls) == 4 and (report_dir / "figs" / "curve.png").exists()
+
+
 def test_demo_leaves_out_the_boxes_of_subjects_that_failed_preprocessing(tmp_path):
     """A subject that failed preprocessing has no patches: the demo's patch-level stages go on
     with the other subjects' boxes instead of stopping."""
