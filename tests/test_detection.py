@@ -289,6 +289,32 @@ def test_fine_tuning_learns_planted_signal_deterministically():
     torch.testing.assert_close(start.state_dict(), random_encoder({}, 0).state_dict())
 
 
+def test_fine_tuning_progress_bar_counts_the_optimisation_steps(monkeypatch):
+    """The bar's total is the number of steps taken: a last batch of one sample is dropped."""
+    from drasclr.evaluation import detection_models
+
+    bars = []
+
+    def recording_tqdm(iterable, **kwargs):
+        bars.append({**kwargs, "steps": 0})
+        for item in iterable:
+            bars[-1]["steps"] += 1
+            yield item
+
+    monkeypatch.setattr(detection_models, "tqdm", recording_tqdm)
+    data = planted(subjects=3, per_subject=6, shift_hu=200.0)
+    y = np.arange(len(data)) % 2
+    start = random_encoder(TINY, 0)
+    for boxes, config in ((18, FineTuneConfig(epochs=2, batch_size=8)),  # 8 + 8 + 2 per pass
+                          (17, FineTuneConfig(epochs=2, batch_size=8)),  # 8 + 8 (+ 1 dropped)
+                          (18, FineTuneConfig(steps=5, batch_size=8))):
+        fine_tune(start, data.patches[:boxes], data.coords[:boxes], y[:boxes], config,
+                  label="paraseptal", progress=boxes == 17)
+    assert [(bar["total"], bar["steps"]) for bar in bars] == [(6, 6), (4, 4), (5, 5)]
+    assert [bar["disable"] for bar in bars] == [True, False, True]
+    assert bars[0]["desc"] == "fine-tune (paraseptal)"
+
+
 def test_evaluate_detection_table_layout():
     data = planted(subjects=6, per_subject=4, boxes=True)
     config = DetectionConfig(folds=2, finetune=FineTuneConfig(epochs=1, batch_size=8),

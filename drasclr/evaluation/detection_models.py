@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from drasclr.evaluation.head import SubtypeHead
 from drasclr.intensity import normalise_hu
@@ -91,14 +92,15 @@ def probe_weights(pipeline) -> tuple[np.ndarray, float]:
 
 def fine_tune(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray, y: np.ndarray,
               config: FineTuneConfig = FineTuneConfig(), seed: int = 0,
-              device: str | torch.device = "cpu", label: str = "positive"
-              ) -> tuple[nn.Module, SubtypeHead]:
+              device: str | torch.device = "cpu", label: str = "positive",
+              progress: bool = True) -> tuple[nn.Module, SubtypeHead]:
     """Train a copy of ``encoder`` and a linear head end to end on augmented patches.
 
     Binary cross-entropy with ``pos_weight`` = negatives / positives, AdamW, mini-batches in a
     seeded order; the last batch of an epoch is dropped when it has one sample (BatchNorm).
-    ``config.epochs`` passes, or exactly ``config.steps`` optimisation steps when set.
-    Returns the trained encoder and head, both in eval mode; ``encoder`` is left untouched.
+    ``config.epochs`` passes, or exactly ``config.steps`` optimisation steps when set;
+    ``progress``: a tqdm bar over the steps. Returns the trained encoder and head, both in
+    eval mode; ``encoder`` is left untouched.
     """
     from drasclr.pretrain.augment import PatchAugment
 
@@ -127,7 +129,11 @@ def fine_tune(encoder: nn.Module, patches: np.ndarray, coords: np.ndarray, y: np
                 if len(batch) >= 2:
                     yield batch
 
-    for batch in itertools.islice(batches(), config.steps):
+    batches_per_pass = len(y) // config.batch_size + (len(y) % config.batch_size >= 2)
+    steps = tqdm(itertools.islice(batches(), config.steps), desc=f"fine-tune ({label})",
+                 total=config.steps or config.epochs * batches_per_pass, unit="step",
+                 disable=not progress, leave=False)
+    for batch in steps:
         x = augment(torch.from_numpy(np.asarray(patches[batch])).to(device), generator)
         logits = head.logits(model(x, coords_t[batch].to(device)))
         loss = loss_fn(logits, targets[batch].to(device))
