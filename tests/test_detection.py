@@ -374,6 +374,11 @@ def test_label_efficiency_subsets_and_curve(tmp_path, monkeypatch):
     made = LabelEfficiency("paraseptal", (0.1, 0.2, 0.3), [scores(0.5), scores(0.8), scores(0.9)],
                            scores(0.75), 2)
     assert made.matching_fraction == 0.2
+    dips = LabelEfficiency("paraseptal", (0.1, 0.2, 0.3), [scores(0.5), scores(0.8), scores(0.7)],
+                           scores(0.75), 2)
+    assert dips.matching_fraction is None  # reached at 20 %, lost again at 30 %
+    assert "not match scratch-with-everything from any fraction" in dips.section().tables[0].note
+    assert "0.70 with 30 % against 0.75" in dips.section().tables[0].note
     never = LabelEfficiency("paraseptal", (0.1,), [scores(0.5)], scores(0.75), 2)
     assert never.matching_fraction is None
 
