@@ -329,6 +329,7 @@ def test_evaluate_detection_table_layout():
         assert all(isinstance(c, Score) and len(c.values) == 2 for c in cells)
     assert table.rows[-1][4] == ""
     assert "25% of its lung voxels" in table.note
+    assert "calling every box a lesion scores F1 0.67" in table.note  # 12 boxes vs 12 healthy
     assert result.scores[PROBE_DRASCLR]["centrilobular"].f1.mean > 0.5
     assert result.counts["centrilobular"] == {"positive": 12, "healthy": 12, "subjects": 6}
     assert {PROBE_RANDOM, FINETUNE_DRASCLR} <= set(result.scores)
@@ -368,6 +369,9 @@ def test_label_efficiency_subsets_and_curve(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     section = curve.section(png.name)
     assert len(section.tables[0].rows) == 3 and section.figures[0].path == Path("curve.png")
+    _, y, _ = task_subset(data, "centrilobular")
+    assert curve.all_lesion_f1 == pytest.approx(2 * y.sum() / (y.sum() + len(y)))
+    assert f"Calling every box a lesion scores F1 {curve.all_lesion_f1:.2f}." in section.tables[0].note
 
     def scores(f1):
         return type(curve.scratch)(Score.of([f1]), Score.of([f1]), Score.of([f1]))

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         "label_efficiency": {s: {"fractions": list(c.fractions), "steps": c.steps,
                                  "f1": [list(x.f1.values) for x in c.drasclr],
                                  "scratch_f1": list(c.scratch.f1.values),
-                                 "matching_fraction": c.matching_fraction}
+                                 "matching_fraction": c.matching_fraction,
+                                 "all_lesion_f1": c.all_lesion_f1}
                              for s, c in curves.items()},
         "heads": [str(p) for p in heads],
     }

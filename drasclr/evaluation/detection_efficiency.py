@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from drasclr.evaluation.detection import (
-    DetectionConfig, DetectionScores, score_fine_tuned, subject_folds, task_subset,
+    DetectionConfig, all_lesion_f1, DetectionScores, score_fine_tuned, subject_folds, task_subset,
 )
 from drasclr.evaluation.detection_patches import DetectionPatches
 from drasclr.evaluation.report import Figure, Section, Table
@@ -47,6 +47,7 @@ class LabelEfficiency:
     folds: int
     steps: int = 0  # optimisation steps of every fine-tuning run
     repeats: int = 1
+    all_lesion_f1: float | None = None  # F1 of calling every box a lesion, the floor
 
     @property
     def matching_fraction(self) -> float | None:
@@ -76,6 +77,9 @@ class LabelEfficiency:
         axes.errorbar(percent, means, yerr=sds, marker="o", capsize=3, label="Fine-tune DrasCLR")
         axes.axhline(self.scratch.f1.mean, color="grey", linestyle="--",
                      label="Fine-tune scratch, 100 %")
+        if self.all_lesion_f1 is not None:
+            axes.axhline(self.all_lesion_f1, color="grey", linestyle=":",
+                         label="every box called a lesion")
         axes.set_xlabel("labelled training boxes (%)")
         axes.set_ylabel("F1")
         axes.set_title(f"{self.subtype} vs healthy")
@@ -99,12 +103,14 @@ class LabelEfficiency:
                  f"DrasCLR does not match scratch-with-everything from any fraction tried on "
                  f"(mean F1 {self.drasclr[-1].f1.mean:.2f} with {100 * self.fractions[-1]:g} % "
                  f"against {self.scratch.f1.mean:.2f}).")
+        floor = ("" if self.all_lesion_f1 is None else
+                 f" Calling every box a lesion scores F1 {self.all_lesion_f1:.2f}.")
         table = Table(f"Label efficiency, {self.subtype} vs healthy",
                       ["Training boxes", "F1", "precision", "recall"], rows,
                       note=f"Fine-tuned from DrasCLR on a fraction of each training fold, "
                            f"{self.steps} optimisation steps at every fraction; "
                            f"{self.folds} subject-disjoint folds x {self.repeats} repeat(s), "
-                           f"mean ± SD. {found}")
+                           f"mean ± SD. {found}{floor}")
         figures = ([Figure(f"Label efficiency, {self.subtype}", Path(figure_path), found)]
                    if figure_path is not None else [])
         return Section(f"Label efficiency ({self.subtype})",
@@ -151,4 +157,5 @@ def label_efficiency(data: DetectionPatches, encoder: nn.Module, subtype: str,
             scratch.append(score_fine_tuned(random_encoder(encoder.config, config.random_init),
                                             data, rows, y, train, test, fixed, subtype))
     return LabelEfficiency(subtype, fractions, [DetectionScores.of(r) for r in per_fraction],
-                           DetectionScores.of(scratch), config.folds, steps, repeats)
+                           DetectionScores.of(scratch), config.folds, steps, repeats,
+                           all_lesion_f1(int(y.sum()), int((y == 0).sum())))
