@@ -4,10 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.feature_selection import SelectKBest, f_classif, f_regression
+from sklearn.model_selection import KFold
 
 from drasclr.data.synthetic import sample_clinical
 from drasclr.evaluation.data import TASKS, Task, load_clinical
-from drasclr.evaluation.readout import cross_validate_readout, one_off_accuracy, readout_scores
+from drasclr.evaluation.readout import (
+    INNER_FOLDS, RIDGE_ALPHAS, cross_validate_readout, one_off_accuracy, readout_model,
+    readout_scores,
+)
 from drasclr.features import FeatureSet
 
 REGRESSION = Task("y", "y", "y", "regression")
@@ -30,6 +34,31 @@ def test_planted_linear_signal_gives_its_population_r2():
     assert result.scores["R²"].mean == pytest.approx(0.5, abs=0.06)
     assert len(result.scores["R²"].values) == 5
     assert np.corrcoef(result.predictions, X @ w)[0, 1] > 0.95  # out-of-fold, near the truth
+
+
+def test_ridge_penalty_is_chosen_by_an_inner_k_fold_of_the_training_data():
+    """The penalty minimises the squared error of an inner 3-fold split of the data the model
+    is fitted on (standardised once, on all of it): checked against a float64 ridge written
+    out in closed form, on more features than subjects (where leave-one-out picked
+    near-interpolating penalties)."""
+    rng = np.random.default_rng(10)  # leave-one-out picks another penalty here (316 for 100)
+    X = rng.normal(size=(48, 128)) @ rng.normal(size=(128, 128)) * 0.05  # correlated, p > n
+    y = X[:, :3].sum(axis=1) + rng.normal(scale=2.0, size=48)
+
+    def ridge_prediction(Z_fit, y_fit, Z_new, alpha):  # with an unpenalised intercept
+        centre = Z_fit.mean(0)
+        Zc = Z_fit - centre
+        w = np.linalg.solve(Zc.T @ Zc + alpha * np.eye(Zc.shape[1]), Zc.T @ (y_fit - y_fit.mean()))
+        return (Z_new - centre) @ w + y_fit.mean()
+
+    Z = (X - X.mean(0)) / X.std(0)
+    inner = KFold(INNER_FOLDS, shuffle=True, random_state=3)
+    errors = [np.mean([np.mean((ridge_prediction(Z[a], y[a], Z[b], alpha) - y[b]) ** 2)
+                       for a, b in inner.split(Z)]) for alpha in RIDGE_ALPHAS]
+    model = readout_model(REGRESSION, seed=3).fit(X, y)
+    assert model[-1].alpha_ == RIDGE_ALPHAS[int(np.argmin(errors))]
+    reference = ridge_prediction(Z, y, Z, model[-1].alpha_)
+    np.testing.assert_allclose(model.predict(X), reference, rtol=1e-6, atol=1e-6)
 
 
 def test_planted_classes_reach_the_bayes_accuracy():

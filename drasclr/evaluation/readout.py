@@ -8,8 +8,11 @@ a paired test on the splits (``drasclr.evaluation.paired``). A method with sever
 seeds is scored on each seed's features: its score holds every (seed, split) value, and its
 per-split values for the paired tests are the means over its seeds.
 Everything is fitted on the training folds only: the scaler, and the regularisation strength,
-which the model chooses by an inner cross-validation of the training folds (RidgeCV's
-leave-one-out for regression, LogisticRegressionCV's stratified 3 folds for classes).
+which the model chooses by an inner cross-validation of the training folds: 3 shuffled,
+seeded folds (stratified for classes), scored by squared error or log-loss. Not RidgeCV's
+leave-one-out: with more features than training subjects (128 against 48) it now and then
+chose the grid's smallest penalty, a near-interpolating fit whose held-out R² fell to -3 to -7
+and dominated the spread of a row (benchmarks/RESULTS.md, full run at cohort seed 0).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegressionCV, RidgeCV
 from sklearn.metrics import make_scorer
 from sklearn.model_selection import (
-    RepeatedKFold, RepeatedStratifiedKFold, StratifiedKFold, cross_validate,
+    KFold, RepeatedKFold, RepeatedStratifiedKFold, StratifiedKFold, cross_validate,
 )
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -67,9 +70,12 @@ def main_metric(task: Task) -> str:
 
 def readout_model(task: Task, seed: int = 0) -> Pipeline:
     """StandardScaler + ridge regression or multinomial logistic regression, each choosing its
-    regularisation strength by cross-validation inside the data it is fitted on."""
+    regularisation strength by an inner ``INNER_FOLDS``-fold cross-validation (seeded) of the
+    data it is fitted on."""
     if task.kind == "regression":
-        return make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS))
+        inner = KFold(INNER_FOLDS, shuffle=True, random_state=seed)
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS, cv=inner,
+                                                       scoring="neg_mean_squared_error"))
     inner = StratifiedKFold(INNER_FOLDS, shuffle=True, random_state=seed)
     return make_pipeline(StandardScaler(), LogisticRegressionCV(
         Cs=LOGISTIC_CS, l1_ratios=(0.0,), cv=inner, scoring="neg_log_loss", max_iter=1000,
@@ -255,8 +261,8 @@ def readout_table(results: dict[str, dict[str, ReadoutScore]], cohort: Cohort, f
                 f"the pleura) and core." if cohort.regional is not None else "")
     note = (f"{_protocol(folds, repeats)} R²: ridge regression; accuracy, 1-off accuracy "
             f"(within one grade) and AUC: multinomial logistic regression. Standardisation and "
-            f"regularisation strength are fitted inside the training folds (leave-one-out for "
-            f"ridge, {INNER_FOLDS}-fold for logistic regression). Density measures: {density}."
+            f"regularisation strength are fitted inside the training folds (an inner "
+            f"{INNER_FOLDS}-fold cross-validation). Density measures: {density}."
             f"{regional}{ceiling} Subjects per task: {subjects}. {notes}").strip()
     return Table(title, columns, rows, note)
 
