@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from drasclr.evaluation.detection import (
-    DetectionConfig, all_lesion_f1, DetectionScores, score_fine_tuned, subject_folds, task_subset,
+    DetectionConfig, DetectionScores, all_lesion_f1, score_fine_tuned, subject_folds, task_subset,
 )
 from drasclr.evaluation.detection_patches import DetectionPatches
 from drasclr.evaluation.report import Figure, Section, Table
